@@ -1,0 +1,121 @@
+"""The `agent-egress` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .rules import Decision, Policy, PolicyError, Query, Result, Stage, load_policy
+from .target import parse_target
+
+EXIT_DENIED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.command(args))
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-egress",
+        description="Egress control for AI coding agents: per-account allowlists for a proxy "
+                    "and a resolver.")
+    parser.add_argument("--version", action="version", version=f"agent-egress {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate", help="check a policy file", description="Checks a policy file. Exit 0 when "
+        "it is valid (warnings go to stderr), 2 with FILE:LINE:COL: message per problem.")
+    validate.add_argument("file", metavar="F")
+    validate.set_defaults(command=_validate)
+
+    check = commands.add_parser(
+        "check", help="show what the policy decides for a destination",
+        description="Prints the decision, rule and reason for TARGET (a URL or host[:port]). "
+                    "Exit 0 if the traffic would pass (allow, would_deny), 1 if denied.")
+    check.add_argument("--policy", required=True, metavar="F")
+    check.add_argument("--account", required=True, metavar="A")
+    check.add_argument("--method", metavar="M", help="HTTP method (default GET for URLs)")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument("target", metavar="TARGET")
+    check.set_defaults(command=_check)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    document = load_policy(args.file)
+    for warning in document.warnings:
+        print(warning, file=sys.stderr)
+    rules = sum(len(a.allow) + len(a.deny) for a in document.accounts.values())
+    print(f"{args.file}: valid ({len(document.accounts)} accounts, {rules} rules, "
+          f"policy {document.digest})")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    policy = Policy.load(args.policy)
+    if args.account not in policy.accounts():
+        print(f"agent-egress: no account {args.account!r} in {args.policy}; expected one of "
+              f"{', '.join(policy.accounts()) or '(none)'}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        target = parse_target(args.target)
+    except ValueError as e:
+        print(f"agent-egress: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    decision = policy.decide(Query(args.account, target.host, target.port, Stage.CONNECT))
+    stage = Stage.CONNECT
+    method = args.method.upper() if args.method else None
+    # A request is visible to the proxy for plain HTTP, and for HTTPS the rule inspects.
+    sees_request = not target.tls or decision.inspect
+    if decision.passes and sees_request and (target.path is not None or method):
+        stage = Stage.REQUEST
+        decision = policy.decide(Query(args.account, target.host, target.port, stage,
+                                       method or "GET", target.path or "/"))
+    if args.json:
+        print(json.dumps(_as_json(decision, stage, target.host, target.port, method,
+                                  target.path)))
+    else:
+        _print_decision(decision, stage)
+    return EXIT_DENIED if decision.result is Result.DENY else 0
+
+
+def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str | None,
+             path: str | None) -> dict[str, object]:
+    return {
+        "decision": decision.result.value, "rule": decision.rule, "reason": decision.reason,
+        "account": decision.account, "mode": decision.mode.value, "stage": stage.value,
+        "host": host, "port": port,
+        "method": (method or "GET") if stage is Stage.REQUEST else None,
+        "path": path.split("?", 1)[0] if stage is Stage.REQUEST and path else None,
+        "inspect": decision.inspect, "hint": decision.hint,
+    }
+
+
+def _print_decision(decision: Decision, stage: Stage) -> None:
+    print(f"decision  {decision.result.value}")
+    print(f"rule      {decision.rule or 'no rule matched'}")
+    print(f"reason    {decision.reason}")
+    print(f"account   {decision.account} ({decision.mode.value}), checked at the {stage.value} "
+          "stage")
+    if decision.inspect:
+        print("note      TLS to this destination is inspected: clients must trust the proxy's "
+              "CA (agent-egress ca)")
+    if decision.hint:
+        print(f"next      {decision.hint}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

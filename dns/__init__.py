@@ -1,0 +1,1 @@
+"""The DNS resolver: per-account name policy on dnslib (see rules/)."""

@@ -1,0 +1,257 @@
+"""Decisions: which account a client is, and whether its destination may be reached."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hosts import Address, Host, HostError, Name, host_text, normalize_host
+from .index import DestinationIndex
+from .loader import DEFAULT_ACCOUNT, load_policy
+from .model import READ_METHODS, Account, Mode, PolicyDocument, Result, Rule, Stage
+from .paths import normalize_path
+
+NO_RULE = "no rule matched"
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One thing an account's process tried to reach. `path` may carry a query string: it is
+    removed before matching and only consulted to tell a git push from a fetch."""
+
+    account: str
+    host: str
+    port: int | None
+    stage: Stage
+    method: str | None = None
+    path: str | None = None
+    now: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    result: Result
+    rule: str | None  # file:line of the deciding rule, None when no rule matched
+    reason: str
+    account: str
+    mode: Mode
+    inspect: bool = False  # allowed, but only if the proxy sees each request
+    hint: str | None = None  # what would allow it, for denials a person or agent acts on
+
+    @property
+    def passes(self) -> bool:
+        return self.result is not Result.DENY
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What the proxy or resolver knows about a client; any part may be unknown."""
+
+    uid: int | None = None
+    user: str | None = None
+    proxy_user: str | None = None
+    source: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountChoice:
+    account: str | None  # None: the client is denied
+    reason: str
+
+
+class _AccountRules:
+    __slots__ = ("account", "allow", "deny", "expiring")
+
+    def __init__(self, account: Account) -> None:
+        self.account = account
+        self.allow = DestinationIndex(account.allow)
+        self.deny = DestinationIndex(account.deny)
+        self.expiring = any(r.expires is not None for r in (*account.allow, *account.deny))
+
+
+class Policy:
+    """An immutable, indexed policy: the snapshot that the proxy and the resolver share and
+    replace by reference on reload."""
+
+    def __init__(self, document: PolicyDocument) -> None:
+        self.document = document
+        self._accounts = {name: _AccountRules(a) for name, a in document.accounts.items()}
+        self._by_uid: dict[int, str] = {}
+        self._by_user: dict[str, str] = {}
+        self._by_proxy_user: dict[str, str] = {}
+        sources = []
+        for name, account in document.accounts.items():
+            self._by_uid.update(dict.fromkeys(account.match.uids, name))
+            self._by_user.update(dict.fromkeys(account.match.unix_users, name))
+            self._by_proxy_user.update(dict.fromkeys(account.match.proxy_users, name))
+            sources += [(net, name) for net in account.match.sources]
+        self._sources = sorted(sources, key=lambda entry: -entry[0].prefixlen)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        return cls(load_policy(path))
+
+    @property
+    def digest(self) -> str:
+        return self.document.digest
+
+    def accounts(self) -> dict[str, Account]:
+        return self.document.accounts
+
+    def account_for(self, identity: Identity) -> AccountChoice:
+        """The account of a client: every known identity must point to the same account."""
+        claims: dict[str, str] = {}
+        if identity.uid is not None and identity.uid in self._by_uid:
+            claims.setdefault(self._by_uid[identity.uid], f"uid {identity.uid}")
+        if identity.user is not None and identity.user in self._by_user:
+            claims.setdefault(self._by_user[identity.user], f"unix user {identity.user}")
+        if identity.proxy_user is not None and identity.proxy_user in self._by_proxy_user:
+            claims.setdefault(self._by_proxy_user[identity.proxy_user],
+                              f"proxy user {identity.proxy_user}")
+        if identity.source is not None:
+            for network, name in self._sources:
+                if identity.source.version == network.version and identity.source in network:
+                    claims.setdefault(name, f"source {identity.source} in {network}")
+                    break
+        if len(claims) > 1:
+            detail = "; ".join(f"{why} is account {name}" for name, why in claims.items())
+            return AccountChoice(None, f"identity conflict: {detail}")
+        if claims:
+            name, why = next(iter(claims.items()))
+            return AccountChoice(name, f"matched by {why}")
+        if DEFAULT_ACCOUNT in self._accounts:
+            return AccountChoice(DEFAULT_ACCOUNT, "no account matched; using the default account")
+        return AccountChoice(None, f"no account matches {_describe(identity)} and the policy "
+                                   "has no default account")
+
+    def decide(self, query: Query) -> Decision:
+        rules = self._accounts.get(query.account)
+        if rules is None:
+            return Decision(Result.DENY, None, f"no account {query.account!r} in the policy",
+                            query.account, Mode.ENFORCE)
+        account = rules.account
+        try:
+            host = normalize_host(query.host)
+        except HostError as e:
+            return Decision(Result.DENY, None, f"invalid host: {e}", account.name, account.mode)
+        now = (query.now or time.time()) if rules.expiring else 0.0
+        path = normalize_path(query.path) if query.path is not None else None
+
+        for rule in rules.deny.candidates(host):
+            if _active(rule, now) and _deny_applies(rule, query, path):
+                return Decision(Result.DENY, rule.source, f"denied by rule: {rule.describe()}",
+                                account.name, account.mode)
+
+        near_miss: str | None = None
+        needs_inspection: Rule | None = None
+        for rule in rules.allow.candidates(host):
+            if not _active(rule, now):
+                near_miss = near_miss or f"rule {rule.source} expired"
+                continue
+            if query.port is not None and rule.ports is not None and query.port not in rule.ports:
+                near_miss = near_miss or f"rule {rule.source} allows only {rule.describe()}"
+                continue
+            if query.stage is Stage.REQUEST:
+                refusal = _request_refusal(rule, query.method, path, query.path)
+                if refusal is None:
+                    return _allowed(rule, account)
+                near_miss = near_miss or f"rule {rule.source} {refusal}"
+            elif query.stage is Stage.CONNECT and rule.inspects:
+                needs_inspection = needs_inspection or rule
+            else:
+                return _allowed(rule, account)
+        if needs_inspection is not None:
+            return Decision(Result.ALLOW, needs_inspection.source,
+                            f"allowed by rule: {needs_inspection.describe()} "
+                            "(requests are inspected)", account.name, account.mode, inspect=True)
+
+        reason = f"{NO_RULE} for {_destination(host, query)}"
+        if near_miss:
+            reason += f" ({near_miss})"
+        result = Result.WOULD_DENY if account.mode is Mode.LEARN else Result.DENY
+        return Decision(result, None, reason, account.name, account.mode,
+                        hint=_hint(account.name, host, query))
+
+
+def _active(rule: Rule, now: float) -> bool:
+    return rule.expires is None or now < rule.expires
+
+
+def _deny_applies(rule: Rule, query: Query, path: str | None) -> bool:
+    """A deny rule with ports, methods or paths denies only what it names; at the DNS stage
+    only a rule that denies the name outright applies."""
+    if query.stage is Stage.DNS:
+        return rule.ports is None and not rule.inspects
+    if rule.ports is not None and query.port not in rule.ports:
+        return False
+    if rule.methods is None and rule.paths is None:
+        return True
+    if query.stage is not Stage.REQUEST:
+        return False
+    return _request_refusal(rule, query.method, path, None) is None
+
+
+def _request_refusal(rule: Rule, method: str | None, path: str | None,
+                     raw_path: str | None) -> str | None:
+    """Why `rule` does not allow this request, or None when it does."""
+    method = (method or "GET").upper()
+    path = path or "/"
+    if rule.methods is not None and method not in rule.methods:
+        return f"allows only methods {', '.join(sorted(rule.methods))}, not {method}"
+    if rule.paths is not None and not any(p.matches(path) for p in rule.paths):
+        return f"allows only paths {', '.join(p.text for p in rule.paths)}, not {path}"
+    if rule.read_only:
+        write = _write_operation(method, path, raw_path or "")
+        if write:
+            return f"is read-only and this is {write}"
+    return None
+
+
+def _write_operation(method: str, path: str, raw_path: str) -> str | None:
+    """What a request writes, if it writes: read-only rules refuse it."""
+    if path.endswith("/git-receive-pack") or (
+            path.endswith("/info/refs") and "service=git-receive-pack" in raw_path):
+        return "a git push (git-receive-pack)"
+    if method == "POST" and path.endswith("/git-upload-pack"):
+        return None  # git fetch and clone negotiate over POST
+    if method not in READ_METHODS:
+        return f"a {method} (an upload, publish or other write)"
+    return None
+
+
+def _allowed(rule: Rule, account: Account) -> Decision:
+    return Decision(Result.ALLOW, rule.source, f"allowed by rule: {rule.describe()}",
+                    account.name, account.mode)
+
+
+def _destination(host: Host, query: Query) -> str:
+    text = host_text(host)
+    if query.port is not None:
+        text += f":{query.port}"
+    if query.stage is Stage.REQUEST:
+        text += f" {(query.method or 'GET').upper()} {normalize_path(query.path or '/')}"
+    return text
+
+
+def _hint(account: str, host: Host, query: Query) -> str:
+    if isinstance(host, Name):
+        target = f"host: {host.text}"
+    else:
+        target = f"cidr: {host}/{host.max_prefixlen}"
+    ports = f", ports: [{query.port}]" if query.port is not None else ""
+    return f"to allow it, add {{{target}{ports}}} to accounts.{account}.allow"
+
+
+def _describe(identity: Identity) -> str:
+    parts = []
+    if identity.uid is not None:
+        parts.append(f"uid {identity.uid}")
+    if identity.user is not None:
+        parts.append(f"unix user {identity.user}")
+    if identity.proxy_user is not None:
+        parts.append(f"proxy user {identity.proxy_user}")
+    if identity.source is not None:
+        parts.append(f"source {identity.source}")
+    return ", ".join(parts) or "an unidentified client"
+
