@@ -45,7 +45,7 @@ def read_nodes(data: bytes, file: str) -> yaml.Node:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         message = f"invalid YAML: {e.problem or e.context}"
-        if "\t" in text and "'\\t'" in str(e.problem):
+        if "\t" in _line(text, line):
             message += " (YAML indentation must use spaces, not tabs)"
         raise fail(line, col, message) from None
     except yaml.YAMLError as e:
@@ -66,14 +66,18 @@ def _check_structure(root: yaml.Node, file: str) -> None:
     """Refuses aliases and duplicate keys anywhere in the tree, without recursion."""
     problems: list[Problem] = []
     seen: set[int] = set()
+    alias_reported = False
     stack = [root]
     while stack:
         node = stack.pop()
         if id(node) in seen:
-            line, col = position(node)
-            problems.append(Problem(file, line, col,
-                                    "this anchored value is reused through an alias; aliases are "
-                                    "not supported, expected plain values (share with presets)"))
+            if not alias_reported:  # one is enough: a bomb has thousands
+                alias_reported = True
+                line, col = position(node)
+                problems.append(Problem(file, line, col,
+                                        "this anchored value is reused through an alias; aliases "
+                                        "are not supported, expected plain values (share "
+                                        "destinations with presets)"))
             continue
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
@@ -94,6 +98,11 @@ def _check_structure(root: yaml.Node, file: str) -> None:
             stack.extend(node.value)
     if problems:
         raise PolicyError(problems)
+
+
+def _line(text: str, number: int) -> str:
+    lines = text.splitlines()
+    return lines[number - 1] if 0 < number <= len(lines) else ""
 
 
 def _byte_position(data: bytes, offset: int) -> tuple[int, int]:
