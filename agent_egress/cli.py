@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .rules import Decision, Policy, PolicyError, Query, Result, Stage, load_policy
@@ -13,6 +17,7 @@ from .target import parse_target
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
+DEFAULT_PROXY_PORT = 8080
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +56,73 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument("target", metavar="TARGET")
     check.set_defaults(command=_check)
+
+    run = commands.add_parser(
+        "run", help="run the proxy",
+        description="Runs the proxy with the policy (or, without --policy, an embedded default: "
+                    "learning mode for local clients, source control allowed) until SIGTERM or "
+                    "SIGINT. SIGHUP or a change to the file reloads the policy; SIGUSR1 reopens "
+                    "the audit log.")
+    run.add_argument("--policy", metavar="F", type=Path)
+    run.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
+                     help="explicit proxy listener (default %(default)s)")
+    run.add_argument("--audit-log", metavar="F",
+                     help="JSON-lines audit log; '-' for standard output (default "
+                          "STATE_DIR/audit.jsonl)")
+    run.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
+                     help="DNS server the proxy resolves destinations with, ADDR[:PORT]; "
+                          "repeat for failover (default: the system's resolver)")
+    run.add_argument("--proxy-auth", metavar="HTPASSWD", type=Path,
+                     help="require proxy authentication against this htpasswd file (bcrypt); "
+                          "needed for a non-loopback listener")
+    run.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir(),
+                     help="CA and other state, kept owner-only (default %(default)s)")
+    run.add_argument("--upstream-ca", metavar="PEM", type=Path,
+                     help="trust these CA certificates (instead of the default bundle) when "
+                          "inspected HTTPS connects upstream")
+    run.set_defaults(command=_run)
+
+    ca = commands.add_parser(
+        "ca", help="print the path of the CA certificate for inspected HTTPS",
+        description="Prints the path of the CA certificate that clients must trust for HTTPS "
+                    "that a rule inspects (methods, paths, access: read-only), creating it if "
+                    "needed.")
+    ca.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir())
+    ca.set_defaults(command=_ca)
     return parser
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "agent-egress"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import RunConfig, StartupError, parse_listen, serve
+
+    logging.basicConfig(level=logging.INFO, format="agent-egress: %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    # mitmproxy narrates every connection at INFO; the audit log is the record of those.
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    try:
+        audit_log = None if args.audit_log == "-" else Path(
+            args.audit_log or args.state_dir / "audit.jsonl")
+        config = RunConfig(
+            policy=args.policy, proxy=parse_listen(args.proxy, DEFAULT_PROXY_PORT),
+            audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
+            proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca)
+        return asyncio.run(serve(config))
+    except StartupError as e:
+        print(f"agent-egress: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _ca(args: argparse.Namespace) -> int:
+    from .runner import ca_certificate, prepare_state_dir
+
+    prepare_state_dir(args.state_dir)
+    print(ca_certificate(args.state_dir))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .addresses import internal_kind
 from .hosts import Address, Host, HostError, Name, host_text, normalize_host
 from .index import DestinationIndex
 from .loader import DEFAULT_ACCOUNT, load_policy
@@ -124,6 +125,33 @@ class Policy:
             return AccountChoice(DEFAULT_ACCOUNT, "no account matched; using the default account")
         return AccountChoice(None, f"no account matches {_describe(identity)} and the policy "
                                    "has no default account")
+
+    def decide_address(self, account: str, name: str, address: Address, port: int,
+                       now: float | None = None) -> Decision:
+        """Whether the proxy may dial `address`, which `name` resolved to (or which the client
+        gave). Internal addresses need a `cidr` rule, in every mode: learning must not open an
+        SSRF hole. The result is never would_deny."""
+        rules = self._accounts.get(account)
+        if rules is None:
+            return Decision(Result.DENY, None, f"no account {account!r} in the policy", account,
+                            Mode.ENFORCE)
+        mode = rules.account.mode
+        moment = (now or time.time()) if rules.expiring else 0.0
+        for rule in rules.deny.network_candidates(address):
+            if _active(rule, moment) and (rule.ports is None or port in rule.ports):
+                return Decision(Result.DENY, rule.source, f"{name} resolves to {address}, "
+                                f"denied by rule: {rule.describe()}", account, mode)
+        kind = internal_kind(address)
+        if kind is None:
+            return Decision(Result.ALLOW, None, f"{name} resolves to {address}, a public address",
+                            account, mode)
+        for rule in rules.allow.network_candidates(address):
+            if _active(rule, moment) and (rule.ports is None or port in rule.ports):
+                return _allowed(rule, rules.account)
+        return Decision(Result.DENY, None, f"{name} resolves to {address}, which is {kind}; "
+                        "only a cidr rule can allow an internal address", account, mode,
+                        hint=f"if this is intended, add {{cidr: {address}/{address.max_prefixlen}"
+                             f", ports: [{port}]}} to accounts.{account}.allow")
 
     def decide(self, query: Query) -> Decision:
         rules = self._accounts.get(query.account)

@@ -1,11 +1,20 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.dnsserver import TestDNS, Zone
+from support.origins import Origin, TestCA, git_handler, package_index_handler
 
 ROOT = Path(__file__).resolve().parent.parent
+# The names the tests' DNS server answers; every origin listens on 127.0.0.1.
+NAMES = ["web.test", "secure.test", "other.test", "git.test", "index.test", "denied.test",
+         "inspect.test"]
+INTERNAL_NAMES = {"metadata.test": "169.254.169.254", "intranet.test": "10.1.2.3"}
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +24,77 @@ def cli() -> str:
         "agent-egress")
     assert path, "agent-egress is not installed; run scripts/test"
     return path
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("ca"), NAMES)
+
+
+@pytest.fixture(scope="session")
+def dns() -> Iterator[TestDNS]:
+    records = {name: ["127.0.0.1"] for name in NAMES}
+    records.update({name: [address] for name, address in INTERNAL_NAMES.items()})
+    server = TestDNS(Zone(records))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def web() -> Iterator[Origin]:
+    origin = Origin()
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="session")
+def secure(test_ca: TestCA) -> Iterator[Origin]:
+    origin = Origin(tls=test_ca.server_context())
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="session")
+def git_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare repository with one commit, served as /repo.git."""
+    root = tmp_path_factory.mktemp("git")
+    work = root / "work"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test",
+           "HOME": str(root), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True, env=env)
+    (work / "README").write_text("hello\n")
+    subprocess.run(["git", "-C", str(work), "add", "README"], check=True, env=env)
+    subprocess.run(["git", "-C", str(work), "commit", "-qm", "first"], check=True, env=env)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "served" / "repo.git")],
+                   check=True, env=env)
+    subprocess.run(["git", "-C", str(root / "served" / "repo.git"), "config",
+                    "http.receivepack", "true"], check=True, env=env)
+    return root / "served"
+
+
+@pytest.fixture(scope="session")
+def git_origin(git_repo: Path, test_ca: TestCA) -> Iterator[Origin]:
+    origin = Origin(git_handler(git_repo), tls=test_ca.server_context())
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="session")
+def package_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    """A PEP 503 index serving one wheel, built here."""
+    root = tmp_path_factory.mktemp("index")
+    (root / "egress-probe").mkdir()
+    wheel = root / "egress-probe" / "egress_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("egress_probe.py", "MESSAGE = 'installed through agent-egress'\n")
+        info = "egress_probe-1.0.dist-info"
+        archive.writestr(f"{info}/METADATA",
+                         "Metadata-Version: 2.1\nName: egress-probe\nVersion: 1.0\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\n"
+                                          "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", f"egress_probe.py,,\n{info}/METADATA,,\n"
+                                           f"{info}/WHEEL,,\n{info}/RECORD,,\n")
+    origin = Origin(package_index_handler(root))
+    yield origin
+    origin.stop()

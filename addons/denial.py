@@ -1,0 +1,37 @@
+"""The answer a denied client gets: short, plain text, and the same facts in headers, so that
+a person reading curl, git or pip output, or an agent reading it, knows what to change."""
+
+from __future__ import annotations
+
+import re
+
+from mitmproxy import http
+
+from agent_egress.rules import NO_RULE, Decision
+
+HEADER_PREFIX = "X-Agent-Egress-"
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def denial(decision: Decision, destination: str, status: int = 403) -> http.Response:
+    facts = [
+        ("Account", decision.account or "none"),
+        ("Destination", destination),
+        ("Rule", decision.rule or NO_RULE),
+        ("Reason", decision.reason),
+    ]
+    if decision.hint:
+        facts.append(("Next", decision.hint))
+    body = "agent-egress denied this connection.\n" + "".join(
+        f"{name.lower() + ':':13}{value}\n" for name, value in facts)
+    headers = {HEADER_PREFIX + "Decision": "deny", "Content-Type": "text/plain; charset=utf-8",
+               "Connection": "close"}
+    headers.update({HEADER_PREFIX + name: _header_safe(value) for name, value in facts})
+    response = http.Response.make(status, body.encode(), headers)
+    # Clients that hide the body of a refused CONNECT (curl, pip) still print the reason phrase.
+    response.reason = _header_safe(f"Forbidden by agent-egress: {decision.reason}")[:300]
+    return response
+
+
+def _header_safe(value: str) -> str:
+    return _UNPRINTABLE.sub("?", value)

@@ -1,0 +1,63 @@
+"""agent-egress inside a mitmproxy you already run:
+
+    mitmdump -s "$(python -c 'import agent_egress.addons.script as s; print(s.__file__)')" \\
+        --set agent_egress_policy=policy.yaml --set connection_strategy=lazy
+
+Options: agent_egress_policy (required), agent_egress_audit_log (default: standard output),
+agent_egress_upstream_dns (DNS servers; default: the system's resolver). mitmproxy reloads a
+script whose file changes, and runs without it if the new version fails to load: keep this
+file read-only, or use `agent-egress run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions
+
+from agent_egress.addons.enforce import Enforcer
+from agent_egress.audit import AuditLog
+from agent_egress.identity import SocketOwners
+from agent_egress.rules import PolicyError
+from agent_egress.runtime import PolicyHolder, Runtime
+from agent_egress.upstream import DnsServers, SystemResolver, parse_server
+
+
+class StandaloneEnforcer(Enforcer):
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def load(self, loader: object) -> None:
+        add = loader.add_option  # type: ignore[attr-defined]
+        add("agent_egress_policy", str, "", "agent-egress policy file (required)")
+        add("agent_egress_audit_log", str, "", "audit log file (default: standard output)")
+        add("agent_egress_upstream_dns", Sequence[str], [],
+            "DNS servers, ADDR[:PORT] (default: the system's resolver)")
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & {"agent_egress_policy", "agent_egress_audit_log",
+                          "agent_egress_upstream_dns"}:
+            return
+        options = ctx.options
+        if not options.agent_egress_policy:
+            raise exceptions.OptionsError("agent-egress: set agent_egress_policy=FILE")
+        try:
+            policies = PolicyHolder(Path(options.agent_egress_policy))
+            servers = [parse_server(s) for s in options.agent_egress_upstream_dns]
+        except (PolicyError, ValueError) as e:
+            raise exceptions.OptionsError(f"agent-egress: {e}") from None
+        if self._runtime is not None:
+            self._runtime.audit.close()
+        audit_path = options.agent_egress_audit_log
+        self._runtime = Runtime(
+            policies, AuditLog(Path(audit_path) if audit_path else None),
+            DnsServers(servers) if servers else SystemResolver(), SocketOwners())
+
+    def done(self) -> None:
+        super().done()
+        if self._runtime is not None:
+            self._runtime.audit.close()
+
+
+addons = [StandaloneEnforcer()]

@@ -1,0 +1,157 @@
+"""Who is on the other end of a loopback connection: the kernel's answer, not the client's.
+
+The owner's uid comes from netlink sock_diag with an exact socket lookup (one request, one
+answer, whatever the number of sockets on the machine; `bench/bench_identity.py` measures it
+against reading /proc/net/tcp). The process behind the socket is found by scanning /proc for the
+socket's inode: slow, so it is best effort, cached, and done off the event loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import pwd
+import re
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLMSG_ERROR = 0x2
+_ALL_STATES = 0xFFFFFFFF
+_NO_COOKIE = (0xFFFFFFFF, 0xFFFFFFFF)
+_HEADER = struct.Struct("=IHHII")
+_REQUEST = struct.Struct("=BBBBI")
+_MESSAGE = struct.Struct("=BBBB48sIIIII")
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOwner:
+    uid: int
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    pid: int
+    exe: str | None
+    cmdline: str | None
+
+
+class SocketOwners:
+    """Finds the owner of the local end of a TCP or UDP connection, by its two addresses."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     NETLINK_SOCK_DIAG)
+        self._lock = threading.Lock()
+        self._sequence = 0
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def owner(self, local: tuple[str, int], remote: tuple[str, int],
+              protocol: int = socket.IPPROTO_TCP) -> SocketOwner | None:
+        """The socket whose own address is `local` and whose peer is `remote`."""
+        local_ip, remote_ip = _unmap(local[0]), _unmap(remote[0])
+        if local_ip.version != remote_ip.version:
+            return None
+        family = socket.AF_INET if local_ip.version == 4 else socket.AF_INET6
+        sockid = struct.pack("!HH16s16s", local[1], remote[1], local_ip.packed.ljust(16, b"\0"),
+                             remote_ip.packed.ljust(16, b"\0"))
+        sockid += struct.pack("=III", 0, *_NO_COOKIE)
+        request = _REQUEST.pack(family, protocol, 0, 0, _ALL_STATES) + sockid
+        with self._lock:
+            self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+            self._socket.send(_HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
+                                           NLM_F_REQUEST, self._sequence, 0) + request)
+            reply = self._socket.recv(65536)
+        _length, kind, _flags, _seq, _pid = _HEADER.unpack_from(reply)
+        if kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", reply, _HEADER.size)
+            if -code in (errno.ENOENT, 0):
+                return None
+            raise OSError(-code, os.strerror(-code))
+        fields = _MESSAGE.unpack_from(reply, _HEADER.size)
+        return SocketOwner(uid=fields[8], inode=fields[9])
+
+
+def _unmap(text: str) -> IPv4Address | IPv6Address:
+    address = ip_address(text.partition("%")[0])
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@functools.lru_cache(maxsize=1024)
+def user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def find_process(inode: int, uid: int) -> Process | None:
+    """The process holding socket `inode`, among `uid`'s processes. Reading another user's
+    /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing."""
+    target = f"socket:[{inode}]"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            fd_dir = f"/proc/{entry.name}/fd"
+            if any(os.readlink(f"{fd_dir}/{fd}") == target for fd in os.listdir(fd_dir)):
+                return _describe(int(entry.name))
+        except OSError:
+            continue
+    return None
+
+
+_URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@\s]*@)?(?P<rest>[^?#\s]*)"
+                          r"[?#]\S*")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_SECRET_ARGUMENT = re.compile(
+    r"(?i)((?:authorization|cookie|token|password|passwd|secret|api[-_]?key)[\s:=]+)\S+")
+_SECRET_FLAGS = frozenset({"-u", "--user", "--proxy-user", "-U", "--password", "--token",
+                           "-H", "--header", "--cookie", "-b"})
+
+
+def scrub_cmdline(argv: list[str]) -> str:
+    """A command line fit for the audit log: query strings, URL credentials and the values of
+    credential-bearing options removed, since commands carry tokens as often as requests do."""
+    out = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("[redacted]")
+            hide_next = False
+            continue
+        if arg in _SECRET_FLAGS:
+            hide_next = True
+            out.append(arg)
+            continue
+        arg = _URL_SECRETS.sub(r"\g<scheme>\g<rest>", arg)
+        arg = _USERINFO.sub(r"\g<scheme>", arg)
+        out.append(_SECRET_ARGUMENT.sub(r"\1[redacted]", arg))
+    return " ".join(out)
+
+
+def _describe(pid: int) -> Process:
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(4096).rstrip(b"\0").decode(errors="replace").split("\0")
+        cmdline: str | None = scrub_cmdline(argv)
+    except OSError:
+        cmdline = None
+    return Process(pid, exe, cmdline)

@@ -1,0 +1,133 @@
+"""Resolving names for the proxy: the system's resolver, or DNS servers given with
+--upstream-dns (tried in order, each with a timeout, over TCP when a UDP answer is truncated)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from ipaddress import ip_address
+
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from .rules import Address
+from .rules.hosts import canonical_address
+
+DNS_PORT = 53
+
+
+class ResolveError(Exception):
+    """A name that could not be resolved; the message says why."""
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """`ADDR` or `ADDR:PORT` (IPv6 in brackets) of a DNS server."""
+    host, port = text, DNS_PORT
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else DNS_PORT
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    ip_address(host)  # raises ValueError for a name: servers are given as addresses
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+class SystemResolver:
+    async def addresses(self, name: str) -> list[Address]:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                name, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise ResolveError(f"{name} does not resolve: {e.strerror}") from None
+        return _unique(ip_address(str(info[4][0]).partition("%")[0]) for info in infos)
+
+
+class DnsServers:
+    """A stub resolver over the given servers."""
+
+    def __init__(self, servers: Sequence[tuple[str, int]], timeout: float = 2.0) -> None:
+        self.servers = list(servers)
+        self.timeout = timeout
+
+    async def addresses(self, name: str) -> list[Address]:
+        answers = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"),
+                                       return_exceptions=True)
+        found: list[Address] = []
+        errors: dict[str, None] = {}
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                errors[str(answer)] = None
+            else:
+                found += answer
+        if not found:
+            raise ResolveError("; ".join(errors) or f"{name} has no A or AAAA records")
+        return _unique(found)
+
+    async def _query(self, name: str, qtype: str) -> list[Address]:
+        question = DNSRecord.question(name, qtype)
+        reply = DNSRecord.parse(await self.exchange(question.pack()))
+        rcode = reply.header.rcode
+        if rcode != RCODE.NOERROR:
+            raise ResolveError(f"{name} does not resolve ({RCODE[rcode]})")
+        wanted = getattr(QTYPE, qtype)
+        return [ip_address(str(rr.rdata)) for rr in reply.rr if rr.rtype == wanted]
+
+    async def exchange(self, packet: bytes) -> bytes:
+        """Sends a DNS message to the first server that answers in time."""
+        failures = []
+        for server in self.servers:
+            try:
+                reply = await asyncio.wait_for(_udp(server, packet), self.timeout)
+                if DNSRecord.parse(reply).header.tc:
+                    reply = await asyncio.wait_for(_tcp(server, packet), self.timeout)
+                return reply
+            except (TimeoutError, OSError, ValueError, struct.error) as e:
+                failures.append(f"{server[0]}:{server[1]}: {type(e).__name__} {e}".rstrip())
+        raise ResolveError("no DNS server answered (" + "; ".join(failures) + ")")
+
+
+class _OneReply(asyncio.DatagramProtocol):
+    def __init__(self, query_id: bytes) -> None:
+        self.query_id = query_id
+        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        if data[:2] == self.query_id and not self.reply.done():
+            self.reply.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(exc)
+
+
+async def _udp(server: tuple[str, int], packet: bytes) -> bytes:
+    # A fresh random id per attempt: a spoofed answer must guess it (and the source port).
+    packet = random.randbytes(2) + packet[2:]
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _OneReply(packet[:2]), remote_addr=server)
+    try:
+        transport.sendto(packet)
+        return await protocol.reply
+    finally:
+        transport.close()
+
+
+async def _tcp(server: tuple[str, int], packet: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*server)
+    try:
+        writer.write(struct.pack("!H", len(packet)) + packet)
+        await writer.drain()
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+        return await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+def _unique(addresses: Iterable[Address]) -> list[Address]:
+    return list(dict.fromkeys(canonical_address(a) for a in addresses))

@@ -1,0 +1,235 @@
+"""The proxy end to end: `agent-egress run` on loopback, driven by curl, git and pip, against
+origins and a DNS server that the tests run themselves."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.proxy import RunningProxy
+
+UID = os.getuid()
+USER = pwd.getpwuid(UID).pw_name
+
+
+def policy_for(web, secure, git_origin, package_index) -> str:
+    ports = f"[{web.port}, {secure.port}, {git_origin.port}, {package_index.port}]"
+    return f"""version: 1
+accounts:
+  tester:
+    match: {{uids: [{UID}]}}
+    allow:
+      - host: web.test
+        ports: [{web.port}]
+      - host: secure.test
+        ports: [{secure.port}]
+      - host: git.test
+        ports: [{git_origin.port}]
+        access: read-only
+      - host: index.test
+        ports: [{package_index.port}]
+      - host: inspect.test
+        ports: [{secure.port}]
+        methods: [GET]
+        paths: ["/v1/*"]
+      - host: metadata.test
+        ports: [{web.port}]
+      - host: intranet.test
+        ports: [{web.port}]
+      - cidr: 127.0.0.1/32
+        ports: {ports}
+    deny:
+      - host: denied.test
+"""
+
+
+@pytest.fixture(scope="module")
+def proxy(cli, tmp_path_factory, dns, web, secure, git_origin, package_index, test_ca):
+    running = RunningProxy(cli, tmp_path_factory.mktemp("proxy"),
+                           policy_for(web, secure, git_origin, package_index),
+                           "--upstream-dns", dns.address, "--upstream-ca", str(test_ca.ca_file))
+    yield running
+    running.stop()
+
+
+def curl(proxy, *args, check=False):
+    return subprocess.run(["curl", "-sS", "--max-time", "20", "-x", proxy.url, *args],
+                          capture_output=True, text=True, check=check, timeout=30)
+
+
+def rule_line(proxy, text: str) -> str:
+    lines = proxy.policy_file.read_text().splitlines()
+    return f"{proxy.policy_file}:{next(i for i, l in enumerate(lines, 1) if text in l)}"
+
+
+def test_plain_http_allowed_and_audited_key_by_key(proxy, web):
+    done = curl(proxy, f"http://web.test:{web.port}/page?token=secret", check=True)
+    assert done.stdout == f"hello from web.test:{web.port} GET /page?token=secret\n"
+    (event,) = proxy.wait_for_events(lambda e: e["path"] == "/page")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event.pop("ts"))
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", event.pop("client"))
+    assert re.fullmatch(r"[0-9a-f]{16}", event.pop("policy"))
+    assert isinstance(event.pop("duration_ms"), int)
+    pid, exe, cmdline = event.pop("pid"), event.pop("exe"), event.pop("cmdline")
+    if pid is not None:  # best effort: the lookup may lose the race with curl's exit
+        assert exe.endswith("/curl") and "token=secret" not in cmdline and "curl" in cmdline
+    assert event == {
+        "event": "request", "account": "tester", "uid": UID, "user": USER, "host": "web.test",
+        "port": web.port, "ip": "127.0.0.1", "method": "GET", "path": "/page", "qtype": None,
+        "decision": "allow", "rule": rule_line(proxy, "host: web.test"),
+        "reason": f"allowed by rule: host web.test ports {web.port}", "mode": "enforce",
+        "bytes_up": 0, "bytes_down": len(done.stdout),
+    }
+    assert "secret" not in proxy.audit_log.read_text()
+
+
+def test_plain_http_denied_with_the_reason_in_the_body(proxy, web):
+    done = curl(proxy, "-i", f"http://other.test:{web.port}/x")
+    assert done.stdout.startswith("HTTP/1.1 403 Forbidden by agent-egress: no rule matched")
+    body = done.stdout.split("\n\n", 1)[1]
+    assert body.splitlines() == [
+        "agent-egress denied this connection.",
+        "account:     tester",
+        f"destination: other.test:{web.port}",
+        "rule:        no rule matched",
+        f"reason:      no rule matched for other.test:{web.port} GET /x",
+        f"next:        to allow it, add {{host: other.test, ports: [{web.port}]}} to "
+        "accounts.tester.allow",
+    ]
+    assert "X-Agent-Egress-Rule: no rule matched" in done.stdout
+    assert not any(host.startswith("other.test") for _, host, _ in web.requests)
+
+
+def test_https_passes_through_and_counts_bytes(proxy, secure, test_ca):
+    done = curl(proxy, "--cacert", str(test_ca.ca_file), f"https://secure.test:{secure.port}/a",
+                check=True)
+    assert done.stdout == f"hello from secure.test:{secure.port} GET /a\n"
+    (event,) = proxy.wait_for_events(lambda e: e["event"] == "connect"
+                                     and e["host"] == "secure.test" and e["bytes_down"])
+    assert event["decision"] == "allow" and event["ip"] == "127.0.0.1"
+    assert event["bytes_up"] > 200 and event["bytes_down"] > len(done.stdout)
+
+
+def test_https_connect_denied_names_the_reason(proxy, secure, test_ca):
+    done = curl(proxy, "-v", "--cacert", str(test_ca.ca_file),
+                f"https://other.test:{secure.port}/")
+    assert done.returncode == 56
+    assert f"< HTTP/1.1 403 Forbidden by agent-egress: no rule matched for other.test:" \
+           f"{secure.port}" in done.stderr
+    assert "< X-Agent-Egress-Account: tester" in done.stderr
+
+
+def test_deny_rule_wins(proxy, web):
+    done = curl(proxy, f"http://denied.test:{web.port}/")
+    assert f"reason:      denied by rule: host denied.test" in done.stdout
+    assert f"rule:        {rule_line(proxy, 'host: denied.test')}" in done.stdout
+
+
+def test_sni_that_differs_from_connect_is_denied(proxy, secure, test_ca):
+    before = len(secure.requests)
+    done = curl(proxy, "--cacert", str(test_ca.ca_file), "--connect-to",
+                f"other.test:{secure.port}:secure.test:{secure.port}",
+                f"https://other.test:{secure.port}/fronted")
+    assert done.returncode != 0
+    (event,) = proxy.wait_for_events(lambda e: "does not match" in (e["reason"] or ""))
+    assert event["reason"] == ("TLS SNI other.test does not match the CONNECT host secure.test "
+                               "(domain fronting?)")
+    assert event["decision"] == "deny"
+    assert len(secure.requests) == before
+
+
+@pytest.mark.parametrize("name, address, kind", [
+    ("metadata.test", "169.254.169.254", "link-local (cloud metadata)"),
+    ("intranet.test", "10.1.2.3", "private"),
+])
+def test_allowed_name_resolving_to_an_internal_address_is_refused(proxy, web, name, address,
+                                                                   kind):
+    done = curl(proxy, f"http://{name}:{web.port}/latest/meta-data")
+    assert f"reason:      {name} resolves to {address}, which is {kind}; only a cidr rule can " \
+           "allow an internal address" in done.stdout
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.3", "2130706435", "0x7f.3", "0177.0.0.3", "127.3",
+                                      "[::ffff:127.0.0.3]"])
+def test_ip_literal_spellings_need_a_cidr_rule(proxy, web, spelling):
+    done = curl(proxy, "--path-as-is", f"http://{spelling}:{web.port}/")
+    assert f"reason:      no rule matched for 127.0.0.3:{web.port} GET /" in done.stdout
+
+
+def test_ip_literal_with_a_cidr_rule_passes(proxy, web):
+    done = curl(proxy, f"http://2130706433:{web.port}/lit", check=True)
+    assert done.stdout.startswith("hello from ")
+
+
+def test_inspected_https_checks_method_and_path(proxy, secure, cli):
+    proxy_ca = subprocess.run([cli, "ca", "--state-dir", str(proxy.directory / "state")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    ok = curl(proxy, "--cacert", proxy_ca, f"https://inspect.test:{secure.port}/v1/items",
+              check=True)
+    assert ok.stdout == f"hello from inspect.test:{secure.port} GET /v1/items\n"
+    denied = curl(proxy, "--cacert", proxy_ca, f"https://inspect.test:{secure.port}/v1/../admin",
+                  "--path-as-is")
+    assert f"reason:      no rule matched for inspect.test:{secure.port} GET /admin (rule " \
+           f"{rule_line(proxy, 'host: inspect.test')} allows only paths /v1/*, not /admin)" \
+           in denied.stdout
+    posted = curl(proxy, "--cacert", proxy_ca, "-d", "x=1",
+                  f"https://inspect.test:{secure.port}/v1/items")
+    assert "allows only methods GET, not POST" in posted.stdout
+
+
+def test_git_clone_and_fetch_pass_push_is_denied(proxy, git_origin, tmp_path, cli):
+    proxy_ca = subprocess.run([cli, "ca", "--state-dir", str(proxy.directory / "state")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "https_proxy": proxy.url,
+           "GIT_SSL_CAINFO": proxy_ca, "GIT_AUTHOR_NAME": "t", "GIT_COMMITTER_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.test", "GIT_COMMITTER_EMAIL": "t@example.test",
+           "GIT_TERMINAL_PROMPT": "0"}
+    url = f"https://git.test:{git_origin.port}/repo.git"
+
+    def git(*args, cwd=tmp_path):
+        return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    cloned = git("clone", url, "clone")
+    assert cloned.returncode == 0, cloned.stderr
+    assert (tmp_path / "clone" / "README").read_text() == "hello\n"
+    assert git("fetch", cwd=tmp_path / "clone").returncode == 0
+    (tmp_path / "clone" / "NEW").write_text("change\n")
+    git("add", "NEW", cwd=tmp_path / "clone")
+    git("commit", "-qm", "change", cwd=tmp_path / "clone")
+    pushed = git("push", "origin", "main", cwd=tmp_path / "clone")
+    assert pushed.returncode != 0
+    assert "remote: reason:      no rule matched for git.test:" in pushed.stderr
+    assert "is read-only and this is a git push (git-receive-pack)" in pushed.stderr
+    assert not any("git-receive-pack" in path and method == "POST"
+                   for method, _, path in git_origin.requests)
+
+
+def pip(proxy, index_url, target, trusted):
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--target",
+         str(target), "--index-url", index_url, "--trusted-host", trusted, "--proxy", proxy.url,
+         "--retries", "1", "--timeout", "10", "egress-probe"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CONFIG_FILE": os.devnull})
+
+
+def test_pip_installs_from_an_allowed_index(proxy, package_index, tmp_path):
+    done = pip(proxy, f"http://index.test:{package_index.port}/simple/", tmp_path / "ok",
+               "index.test")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "ok" / "egress_probe.py").exists()
+
+
+def test_pip_from_a_denied_index_shows_the_reason(proxy, package_index, tmp_path):
+    done = pip(proxy, f"https://other.test:{package_index.port}/simple/", tmp_path / "no",
+               "other.test")
+    assert done.returncode != 0
+    assert f"Tunnel connection failed: 403 Forbidden by agent-egress: no rule matched for " \
+           f"other.test:{package_index.port}" in done.stdout + done.stderr
+    assert not (tmp_path / "no").exists() or not list((tmp_path / "no").iterdir())
