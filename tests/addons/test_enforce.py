@@ -8,7 +8,6 @@ import pwd
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from support.proxy import RunningProxy
@@ -64,7 +63,7 @@ def curl(proxy, *args, check=False):
 
 def rule_line(proxy, text: str) -> str:
     lines = proxy.policy_file.read_text().splitlines()
-    return f"{proxy.policy_file}:{next(i for i, l in enumerate(lines, 1) if text in l)}"
+    return f"{proxy.policy_file}:{next(n for n, line in enumerate(lines, 1) if text in line)}"
 
 
 def test_plain_http_allowed_and_audited_key_by_key(proxy, web):
@@ -126,7 +125,7 @@ def test_https_connect_denied_names_the_reason(proxy, secure, test_ca):
 
 def test_deny_rule_wins(proxy, web):
     done = curl(proxy, f"http://denied.test:{web.port}/")
-    assert f"reason:      denied by rule: host denied.test" in done.stdout
+    assert "reason:      denied by rule: host denied.test" in done.stdout
     assert f"rule:        {rule_line(proxy, 'host: denied.test')}" in done.stdout
 
 
