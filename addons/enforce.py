@@ -135,18 +135,15 @@ def _refuse_tcp(flow: tcp.TCPFlow, reason: str) -> None:
 
 
 class Enforcer:
-    def __init__(self, runtime: Runtime | None) -> None:
-        self._runtime = runtime
+    runtime: Runtime  # given, or set in configure when loaded by mitmdump -s
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        if runtime is not None:
+            self.runtime = runtime
         self.clients: dict[str, ClientState] = {}
         # One thread: scanning /proc is slow, and best effort is enough for who-ran-what.
         self._process_lookups = ThreadPoolExecutor(1, thread_name_prefix="process-lookup")
         self._pending_lookups = 0
-
-    @property
-    def runtime(self) -> Runtime:
-        if self._runtime is None:
-            raise RuntimeError("agent-egress is not configured")
-        return self._runtime
 
     def _lookup_done(self, _: Future[Process | None]) -> None:
         self._pending_lookups -= 1

@@ -25,9 +25,6 @@ from agent_egress.upstream import DnsServers, SystemResolver, parse_server
 
 
 class StandaloneEnforcer(Enforcer):
-    def __init__(self) -> None:
-        super().__init__(None)
-
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
         add("agent_egress_policy", str, "", "agent-egress policy file (required)")
@@ -47,17 +44,19 @@ class StandaloneEnforcer(Enforcer):
             servers = [parse_server(s) for s in options.agent_egress_upstream_dns]
         except (PolicyError, ValueError) as e:
             raise exceptions.OptionsError(f"agent-egress: {e}") from None
-        if self._runtime is not None:
-            self._runtime.audit.close()
+        previous = getattr(self, "runtime", None)
+        if previous is not None:
+            previous.audit.close()
         audit_path = options.agent_egress_audit_log
-        self._runtime = Runtime(
+        self.runtime = Runtime(
             policies, AuditLog(Path(audit_path) if audit_path else None),
             DnsServers(servers) if servers else SystemResolver(), SocketOwners())
 
     def done(self) -> None:
         super().done()
-        if self._runtime is not None:
-            self._runtime.audit.close()
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.audit.close()
 
 
 addons = [StandaloneEnforcer()]
