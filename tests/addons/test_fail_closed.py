@@ -29,7 +29,8 @@ def test_a_failing_request_hook_denies(enforcer, hook):
     flow = tflow.tflow()
     asyncio.run(getattr(enforcer, hook)(flow))
     assert flow.response is not None and flow.response.status_code == 403
-    assert b"internal policy error" in flow.response.content
+    assert flow.response.text == "agent-egress: internal policy error (denied; see the " \
+                                 "agent-egress log)\n"
 
 
 def test_a_failing_server_connect_refuses_the_dial(enforcer):
