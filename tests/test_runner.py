@@ -218,7 +218,8 @@ def test_addon_loads_standalone_in_mitmdump(tmp_path, dns, web):
     policy.write_text(allow_policy(f"{{uids: [{os.getuid()}]}}", "web.test", port=web.port))
     script = ROOT / "addons" / "script.py"
     mitmdump = Process(
-        [str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(script), "--mode", "regular@127.0.0.1:0",
+        [str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(script),
+         "--mode", "regular@127.0.0.1:0",
          "--set", f"confdir={tmp_path / 'conf'}", "--set", "connection_strategy=lazy",
          "--set", f"agent_egress_policy={policy}",
          "--set", f"agent_egress_audit_log={tmp_path / 'audit.jsonl'}",
