@@ -18,6 +18,7 @@ from .target import parse_target
 EXIT_DENIED = 1
 EXIT_USAGE = 2
 DEFAULT_PROXY_PORT = 8080
+DEFAULT_DNS_PORT = 5353
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                     "the audit log.")
     run.add_argument("--policy", metavar="F", type=Path)
     run.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
-                     help="explicit proxy listener (default %(default)s)")
+                     help="explicit proxy listener, or 'off' (default %(default)s)")
+    run.add_argument("--dns", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_DNS_PORT}",
+                     help="DNS resolver listener (UDP and TCP), or 'off' (default %(default)s)")
     run.add_argument("--audit-log", metavar="F",
                      help="JSON-lines audit log; '-' for standard output (default "
                           "STATE_DIR/audit.jsonl)")
@@ -108,7 +111,9 @@ def _run(args: argparse.Namespace) -> int:
         audit_log = None if args.audit_log == "-" else Path(
             args.audit_log or args.state_dir / "audit.jsonl")
         config = RunConfig(
-            policy=args.policy, proxy=parse_listen(args.proxy, DEFAULT_PROXY_PORT),
+            policy=args.policy,
+            proxy=None if args.proxy == "off" else parse_listen(args.proxy, DEFAULT_PROXY_PORT),
+            dns=None if args.dns == "off" else parse_listen(args.dns, DEFAULT_DNS_PORT),
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca)
         return asyncio.run(serve(config))

@@ -58,6 +58,10 @@ class SocketOwners:
     def owner(self, local: tuple[str, int], remote: tuple[str, int],
               protocol: int = socket.IPPROTO_TCP) -> SocketOwner | None:
         """The socket whose own address is `local` and whose peer is `remote`."""
+        if protocol == socket.IPPROTO_UDP:
+            # The kernel looks UDP sockets up as the receiver of a datagram from `src` to
+            # `dst` (so unconnected sockets are found too): the client is the receiver.
+            local, remote = remote, local
         local_ip, remote_ip = _unmap(local[0]), _unmap(remote[0])
         if local_ip.version != remote_ip.version:
             return None

@@ -18,9 +18,11 @@ from mitmproxy.master import Master
 
 from .addons.enforce import Enforcer
 from .audit import AuditLog
+from .dns.resolver import PolicyResolver
+from .dns.server import DnsServer
 from .identity import SocketOwners
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
-from .upstream import DnsServers, SystemResolver, parse_server
+from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ class StartupError(Exception):
 @dataclass(frozen=True)
 class RunConfig:
     policy: Path | None
-    proxy: tuple[str, int]
+    proxy: tuple[str, int] | None  # None: no proxy
+    dns: tuple[str, int] | None  # None: no resolver
     audit_log: Path | None  # None: standard output
     upstream_dns: tuple[str, ...]
     proxy_auth: Path | None
@@ -89,11 +92,11 @@ def ca_certificate(state_dir: Path) -> Path:
 
 
 class _Listening:
-    """Reports the listeners once they are up, or stops when one failed to bind."""
+    """Learns where the proxy listens once it is up, or that it could not bind."""
 
-    def __init__(self, announce: str, failed: asyncio.Event) -> None:
-        self.announce = announce
-        self.failed = failed
+    def __init__(self) -> None:
+        self.address: asyncio.Future[tuple[str, int] | None] = (
+            asyncio.get_running_loop().create_future())
 
     def running(self) -> None:
         from mitmproxy import ctx
@@ -104,49 +107,31 @@ class _Listening:
             errors = [str(s.last_exception) for s in server.servers if s.last_exception]
             print(f"agent-egress: cannot listen: {'; '.join(errors) or 'unknown error'}",
                   file=sys.stderr)
-            self.failed.set()
-            ctx.master.shutdown()
-            return
-        host, port = addresses[0][:2]
-        print(f"agent-egress: proxy listening on {_format(host, port)}\n{self.announce}",
-              flush=True)
+        if not self.address.done():
+            self.address.set_result(addresses[0][:2] if addresses else None)
 
 
 def _format(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve(config: RunConfig) -> int:
-    check_listener(config.proxy, config.proxy_auth)
-    confdir = prepare_state_dir(config.state_dir)
-    policies = PolicyHolder(config.policy)
-    if config.upstream_dns:
-        try:
-            resolver: SystemResolver | DnsServers = DnsServers(
-                [parse_server(s) for s in config.upstream_dns])
-        except ValueError as e:
-            raise StartupError(f"--upstream-dns: {e}") from None
-    else:
-        resolver = SystemResolver()
-    audit = AuditLog(config.audit_log)
-    owners = SocketOwners()
-    runtime = Runtime(policies, audit, resolver, owners)
-    failed = asyncio.Event()
-    announce = (
-        f"agent-egress: policy {config.policy or EMBEDDED_POLICY} "
-        f"({policies.current.digest}), accounts: "
-        f"{', '.join(policies.current.accounts()) or 'none'}\n"
-        f"agent-egress: audit log {config.audit_log or 'standard output'}; CA for inspected "
-        f"HTTPS {ca_certificate(config.state_dir)}")
+def _upstream_servers(config: RunConfig) -> list[tuple[str, int]]:
+    try:
+        return [parse_server(s) for s in config.upstream_dns]
+    except ValueError as e:
+        raise StartupError(f"--upstream-dns: {e}") from None
 
+
+def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
+            listening: _Listening) -> Master:
+    assert config.proxy is not None
     opts = options.Options()
     master = Master(opts)
-    enforcer = Enforcer(runtime)
     # Order matters: proxy authentication before the policy (which reads its result); the
     # policy before Proxyserver (whose self-connect guard must see the pinned address) and
     # before NextLayer (so that it can take pass-through tunnels first).
     master.addons.add(core.Core(), proxyauth.ProxyAuth(), enforcer, proxyserver.Proxyserver(),
-                      next_layer.NextLayer(), tlsconfig.TlsConfig(), _Listening(announce, failed))
+                      next_layer.NextLayer(), tlsconfig.TlsConfig(), listening)
     settings: dict[str, object] = {
         "mode": [f"regular@{_format(*config.proxy)}"],
         "confdir": str(confdir),
@@ -159,19 +144,72 @@ async def serve(config: RunConfig) -> int:
     if config.upstream_ca is not None:
         settings["ssl_verify_upstream_trusted_ca"] = str(config.upstream_ca)
     opts.update(**settings)
+    return master
 
+
+async def serve(config: RunConfig) -> int:
+    if config.proxy is None and config.dns is None:
+        raise StartupError("nothing to run: both --proxy and --dns are off")
+    if config.proxy is not None:
+        check_listener(config.proxy, config.proxy_auth)
+    if config.dns is not None and not ip_address(config.dns[0]).is_loopback:
+        raise StartupError(f"refusing to serve DNS on {config.dns[0]}, which is not loopback: "
+                           "the resolver has no authentication")
+    servers = _upstream_servers(config)
+    confdir = prepare_state_dir(config.state_dir)
+    policies = PolicyHolder(config.policy)
+    audit = AuditLog(config.audit_log)
+    owners = SocketOwners()
+    runtime = Runtime(policies, audit, DnsServers(servers) if servers else SystemResolver(),
+                      owners)
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, policies.reload)
     loop.add_signal_handler(signal.SIGUSR1, audit.reopen)
     watcher = asyncio.create_task(policies.watch())
+    enforcer = Enforcer(runtime)
+    dns_server: DnsServer | None = None
+    master: Master | None = None
+    proxy_task: asyncio.Task[None] | None = None
     try:
-        await master.run()
+        lines = []
+        if config.dns is not None:
+            upstream = DnsServers(servers or system_dns_servers())
+            dns_server = DnsServer(PolicyResolver(runtime, upstream))
+            try:
+                bound = await dns_server.start(*config.dns)
+            except OSError as e:
+                print(f"agent-egress: cannot listen for DNS on {_format(*config.dns)}: "
+                      f"{e.strerror}", file=sys.stderr)
+                return 1
+            lines.append(f"resolver listening on {_format(*bound)} (UDP and TCP), "
+                         f"forwarding to {', '.join(_format(*s) for s in upstream.servers)}")
+        if config.proxy is not None:
+            listening = _Listening()
+            master = _master(config, confdir, enforcer, listening)
+            proxy_task = asyncio.create_task(master.run())
+            address = await listening.address
+            if address is None:
+                return 1
+            lines.insert(0, f"proxy listening on {_format(*address)}")
+        lines.append(f"policy {config.policy or EMBEDDED_POLICY} ({policies.current.digest}), "
+                     f"accounts: {', '.join(policies.current.accounts()) or 'none'}")
+        lines.append(f"audit log {config.audit_log or 'standard output'}; CA for inspected "
+                     f"HTTPS {ca_certificate(config.state_dir)}")
+        print("\n".join(f"agent-egress: {line}" for line in lines), flush=True)
+        waits = [asyncio.create_task(stop.wait())] + ([proxy_task] if proxy_task else [])
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return 0
     finally:
         watcher.cancel()
-        await master.addons.get("proxyserver").servers.update([])
+        if master is not None and proxy_task is not None:
+            master.shutdown()
+            await proxy_task
+            await master.addons.get("proxyserver").servers.update([])
+        if dns_server is not None:
+            await dns_server.stop()
         audit.close()
         owners.close()
         enforcer.done()
-    return 1 if failed.is_set() else 0

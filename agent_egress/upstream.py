@@ -37,6 +37,24 @@ def parse_server(text: str) -> tuple[str, int]:
     return host, port
 
 
+def system_dns_servers(resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The nameservers the system's resolver uses."""
+    servers = []
+    try:
+        with open(resolv_conf) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    try:
+                        servers.append((str(ip_address(fields[1].partition("%")[0])),
+                                        DNS_PORT))
+                    except ValueError:
+                        continue
+    except OSError:
+        pass
+    return servers
+
+
 class SystemResolver:
     async def addresses(self, name: str) -> list[Address]:
         try:

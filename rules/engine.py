@@ -126,11 +126,12 @@ class Policy:
         return AccountChoice(None, f"no account matches {_describe(identity)} and the policy "
                                    "has no default account")
 
-    def decide_address(self, account: str, name: str, address: Address, port: int,
+    def decide_address(self, account: str, name: str, address: Address, port: int | None,
                        now: float | None = None) -> Decision:
-        """Whether the proxy may dial `address`, which `name` resolved to (or which the client
-        gave). Internal addresses need a `cidr` rule, in every mode: learning must not open an
-        SSRF hole. The result is never would_deny."""
+        """Whether `address`, which `name` resolved to (or which the client gave), may be
+        reached on `port` (None: on some port, as for a DNS answer). Internal addresses need a
+        `cidr` rule, in every mode: learning must not open an SSRF hole. The result is never
+        would_deny."""
         rules = self._accounts.get(account)
         if rules is None:
             return Decision(Result.DENY, None, f"no account {account!r} in the policy", account,
@@ -138,7 +139,7 @@ class Policy:
         mode = rules.account.mode
         moment = (now or time.time()) if rules.expiring else 0.0
         for rule in rules.deny.network_candidates(address):
-            if _active(rule, moment) and (rule.ports is None or port in rule.ports):
+            if _active(rule, moment) and _port_matches(rule, port, deny=True):
                 return Decision(Result.DENY, rule.source, f"{name} resolves to {address}, "
                                 f"denied by rule: {rule.describe()}", account, mode)
         kind = internal_kind(address)
@@ -146,12 +147,13 @@ class Policy:
             return Decision(Result.ALLOW, None, f"{name} resolves to {address}, a public address",
                             account, mode)
         for rule in rules.allow.network_candidates(address):
-            if _active(rule, moment) and (rule.ports is None or port in rule.ports):
+            if _active(rule, moment) and _port_matches(rule, port, deny=False):
                 return _allowed(rule, rules.account)
         return Decision(Result.DENY, None, f"{name} resolves to {address}, which is {kind}; "
                         "only a cidr rule can allow an internal address", account, mode,
                         hint=f"if this is intended, add {{cidr: {address}/{address.max_prefixlen}"
-                             f", ports: [{port}]}} to accounts.{account}.allow")
+                             + (f", ports: [{port}]" if port is not None else "")
+                             + f"}} to accounts.{account}.allow")
 
     def decide(self, query: Query) -> Decision:
         rules = self._accounts.get(query.account)
@@ -200,6 +202,14 @@ class Policy:
         result = Result.WOULD_DENY if account.mode is Mode.LEARN else Result.DENY
         return Decision(result, None, reason, account.name, account.mode,
                         hint=_hint(account.name, host, query))
+
+
+def _port_matches(rule: Rule, port: int | None, deny: bool) -> bool:
+    """Without a port (a DNS answer), an allow rule for any port matches, and only a deny
+    rule for every port does."""
+    if rule.ports is None:
+        return True
+    return port in rule.ports if port is not None else not deny
 
 
 def _active(rule: Rule, now: float) -> bool:

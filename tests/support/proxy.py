@@ -71,14 +71,16 @@ class RunningProxy(Process):
         self.directory = directory
         self.audit_log = directory / "audit.jsonl"
         self.policy_file = directory / "policy.yaml"
-        command = [cli, "run", "--proxy", "127.0.0.1:0", "--state-dir", str(directory / "state"),
-                   "--audit-log", str(self.audit_log), *args]
+        command = [cli, "run", "--proxy", "127.0.0.1:0", "--dns", "127.0.0.1:0",
+                   "--state-dir", str(directory / "state"), "--audit-log", str(self.audit_log),
+                   *args]
         if policy is not None:
             self.policy_file.write_text(policy)
             command += ["--policy", str(self.policy_file)]
         super().__init__(command, env)
         try:
             self.port = int(self.wait_for(r"proxy listening on \S+:(\d+)").group(1))
+            self.dns_port = int(self.wait_for(r"resolver listening on \S+:(\d+)").group(1))
         except RuntimeError:
             self.stop()
             raise
