@@ -10,7 +10,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from ipaddress import ip_address
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 
 from .rules import Address
 from .rules.hosts import canonical_address
@@ -104,7 +104,7 @@ class DnsServers:
                 if DNSRecord.parse(reply).header.tc:
                     reply = await asyncio.wait_for(_tcp(server, packet), self.timeout)
                 return reply
-            except (TimeoutError, OSError, ValueError, struct.error) as e:
+            except (TimeoutError, OSError, ValueError, struct.error, DNSError) as e:
                 failures.append(f"{server[0]}:{server[1]}: {type(e).__name__} {e}".rstrip())
         raise ResolveError("no DNS server answered (" + "; ".join(failures) + ")")
 

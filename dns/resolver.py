@@ -291,8 +291,9 @@ def _for_client(packed: bytes, packet: bytes, question: Question, protocol: int)
 def _denial(packet: bytes, question: Question, decision: Decision, code: int) -> bytes:
     reply = DNSRecord(DNSHeader(id=0, qr=1, ra=1, rcode=RCODE.NXDOMAIN))
     if question.edns:
-        text = (f"agent-egress: account {decision.account or 'none'}: "
-                f"{decision.rule or 'no rule matched'}: {decision.reason}")
+        text = f"agent-egress: account {decision.account or 'none'}: {decision.reason}"
+        if decision.rule:
+            text += f" ({decision.rule})"
         reply.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD, opts=[EDNSOption(
             EDE_OPTION, struct.pack("!H", code) + text.encode()[:400])]))
     return _with_question(bytes(reply.pack()), packet, question)

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["web.test", "secure.test", "other.test", "git.test", "index.test", "denied.test",
          "inspect.test"]
 INTERNAL_NAMES = {"metadata.test": "169.254.169.254", "intranet.test": "10.1.2.3"}
+PUBLIC_NAMES = {"public.test": "203.0.113.5"}  # answers only: nothing is ever sent there
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,7 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 def dns() -> Iterator[TestDNS]:
     records = {name: ["127.0.0.1"] for name in NAMES}
     records.update({name: [address] for name, address in INTERNAL_NAMES.items()})
+    records.update({name: [address] for name, address in PUBLIC_NAMES.items()})
     server = TestDNS(Zone(records))
     yield server
     server.stop()
