@@ -60,6 +60,7 @@ class Tunnel:
     started: float = field(default_factory=time.monotonic)
     bytes_up: int = 0
     bytes_down: int = 0
+    active: bool = False  # counted in agent_egress_active_connections
 
     @property
     def destination(self) -> str:
@@ -177,6 +178,11 @@ class Enforcer:
         if state is None or state.tunnel is None:
             return
         tunnel = state.tunnel
+        metrics, account = self.runtime.metrics, tunnel.decision.account
+        if tunnel.active:
+            metrics.active_connections.labels(account).dec()
+        metrics.bytes.labels(account or "none", "up").inc(tunnel.bytes_up)
+        metrics.bytes.labels(account or "none", "down").inc(tunnel.bytes_down)
         if tunnel.decision.passes:  # denials were written when they happened
             self._audit("connect", state, tunnel.decision, tunnel.host, tunnel.port, tunnel.ip,
                         bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
@@ -198,7 +204,10 @@ class Enforcer:
             decision, ip = await self._pin(policy, decision, host, port)
         tunnel = Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip)
         state.tunnel = tunnel
-        if not decision.passes:
+        if decision.passes:
+            tunnel.active = True
+            self.runtime.metrics.active_connections.labels(decision.account).inc()
+        else:
             self._audit("connect", state, decision, tunnel.host, port, ip)
             flow.response = denial(decision, tunnel.destination)
 
@@ -207,7 +216,8 @@ class Enforcer:
         choice = policy.account_for(self._identity(state, flow))
         if choice.account is None:
             return Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
-        return policy.decide(Query(choice.account, host, port, Stage.CONNECT))
+        return self.runtime.metrics.decide(policy, Query(choice.account, host, port,
+                                                         Stage.CONNECT))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Takes allowed pass-through TLS tunnels, so their bytes are counted: mitmproxy's own
@@ -310,12 +320,13 @@ class Enforcer:
         if choice.account is None:
             decision = Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
         elif host is None:
-            decision = policy.decide(Query(choice.account, destination_host, port,
-                                           Stage.REQUEST))
+            decision = self.runtime.metrics.decide(
+                policy, Query(choice.account, destination_host, port, Stage.REQUEST))
         else:
             decision = self._host_header_refusal(request, host, choice.account, policy) or \
-                policy.decide(Query(choice.account, destination_host, port, Stage.REQUEST,
-                                    request.method, request.path))
+                self.runtime.metrics.decide(policy, Query(
+                    choice.account, destination_host, port, Stage.REQUEST, request.method,
+                    request.path))
         ip = tunnel.ip if tunnel is not None else None
         if decision.passes and tunnel is None and host is not None:
             decision, ip = await self._pin(policy, decision, host, port)
@@ -329,6 +340,8 @@ class Enforcer:
             return
         flow.metadata["agent_egress"] = RequestRecord(decision, host_text(shown), port, ip,
                                                       time.monotonic())
+        if tunnel is None:
+            self.runtime.metrics.active_connections.labels(decision.account).inc()
 
     def _host_header_refusal(self, request: http.Request, host: Host, account: str,
                              policy: Policy) -> Decision | None:
@@ -364,6 +377,11 @@ class Enforcer:
         if state.tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
             state.tunnel.bytes_up += bytes_up or 0
             state.tunnel.bytes_down += bytes_down or 0
+        else:
+            metrics, account = self.runtime.metrics, record.decision.account
+            metrics.active_connections.labels(account).dec()
+            metrics.bytes.labels(account, "up").inc(bytes_up or 0)
+            metrics.bytes.labels(account, "down").inc(bytes_down or 0)
         self._audit("request", state, record.decision, self._host_or_name(record.host),
                     record.port, record.ip, method=flow.request.method, path=flow.request.path,
                     bytes_up=bytes_up, bytes_down=bytes_down,
@@ -437,6 +455,7 @@ class Enforcer:
 
     def _audit(self, event: str, state: ClientState, decision: Decision, host: Host, port: int,
                ip: Address | None, **fields: Any) -> None:
+        self.runtime.metrics.count(decision, event)
         process = state.process.result() if state.process and state.process.done() else None
         identity = state.identity
         self.runtime.audit.record(

@@ -19,6 +19,7 @@ from mitmproxy import ctx, exceptions
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.audit import AuditLog
 from agent_egress.identity import SocketOwners
+from agent_egress.metrics import Metrics
 from agent_egress.rules import PolicyError
 from agent_egress.runtime import PolicyHolder, Runtime
 from agent_egress.upstream import DnsServers, SystemResolver, parse_server
@@ -31,10 +32,12 @@ class StandaloneEnforcer(Enforcer):
         add("agent_egress_audit_log", str, "", "audit log file (default: standard output)")
         add("agent_egress_upstream_dns", Sequence[str], [],
             "DNS servers, ADDR[:PORT] (default: the system's resolver)")
+        add("agent_egress_metrics", int, 0,
+            "serve Prometheus metrics on this loopback port (default: off)")
 
     def configure(self, updated: set[str]) -> None:
         if not updated & {"agent_egress_policy", "agent_egress_audit_log",
-                          "agent_egress_upstream_dns"}:
+                          "agent_egress_upstream_dns", "agent_egress_metrics"}:
             return
         options = ctx.options
         if not options.agent_egress_policy:
@@ -48,9 +51,17 @@ class StandaloneEnforcer(Enforcer):
         if previous is not None:
             previous.audit.close()
         audit_path = options.agent_egress_audit_log
-        self.runtime = Runtime(
-            policies, AuditLog(Path(audit_path) if audit_path else None),
-            DnsServers(servers) if servers else SystemResolver(), SocketOwners())
+        audit = AuditLog(Path(audit_path) if audit_path else None)
+        metrics = Metrics()
+        metrics.watch(policies, audit)
+        if options.agent_egress_metrics:
+            try:
+                metrics.serve(("127.0.0.1", options.agent_egress_metrics))
+            except OSError as e:
+                raise exceptions.OptionsError(f"agent-egress: metrics: {e.strerror}") from None
+        self.runtime = Runtime(policies, audit,
+                               DnsServers(servers) if servers else SystemResolver(),
+                               SocketOwners(), metrics)
 
     def done(self) -> None:
         super().done()

@@ -19,6 +19,7 @@ EXIT_DENIED = 1
 EXIT_USAGE = 2
 DEFAULT_PROXY_PORT = 8080
 DEFAULT_DNS_PORT = 5353
+DEFAULT_METRICS_PORT = 9464
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="explicit proxy listener, or 'off' (default %(default)s)")
     run.add_argument("--dns", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_DNS_PORT}",
                      help="DNS resolver listener (UDP and TCP), or 'off' (default %(default)s)")
+    run.add_argument("--metrics", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+                     help="Prometheus endpoint (/metrics), or 'off' (default %(default)s)")
     run.add_argument("--audit-log", metavar="F",
                      help="JSON-lines audit log; '-' for standard output (default "
                           "STATE_DIR/audit.jsonl)")
@@ -114,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
             policy=args.policy,
             proxy=None if args.proxy == "off" else parse_listen(args.proxy, DEFAULT_PROXY_PORT),
             dns=None if args.dns == "off" else parse_listen(args.dns, DEFAULT_DNS_PORT),
+            metrics=None if args.metrics == "off" else parse_listen(args.metrics,
+                                                                   DEFAULT_METRICS_PORT),
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca)
         return asyncio.run(serve(config))

@@ -21,6 +21,7 @@ from .audit import AuditLog
 from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
 from .identity import SocketOwners
+from .metrics import Metrics
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
 
@@ -38,6 +39,7 @@ class RunConfig:
     policy: Path | None
     proxy: tuple[str, int] | None  # None: no proxy
     dns: tuple[str, int] | None  # None: no resolver
+    metrics: tuple[str, int] | None  # None: no /metrics endpoint
     audit_log: Path | None  # None: standard output
     upstream_dns: tuple[str, ...]
     proxy_auth: Path | None
@@ -152,16 +154,19 @@ async def serve(config: RunConfig) -> int:
         raise StartupError("nothing to run: both --proxy and --dns are off")
     if config.proxy is not None:
         check_listener(config.proxy, config.proxy_auth)
-    if config.dns is not None and not ip_address(config.dns[0]).is_loopback:
-        raise StartupError(f"refusing to serve DNS on {config.dns[0]}, which is not loopback: "
-                           "the resolver has no authentication")
+    for what, address in (("DNS", config.dns), ("metrics", config.metrics)):
+        if address is not None and not ip_address(address[0]).is_loopback:
+            raise StartupError(f"refusing to serve {what} on {address[0]}, which is not "
+                               "loopback: it has no authentication")
     servers = _upstream_servers(config)
     confdir = prepare_state_dir(config.state_dir)
     policies = PolicyHolder(config.policy)
     audit = AuditLog(config.audit_log)
     owners = SocketOwners()
+    metrics = Metrics()
+    metrics.watch(policies, audit)
     runtime = Runtime(policies, audit, DnsServers(servers) if servers else SystemResolver(),
-                      owners)
+                      owners, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -173,8 +178,18 @@ async def serve(config: RunConfig) -> int:
     dns_server: DnsServer | None = None
     master: Master | None = None
     proxy_task: asyncio.Task[None] | None = None
+    metrics_server = None
     try:
         lines = []
+        if config.metrics is not None:
+            try:
+                metrics_server = metrics.serve(config.metrics)
+            except OSError as e:
+                print(f"agent-egress: cannot listen for metrics on {_format(*config.metrics)}: "
+                      f"{e.strerror}", file=sys.stderr)
+                return 1
+            host, port = metrics_server.server_address[:2]
+            lines.append(f"metrics on http://{_format(str(host), port)}/metrics")
         if config.dns is not None:
             upstream = DnsServers(servers or system_dns_servers())
             dns_server = DnsServer(PolicyResolver(runtime, upstream))
@@ -204,6 +219,9 @@ async def serve(config: RunConfig) -> int:
         return 0
     finally:
         watcher.cancel()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if master is not None and proxy_task is not None:
             master.shutdown()
             await proxy_task

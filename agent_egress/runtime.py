@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .audit import AuditLog
 from .identity import SocketOwners
+from .metrics import Metrics
 from .rules import Policy, PolicyError, parse_policy
 from .upstream import DnsServers, SystemResolver
 
@@ -33,6 +35,7 @@ class PolicyHolder:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.current = Policy.load(path) if path else embedded_policy()
+        self.loaded_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._stamp = self._file_stamp()
@@ -49,6 +52,7 @@ class PolicyHolder:
                       self.current.digest, e)
             return False
         self.current = policy
+        self.loaded_at = time.time()
         self.reloads_ok += 1
         log.info("policy reloaded from %s: %s", self.path, policy.digest)
         return True
@@ -76,3 +80,4 @@ class Runtime:
     audit: AuditLog
     resolver: SystemResolver | DnsServers
     owners: SocketOwners | None
+    metrics: Metrics

@@ -140,12 +140,14 @@ class PolicyResolver:
         if choice.account is None:
             decision = Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
         else:
-            decision = policy.decide(Query(choice.account, question.name, None, Stage.DNS))
+            decision = self.runtime.metrics.decide(
+                policy, Query(choice.account, question.name, None, Stage.DNS))
         event = _Event(self, policy, identity, client, host or question.name, qtype, started)
         if host is not None and decision.account:
-            signals = self.signals.observe(decision.account, host.text,
-                                           host.parents[0] if host.parents else None, qtype)
-            event.signals = signals
+            event.signals = self.signals.observe(decision.account, host.text,
+                                                 host.parents[0] if host.parents else None, qtype)
+            for signal in event.signals:
+                self.runtime.metrics.dns_suspicious.labels(decision.account, signal).inc()
         if not decision.passes:
             event.write(decision)
             code = EDE_PROHIBITED if choice.account is None else EDE_BLOCKED
@@ -253,6 +255,7 @@ class _Event:
         if self.signals:
             reason += f"; suspected tunnelling: {', '.join(self.signals)}"
         client_host = f"[{self.client[0]}]" if ":" in self.client[0] else self.client[0]
+        self.resolver.runtime.metrics.count(decision, "dns")
         self.resolver.runtime.audit.record(
             event="dns", account=decision.account or None, client=f"{client_host}:"
             f"{self.client[1]}", uid=self.identity.uid, user=self.identity.user,

@@ -184,8 +184,8 @@ def test_state_is_owner_only(start, web, cli):
 
 
 def test_non_loopback_listener_needs_proxy_auth(cli, tmp_path):
-    done = subprocess.run([cli, "run", "--proxy", "0.0.0.0:0", "--dns", "off", "--state-dir",
-                           str(tmp_path)],
+    done = subprocess.run([cli, "run", "--proxy", "0.0.0.0:0", "--dns", "off", "--metrics",
+                           "off", "--state-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip() == (
@@ -199,7 +199,8 @@ def test_a_port_in_use_is_a_clear_error(cli, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run([cli, "run", "--proxy", f"127.0.0.1:{port}", "--dns", "off",
-                               "--state-dir", str(tmp_path), "--audit-log", "-"],
+                               "--metrics", "off", "--state-dir", str(tmp_path), "--audit-log",
+                               "-"],
                               capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert re.search(r"agent-egress: cannot listen: .*[Aa]ddress already in use", done.stderr)

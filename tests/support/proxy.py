@@ -72,6 +72,7 @@ class RunningProxy(Process):
         self.audit_log = directory / "audit.jsonl"
         self.policy_file = directory / "policy.yaml"
         command = [cli, "run", "--proxy", "127.0.0.1:0", "--dns", "127.0.0.1:0",
+                   "--metrics", "127.0.0.1:0",
                    "--state-dir", str(directory / "state"), "--audit-log", str(self.audit_log),
                    *args]
         if policy is not None:
@@ -81,6 +82,7 @@ class RunningProxy(Process):
         try:
             self.port = int(self.wait_for(r"proxy listening on \S+:(\d+)").group(1))
             self.dns_port = int(self.wait_for(r"resolver listening on \S+:(\d+)").group(1))
+            self.metrics_url = self.wait_for(r"metrics on (\S+)").group(1)
         except RuntimeError:
             self.stop()
             raise

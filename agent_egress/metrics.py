@@ -1,0 +1,94 @@
+"""The Prometheus metrics, every name fixed by DESIGN.md. Labels are bounded: account, stage,
+decision, direction, signal, result; never a host or an address."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .rules import Decision, Policy, Query
+
+if TYPE_CHECKING:
+    from .audit import AuditLog
+    from .runtime import PolicyHolder
+
+DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.decisions = Counter(
+            "agent_egress_decisions", "Policy decisions, by account, stage and result",
+            ["account", "stage", "decision"], registry=self.registry)
+        self.decision_seconds = Histogram(
+            "agent_egress_decision_seconds", "Time the policy engine takes for one decision",
+            buckets=DECISION_BUCKETS, registry=self.registry)
+        self.active_connections = Gauge(
+            "agent_egress_active_connections", "Open proxied connections, by account",
+            ["account"], registry=self.registry)
+        self.bytes = Counter(
+            "agent_egress_bytes", "Bytes proxied, by account and direction (up: to the "
+            "destination, down: to the client)", ["account", "direction"],
+            registry=self.registry)
+        self.dns_suspicious = Counter(
+            "agent_egress_dns_suspicious", "DNS queries that look like tunnelling, by signal",
+            ["account", "signal"], registry=self.registry)
+        self.build_info = Gauge(
+            "agent_egress_build_info", "agent-egress version", ["version"],
+            registry=self.registry)
+        self.build_info.labels(__version__).set(1)
+        ProcessCollector(registry=self.registry)
+
+    def watch(self, policies: PolicyHolder, audit: AuditLog) -> None:
+        """Exposes counts that the policy holder and the audit log keep themselves."""
+        self.registry.register(_StateCollector(policies, audit))
+
+    def decide(self, policy: Policy, query: Query) -> Decision:
+        started = time.perf_counter()
+        decision = policy.decide(query)
+        self.decision_seconds.observe(time.perf_counter() - started)
+        return decision
+
+    def count(self, decision: Decision, stage: str) -> None:
+        self.decisions.labels(decision.account or "none", stage, decision.result.value).inc()
+
+    def serve(self, address: tuple[str, int]) -> WSGIServer:
+        """Starts the /metrics endpoint; raises OSError if the address is taken."""
+        server, _ = start_http_server(address[1], address[0], registry=self.registry)
+        return server
+
+
+class _StateCollector(Collector):
+    def __init__(self, policies: PolicyHolder, audit: AuditLog) -> None:
+        self.policies = policies
+        self.audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily("agent_egress_policy_reloads",
+                                      "Policy reloads, by result (ok or error)",
+                                      labels=["result"])
+        reloads.add_metric(["ok"], self.policies.reloads_ok)
+        reloads.add_metric(["error"], self.policies.reloads_failed)
+        yield reloads
+        yield GaugeMetricFamily("agent_egress_policy_loaded_timestamp_seconds",
+                                "When the policy in force was loaded",
+                                value=self.policies.loaded_at)
+        yield CounterMetricFamily("agent_egress_audit_events", "Audit events written",
+                                  value=self.audit.events)
+        yield CounterMetricFamily("agent_egress_audit_write_errors",
+                                  "Audit log writes that failed", value=self.audit.write_errors)
