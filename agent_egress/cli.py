@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
                           "inspected HTTPS connects upstream")
     run.set_defaults(command=_run)
 
+    report = commands.add_parser(
+        "report", help="destinations per account from audit logs, denials first",
+        description="Summarises audit logs (plain, gzipped, or '-' for standard input): for "
+                    "each account, every destination with its counts by decision, first and "
+                    "last seen, and the processes that reached it. Unreadable lines are "
+                    "reported with their line number and skipped.")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    report.add_argument("logs", nargs="+", metavar="LOG")
+    report.set_defaults(command=_report)
+
     ca = commands.add_parser(
         "ca", help="print the path of the CA certificate for inspected HTTPS",
         description="Prints the path of the CA certificate that clients must trust for HTTPS "
@@ -125,6 +135,12 @@ def _run(args: argparse.Namespace) -> int:
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    return report(args.logs, args.format)
 
 
 def _ca(args: argparse.Namespace) -> int:
