@@ -9,10 +9,24 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
-from .rules import Decision, Policy, PolicyError, Query, Result, Stage, load_policy
+from .rules import (
+    Decision,
+    HostError,
+    Name,
+    Policy,
+    PolicyError,
+    Query,
+    Result,
+    Stage,
+    host_text,
+    load_policy,
+    normalize_host,
+)
 from .target import parse_target
 
 EXIT_DENIED = 1
@@ -88,6 +102,40 @@ def _parser() -> argparse.ArgumentParser:
                           "inspected HTTPS connects upstream")
     run.set_defaults(command=_run)
 
+    learn = commands.add_parser(
+        "learn", help="propose allow rules from audit logs",
+        description="Proposes allow rules, per account, from deny and would_deny events in "
+                    "audit logs ('-' is standard input), with the evidence for each; flags "
+                    "rather than proposes what looks dangerous. --apply adds the proposals to "
+                    "the policy file, keeping its comments and order.")
+    learn.add_argument("--policy", required=True, metavar="F", type=Path)
+    learn.add_argument("--account", metavar="A")
+    learn.add_argument("--apply", action="store_true", help="add the proposals to F")
+    learn.add_argument("--stale", metavar="DURATION",
+                       help="also list allow rules nothing used in the last DURATION of the "
+                            "logs (e.g. 30d)")
+    learn.add_argument("logs", nargs="+", metavar="LOG")
+    learn.set_defaults(command=_learn)
+
+    replay = commands.add_parser(
+        "replay", help="evaluate recorded traffic against a candidate policy",
+        description="Evaluates the events in audit logs against a candidate policy and prints, "
+                    "per account, what would newly be denied or allowed. Exit 1 if anything "
+                    "would newly be denied.")
+    replay.add_argument("--policy", required=True, metavar="F", type=Path)
+    replay.add_argument("logs", nargs="+", metavar="LOG")
+    replay.set_defaults(command=_replay)
+
+    grant = commands.add_parser(
+        "grant", help="add a time-limited allow rule",
+        description="Adds an allow rule for TARGET (a URL or host[:port]) that expires after "
+                    "DURATION (e.g. 30m, 2h, 1d). A running agent-egress picks it up at once.")
+    grant.add_argument("--policy", required=True, metavar="F", type=Path)
+    grant.add_argument("--account", required=True, metavar="A")
+    grant.add_argument("--for", required=True, metavar="DURATION", dest="duration")
+    grant.add_argument("target", metavar="TARGET")
+    grant.set_defaults(command=_grant)
+
     report = commands.add_parser(
         "report", help="destinations per account from audit logs, denials first",
         description="Summarises audit logs (plain, gzipped, or '-' for standard input): for "
@@ -97,6 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
     report.add_argument("logs", nargs="+", metavar="LOG")
     report.set_defaults(command=_report)
+
+    discover = commands.add_parser(
+        "discover", help="print registry presets found in this user's toolchain configuration",
+        description="Reads the package-registry and source-control endpoints this user's "
+                    "toolchains are configured to use (pip, npm, apt, cargo, go, maven, gem, "
+                    "docker, git remotes) and prints them as policy presets, each host with "
+                    "the file or command it came from.")
+    discover.add_argument("--home", metavar="D", type=Path, default=Path.home(),
+                          help="the home directory to read (default: yours)")
+    discover.add_argument("--root", metavar="D", type=Path, default=Path("/"),
+                          help="the system root for /etc (default /)")
+    discover.add_argument("--repos", metavar="DIR", type=Path, action="append", default=[],
+                          help="read the git remotes of the repositories under DIR (repeatable)")
+    discover.set_defaults(command=_discover)
 
     ca = commands.add_parser(
         "ca", help="print the path of the CA certificate for inspected HTTPS",
@@ -137,10 +199,109 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def _learn(args: argparse.Namespace) -> int:
+    from .auditread import read_events
+    from .learn import learn, stale_rules
+    from .policyedit import add_allow_rules, parse_duration
+
+    policy = Policy.load(args.policy)
+    if args.account and args.account not in policy.accounts():
+        print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        window = parse_duration(args.stale) if args.stale else None
+    except ValueError as e:
+        print(f"agent-egress: --stale: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    learned = learn(policy, read_events(args.logs), args.account, window)
+    accounts = sorted(set(learned.proposals) | set(learned.flags))
+    if not accounts:
+        print(f"# nothing to propose ({learned.events} events read)")
+    for account in accounts:
+        proposals = learned.proposals.get(account, [])
+        print(f"# account {account}: {len(proposals)} proposals from {learned.events} events")
+        for proposal in proposals:
+            covers = f"; covers {', '.join(proposal.covers)}" if len(proposal.covers) > 1 \
+                or proposal.rule.preset else ""
+            print(f"- {proposal.rule.flow()}  # {proposal.evidence.describe()}{covers}")
+        for flag in learned.flags.get(account, []):
+            print(f"# flagged, not proposed: {flag.destination}: {flag.why} "
+                  f"({flag.evidence.describe()})")
+    if window is not None:
+        for account, rule, description in stale_rules(policy, learned.used_rules, args.account):
+            print(f"# stale: account {account}: rule {rule} ({description}) was not used in "
+                  f"the last {args.stale}")
+    if args.apply:
+        for account, proposals in learned.proposals.items():
+            if proposals:
+                add_allow_rules(args.policy, account, [
+                    replace(p.rule, comment=f"learned: {p.evidence.describe()}")
+                    for p in proposals])
+        applied = sum(len(p) for p in learned.proposals.values())
+        print(f"# applied {applied} rules to {args.policy}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .auditread import read_events
+    from .replay import replay
+
+    replayed = replay(Policy.load(args.policy), read_events(args.logs))
+    account = None
+    for change in replayed.changes:
+        if change.account != account:
+            account = change.account
+            print(f"account {account}")
+        print(f"  newly {change.newly + ':':9} {change.destination} ({change.events} events): "
+              f"{change.reason}")
+    denied = replayed.newly_denied
+    allowed = sum(c.events for c in replayed.changes) - denied
+    print(f"{denied} events would newly be denied and {allowed} newly allowed, of "
+          f"{replayed.events} ({replayed.not_replayed} decided by address, TLS or "
+          "authentication checks were not replayed)")
+    return EXIT_DENIED if denied else 0
+
+
+def _grant(args: argparse.Namespace) -> int:
+    from .policyedit import NewRule, add_allow_rules, parse_duration
+
+    try:
+        duration = parse_duration(args.duration)
+        target = parse_target(args.target)
+        host = normalize_host(target.host)
+    except (ValueError, HostError) as e:
+        print(f"agent-egress: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    policy = Policy.load(args.policy)
+    if args.account not in policy.accounts():
+        print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
+        return EXIT_USAGE
+    now = datetime.now(UTC).replace(microsecond=0)
+    until = (now + duration).isoformat().replace("+00:00", "Z")
+    comment = f"granted {now.isoformat().replace('+00:00', 'Z')} for {args.duration}"
+    if isinstance(host, Name):
+        rule = NewRule(host=host.text, ports=[target.port], expires=until, comment=comment)
+    else:
+        rule = NewRule(cidr=f"{host}/{host.max_prefixlen}", ports=[target.port], expires=until,
+                       comment=comment)
+    add_allow_rules(args.policy, args.account, [rule])
+    print(f"agent-egress: account {args.account} may reach {host_text(host)}:{target.port} "
+          f"until {until} (rule added to {args.policy})")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import report
 
     return report(args.logs, args.format)
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from .discover import discover
+
+    print(discover(home=args.home, root=args.root, repos=args.repos, env=dict(os.environ)),
+          end="")
+    return 0
 
 
 def _ca(args: argparse.Namespace) -> int:

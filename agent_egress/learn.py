@@ -1,0 +1,219 @@
+"""`agent-egress learn`: allow rules proposed from what an account was denied (or, in learning
+mode, would have been), with the evidence for each, and what looks dangerous flagged instead.
+
+It streams: memory grows with the number of distinct destinations, not with the log."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from .dns.signals import ENTROPY_BITS, ENTROPY_MIN_LENGTH, entropy
+from .policyedit import NewRule
+from .rules import (
+    NO_RULE,
+    HostError,
+    Name,
+    Policy,
+    Query,
+    Result,
+    Stage,
+    builtin_presets,
+    normalize_host,
+)
+
+SIBLINGS_FOR_WILDCARD = 3
+MAX_PROCESSES = 3
+
+
+@dataclass
+class Evidence:
+    count: int = 0
+    first: str = ""
+    last: str = ""
+    processes: list[str] = field(default_factory=list)
+    stages: set[str] = field(default_factory=set)
+    ports: set[int] = field(default_factory=set)
+    reason: str = ""
+
+    def add(self, event: dict[str, Any]) -> None:
+        ts = event.get("ts") or ""
+        self.count += 1
+        self.first = min(self.first, ts) if self.first else ts
+        self.last = max(self.last, ts)
+        self.stages.add(event["event"])
+        if event.get("port") is not None:
+            self.ports.add(event["port"])
+        exe = (event.get("exe") or "").rsplit("/", 1)[-1]
+        if exe and exe not in self.processes and len(self.processes) < MAX_PROCESSES:
+            self.processes.append(exe)
+        self.reason = self.reason or (event.get("reason") or "")
+
+    def merged(self, other: Evidence) -> Evidence:
+        processes = self.processes + [p for p in other.processes if p not in self.processes]
+        return Evidence(self.count + other.count, min(self.first, other.first),
+                        max(self.last, other.last), processes[:MAX_PROCESSES],
+                        self.stages | other.stages, self.ports | other.ports,
+                        self.reason or other.reason)
+
+    def describe(self) -> str:
+        seen = f"{self.first} to {self.last}" if self.first != self.last else self.first
+        who = f", by {', '.join(self.processes)}" if self.processes else ""
+        return f"{self.count} events, {seen}{who}"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    rule: NewRule
+    covers: tuple[str, ...]
+    evidence: Evidence
+
+
+@dataclass(frozen=True)
+class Flag:
+    destination: str
+    why: str
+    evidence: Evidence
+
+
+@dataclass
+class Learned:
+    proposals: dict[str, list[Proposal]] = field(default_factory=dict)
+    flags: dict[str, list[Flag]] = field(default_factory=dict)
+    used_rules: set[str] = field(default_factory=set)
+    events: int = 0
+
+
+@functools.cache
+def _suffixes() -> PublicSuffixList:
+    return PublicSuffixList()
+
+
+def learn(policy: Policy, events: Iterable[dict[str, Any]], account: str | None = None,
+          stale_since: timedelta | None = None) -> Learned:
+    seen: dict[tuple[str, str], Evidence] = defaultdict(Evidence)
+    learned = Learned()
+    latest = ""
+    for event in events:
+        learned.events += 1
+        latest = max(latest, event.get("ts") or "")
+        name = event.get("account")
+        if not name or (account and name != account) or not event.get("host"):
+            continue
+        if event["decision"] == "allow":
+            if event.get("rule"):
+                learned.used_rules.add(f"{name}\0{_rule_id(event['rule'])}\0"
+                                       f"{event.get('ts') or ''}")
+            continue
+        seen[(name, event["host"])].add(event)
+    for (name, host), evidence in seen.items():
+        _classify(policy, name, host, evidence, learned)
+    for name in learned.proposals:
+        learned.proposals[name] = _collapse(learned.proposals[name])
+    if stale_since is not None:
+        learned.used_rules = _recently_used(learned.used_rules, latest, stale_since)
+    return learned
+
+
+def _classify(policy: Policy, account: str, host_text: str, evidence: Evidence,
+              learned: Learned) -> None:
+    def flag(why: str) -> None:
+        learned.flags.setdefault(account, []).append(Flag(host_text, why, evidence))
+
+    if account not in policy.accounts():
+        flag(f"account {account} is not in the policy")
+        return
+    try:
+        host = normalize_host(host_text)
+    except HostError as e:
+        flag(f"invalid host: {e}")
+        return
+    if not isinstance(host, Name):
+        flag(f"an address, not a name: only a cidr rule ({host}/{host.max_prefixlen}) can "
+             "allow it; add one by hand if it is intended")
+        return
+    queries = [Query(account, host.text, port, Stage.CONNECT) for port in evidence.ports] or [
+        Query(account, host.text, None, Stage.DNS)]
+    if all(policy.decide(q).result is Result.ALLOW for q in queries):
+        return  # the policy allows it now: nothing to propose (and learn is idempotent)
+    if not evidence.reason.startswith(NO_RULE):
+        flag(f"denied for another reason: {evidence.reason}")
+        return
+    if "(rule " in evidence.reason:
+        flag("a rule covers this host with restrictions (methods, paths, ports, read-only or "
+             "expiry); widen that rule by hand if intended")
+        return
+    if evidence.stages == {"dns"}:
+        flag("only resolved, never connected to")
+        return
+    if any(len(label) >= ENTROPY_MIN_LENGTH and entropy(label) > ENTROPY_BITS
+           for label in host.text.split(".")):
+        flag("looks like encoded data (high-entropy label): possible DNS tunnelling")
+        return
+    learned.proposals.setdefault(account, []).append(
+        Proposal(NewRule(host=host.text, ports=sorted(evidence.ports)), (host.text,), evidence))
+
+
+def _collapse(proposals: list[Proposal]) -> list[Proposal]:
+    """Siblings under one parent become `*.parent` (never over a public suffix), and names
+    that cover most of a built-in preset become that preset."""
+    by_name = {p.covers[0]: p for p in proposals}
+    out: list[Proposal] = []
+    for preset, rules in sorted(builtin_presets().items()):
+        hosts = {r.host for r in rules if r.host and not r.host.startswith("*.")}
+        observed = hosts & by_name.keys()
+        if len(observed) >= 2 and len(observed) * 2 >= len(hosts):
+            evidence = _merge([by_name.pop(h).evidence for h in sorted(observed)])
+            out.append(Proposal(NewRule(preset=preset), tuple(sorted(observed)), evidence))
+    families: dict[str, list[str]] = defaultdict(list)
+    for name in by_name:
+        parent = name.split(".", 1)[1] if "." in name else ""
+        if "." in parent and not _suffixes().is_public(parent):
+            families[parent].append(name)
+    for parent, names in sorted(families.items()):
+        if len(names) >= SIBLINGS_FOR_WILDCARD:
+            members = [by_name.pop(n) for n in sorted(names)]
+            evidence = _merge([m.evidence for m in members])
+            out.append(Proposal(NewRule(host=f"*.{parent}", ports=sorted(evidence.ports)),
+                                tuple(sorted(names)), evidence))
+    out.extend(by_name[name] for name in sorted(by_name))
+    return out
+
+
+def _merge(evidence: list[Evidence]) -> Evidence:
+    return functools.reduce(Evidence.merged, evidence)
+
+
+def _rule_id(source: str) -> str:
+    """`file:line` by the file's name alone: the proxy may have been given another spelling
+    of the same path than learn is."""
+    file, _, line = source.rpartition(":")
+    return f"{os.path.basename(file)}:{line}"
+
+
+def _recently_used(uses: set[str], latest: str, window: timedelta) -> set[str]:
+    """The `account\\0rule` pairs used within `window` of the latest event."""
+    try:
+        since = (datetime.fromisoformat(latest) - window).isoformat().replace("+00:00", "Z")
+    except ValueError:
+        since = ""
+    return {use.rsplit("\0", 1)[0] for use in uses if use.rsplit("\0", 1)[1] >= since}
+
+
+def stale_rules(policy: Policy, used: set[str], account: str | None) -> list[tuple[str, str, str]]:
+    """(account, rule, description) of allow rules no allow event used."""
+    out = []
+    for name, acct in policy.accounts().items():
+        if account and name != account:
+            continue
+        for rule in dict((r.source, r) for r in acct.allow).values():
+            if f"{name}\0{_rule_id(rule.source)}" not in used:
+                out.append((name, rule.source, rule.describe()))
+    return out

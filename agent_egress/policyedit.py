@@ -1,0 +1,115 @@
+"""Adding allow rules to a policy file the way a person would: comments, order and quoting kept,
+the result validated before it replaces the original, and the original untouched on failure."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+from .rules import PolicyError, Problem, parse_policy
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+@dataclass(frozen=True)
+class NewRule:
+    """An allow entry to add: `host`, `cidr` or `preset`, optional ports and expiry, and why."""
+
+    host: str | None = None
+    cidr: str | None = None
+    preset: str | None = None
+    ports: Sequence[int] | None = None
+    expires: str | None = None
+    comment: str | None = None
+
+    def flow(self) -> str:
+        """The entry in YAML flow style, as a proposal shows it."""
+        parts = [f"host: {self.host}" if self.host else f"cidr: {self.cidr}" if self.cidr
+                 else f"preset: {self.preset}"]
+        if self.ports:
+            parts.append(f"ports: [{', '.join(str(p) for p in sorted(self.ports))}]")
+        if self.expires:
+            parts.append(f"expires: {self.expires}")
+        return "{" + ", ".join(parts) + "}"
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90m`, `2h`, `1d12h`, `30s`: raises ValueError for anything else."""
+    match = _DURATION.fullmatch(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{text!r} is not a duration; expected e.g. 30m, 2h, 1d12h")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def add_allow_rules(path: Path, account: str, rules: Sequence[NewRule]) -> None:
+    """Appends `rules` to accounts.ACCOUNT.allow in `path`; raises PolicyError (and leaves the
+    file as it was) if the file cannot be read, lacks the account or would not validate."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)  # lists indented under their key
+    file = str(path)
+    try:
+        original = path.read_text()
+        document = yaml.load(original)
+    except (OSError, YAMLError, UnicodeDecodeError) as e:
+        raise PolicyError([Problem(file, 1, 1, f"cannot edit the policy: {e}")]) from None
+    accounts = document.get("accounts") if isinstance(document, CommentedMap) else None
+    entry = accounts.get(account) if isinstance(accounts, CommentedMap) else None
+    if not isinstance(entry, CommentedMap):
+        raise PolicyError([Problem(file, 1, 1, f"no account {account!r} to add rules to")])
+    allow = entry.get("allow")
+    if not isinstance(allow, CommentedSeq):
+        allow = entry["allow"] = CommentedSeq()
+    for rule in rules:
+        allow.append(_entry(rule))
+        if rule.comment:
+            allow[-1].yaml_add_eol_comment(rule.comment, list(allow[-1])[-1])
+    out = io.StringIO()
+    yaml.dump(document, out)
+    text = out.getvalue()
+    parse_policy(text.encode(), file)  # raises PolicyError: the original stays as it is
+    _replace(path, text)
+
+
+def _entry(rule: NewRule) -> CommentedMap:
+    entry = CommentedMap()
+    if rule.host is not None:
+        entry["host"] = rule.host
+    elif rule.cidr is not None:
+        entry["cidr"] = rule.cidr
+    else:
+        entry["preset"] = rule.preset
+    if rule.ports:
+        ports = CommentedSeq(sorted(rule.ports))
+        ports.fa.set_flow_style()
+        entry["ports"] = ports
+    if rule.expires:
+        entry["expires"] = rule.expires
+    return entry
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes beside the original and renames over it: readers see the old file or the new
+    one, never half of one (the proxy may be reloading it right now)."""
+    mode = path.stat().st_mode & 0o777
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            f.write(text)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,66 @@
+"""`agent-egress replay`: recorded traffic evaluated against a candidate policy, so a change can
+be tried on real history before it is put in force."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .rules import NO_RULE, Policy, Query, Stage
+
+# Decisions the policy engine made (and can make again). Others came from address, TLS or
+# authentication checks that need the live connection, and are not replayed.
+_POLICY_REASONS = ("allowed by rule", NO_RULE, "denied by rule")
+_STAGES = {"dns": Stage.DNS, "connect": Stage.CONNECT, "request": Stage.REQUEST}
+
+
+@dataclass
+class Change:
+    account: str
+    destination: str
+    newly: str  # "denied" or "allowed"
+    events: int
+    reason: str
+
+
+@dataclass
+class Replayed:
+    changes: list[Change]
+    events: int
+    not_replayed: int
+
+    @property
+    def newly_denied(self) -> int:
+        return sum(c.events for c in self.changes if c.newly == "denied")
+
+
+def replay(policy: Policy, events: Iterable[dict[str, Any]]) -> Replayed:
+    changes: dict[tuple[str, str, str], Change] = {}
+    total = skipped = 0
+    for event in events:
+        total += 1
+        account, host = event.get("account"), event.get("host")
+        if not account or not host or not (event.get("reason") or "").startswith(
+                _POLICY_REASONS):
+            skipped += 1
+            continue
+        stage = _STAGES[event["event"]]
+        decision = policy.decide(Query(account, host, event.get("port"), stage,
+                                       event.get("method"), event.get("path")))
+        passed = event["decision"] != "deny"
+        if decision.passes == passed:
+            continue
+        destination = host if event.get("port") is None else f"{host}:{event['port']}"
+        if stage is Stage.REQUEST:
+            destination += f" {event.get('method') or 'GET'} {event.get('path') or '/'}"
+        newly = "denied" if passed else "allowed"
+        change = changes.get((account, destination, newly))
+        if change is None:
+            reason = decision.reason + (f" ({decision.rule})" if decision.rule else "")
+            change = changes[(account, destination, newly)] = Change(
+                account, destination, newly, 0, reason)
+        change.events += 1
+    ordered = sorted(changes.values(), key=lambda c: (c.account, c.newly != "denied",
+                                                       -c.events, c.destination))
+    return Replayed(ordered, total, skipped)
