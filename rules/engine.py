@@ -9,7 +9,7 @@ from pathlib import Path
 from .addresses import internal_kind
 from .hosts import Address, Host, HostError, Name, host_text, normalize_host
 from .index import DestinationIndex
-from .loader import DEFAULT_ACCOUNT, load_policy
+from .loader import DEFAULT_ACCOUNT, gc_paused, load_policy
 from .model import READ_METHODS, Account, Mode, PolicyDocument, Result, Rule, Stage
 from .paths import normalize_path
 
@@ -61,14 +61,39 @@ class AccountChoice:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """A rule with the decisions it makes, built once: decisions depend only on the rule and
+    the account."""
+
+    rule: Rule
+    denies: bool
+    decision: Decision
+    inspected: Decision | None = None  # an allow rule that must see requests, at CONNECT
+
+
 class _AccountRules:
-    __slots__ = ("account", "allow", "deny", "expiring")
+    """An account's allow and deny rules in one index, so a destination is looked up once."""
+
+    __slots__ = ("account", "expiring", "index")
 
     def __init__(self, account: Account) -> None:
         self.account = account
-        self.allow = DestinationIndex(account.allow)
-        self.deny = DestinationIndex(account.deny)
+        deny = [(r, _Grant(r, True, Decision(Result.DENY, r.source, f"denied by rule: "
+                                            f"{r.describe()}", account.name, account.mode)))
+                for r in account.deny]
+        allow = [(r, _allow_grant(r, account)) for r in account.allow]
+        self.index = DestinationIndex([*deny, *allow])
         self.expiring = any(r.expires is not None for r in (*account.allow, *account.deny))
+
+
+def _allow_grant(rule: Rule, account: Account) -> _Grant:
+    reason = f"allowed by rule: {rule.describe()}"
+    inspected = Decision(Result.ALLOW, rule.source, f"{reason} (requests are inspected)",
+                         account.name, account.mode, inspect=True) if rule.inspects else None
+    return _Grant(rule, False,
+                  Decision(Result.ALLOW, rule.source, reason, account.name, account.mode),
+                  inspected)
 
 
 class Policy:
@@ -77,7 +102,8 @@ class Policy:
 
     def __init__(self, document: PolicyDocument) -> None:
         self.document = document
-        self._accounts = {name: _AccountRules(a) for name, a in document.accounts.items()}
+        with gc_paused():
+            self._accounts = {name: _AccountRules(a) for name, a in document.accounts.items()}
         self._by_uid: dict[int, str] = {}
         self._by_user: dict[str, str] = {}
         self._by_proxy_user: dict[str, str] = {}
@@ -138,17 +164,21 @@ class Policy:
                             Mode.ENFORCE)
         mode = rules.account.mode
         moment = (now or time.time()) if rules.expiring else 0.0
-        for rule in rules.deny.network_candidates(address):
-            if _active(rule, moment) and _port_matches(rule, port, deny=True):
+        found = rules.index.network_candidates(address)
+        for grant in found:
+            rule = grant.rule
+            if grant.denies and _active(rule, moment) and _port_matches(rule, port, deny=True):
                 return Decision(Result.DENY, rule.source, f"{name} resolves to {address}, "
                                 f"denied by rule: {rule.describe()}", account, mode)
         kind = internal_kind(address)
         if kind is None:
             return Decision(Result.ALLOW, None, f"{name} resolves to {address}, a public address",
                             account, mode)
-        for rule in rules.allow.network_candidates(address):
-            if _active(rule, moment) and _port_matches(rule, port, deny=False):
-                return _allowed(rule, rules.account)
+        for grant in found:
+            rule = grant.rule
+            if not grant.denies and _active(rule, moment) and _port_matches(rule, port,
+                                                                            deny=False):
+                return grant.decision
         return Decision(Result.DENY, None, f"{name} resolves to {address}, which is {kind}; "
                         "only a cidr rule can allow an internal address", account, mode,
                         hint=f"if this is intended, add {{cidr: {address}/{address.max_prefixlen}"
@@ -168,14 +198,17 @@ class Policy:
         now = (query.now or time.time()) if rules.expiring else 0.0
         path = normalize_path(query.path) if query.path is not None else None
 
-        for rule in rules.deny.candidates(host):
-            if _active(rule, now) and _deny_applies(rule, query, path):
-                return Decision(Result.DENY, rule.source, f"denied by rule: {rule.describe()}",
-                                account.name, account.mode)
+        found = rules.index.candidates(host)
+        for grant in found:
+            if grant.denies and _active(grant.rule, now) and _deny_applies(grant.rule, query, path):
+                return grant.decision
 
         near_miss: str | None = None
-        needs_inspection: Rule | None = None
-        for rule in rules.allow.candidates(host):
+        needs_inspection: Decision | None = None
+        for grant in found:
+            if grant.denies:
+                continue
+            rule = grant.rule
             if not _active(rule, now):
                 near_miss = near_miss or f"rule {rule.source} expired"
                 continue
@@ -185,16 +218,14 @@ class Policy:
             if query.stage is Stage.REQUEST:
                 refusal = _request_refusal(rule, query.method, path, query.path)
                 if refusal is None:
-                    return _allowed(rule, account)
+                    return grant.decision
                 near_miss = near_miss or f"rule {rule.source} {refusal}"
-            elif query.stage is Stage.CONNECT and rule.inspects:
-                needs_inspection = needs_inspection or rule
+            elif query.stage is Stage.CONNECT and grant.inspected is not None:
+                needs_inspection = needs_inspection or grant.inspected
             else:
-                return _allowed(rule, account)
+                return grant.decision
         if needs_inspection is not None:
-            return Decision(Result.ALLOW, needs_inspection.source,
-                            f"allowed by rule: {needs_inspection.describe()} "
-                            "(requests are inspected)", account.name, account.mode, inspect=True)
+            return needs_inspection
 
         reason = f"{NO_RULE} for {_destination(host, query)}"
         if near_miss:
@@ -256,11 +287,6 @@ def _write_operation(method: str, path: str, raw_path: str) -> str | None:
     if method not in READ_METHODS:
         return f"a {method} (an upload, publish or other write)"
     return None
-
-
-def _allowed(rule: Rule, account: Account) -> Decision:
-    return Decision(Result.ALLOW, rule.source, f"allowed by rule: {rule.describe()}",
-                    account.name, account.mode)
 
 
 def _destination(host: Host, query: Query) -> str:

@@ -18,6 +18,7 @@ import idna
 Address = IPv4Address | IPv6Address
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+_PLAIN_NAME = re.compile(rf"(?:{_LABEL.pattern}\.)*{_LABEL.pattern}")  # no IDN labels to check
 _NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)")
 MAX_NAME_LENGTH = 253
 
@@ -73,6 +74,9 @@ def normalize_name(raw: str) -> Name:
 
 
 def _name(labels: list[str], raw: str) -> Name:
+    text = ".".join(labels)
+    if "xn--" not in text and _PLAIN_NAME.fullmatch(text) and len(text) <= MAX_NAME_LENGTH:
+        return Name(text, _parents(text))
     out = []
     for label in labels:
         if not label:
@@ -94,7 +98,16 @@ def _name(labels: list[str], raw: str) -> Name:
     text = ".".join(out)
     if len(text) > MAX_NAME_LENGTH:
         raise HostError(f"{raw!r} is longer than {MAX_NAME_LENGTH} characters")
-    return Name(text, tuple(".".join(out[i:]) for i in range(1, len(out))))
+    return Name(text, _parents(text))
+
+
+def _parents(text: str) -> tuple[str, ...]:
+    parents = []
+    dot = text.find(".")
+    while dot >= 0:
+        parents.append(text[dot + 1:])
+        dot = text.find(".", dot + 1)
+    return tuple(parents)
 
 
 def _ipv4(parts: list[str], raw: str) -> IPv4Address:

@@ -14,22 +14,24 @@ from .hosts import Address, Host, Name
 from .model import Rule
 
 
-class DestinationIndex:
-    def __init__(self, rules: Iterable[Rule]) -> None:
-        exact: defaultdict[str, list[Rule]] = defaultdict(list)
-        below: defaultdict[str, list[Rule]] = defaultdict(list)
-        networks: defaultdict[tuple[int, int], defaultdict[int, list[Rule]]] = defaultdict(
+class DestinationIndex[T]:
+    """Maps destinations to the values stored with the rules that cover them."""
+
+    def __init__(self, entries: Iterable[tuple[Rule, T]]) -> None:
+        exact: defaultdict[str, list[T]] = defaultdict(list)
+        below: defaultdict[str, list[T]] = defaultdict(list)
+        networks: defaultdict[tuple[int, int], defaultdict[int, list[T]]] = defaultdict(
             lambda: defaultdict(list))
-        for rule in rules:
+        for rule, value in entries:
             if rule.host is not None:
                 if rule.host.startswith("*."):
-                    below[rule.host[2:]].append(rule)
+                    below[rule.host[2:]].append(value)
                 else:
-                    exact[rule.host].append(rule)
+                    exact[rule.host].append(value)
             elif rule.network is not None:
                 net = rule.network
                 key = int(net.network_address) >> (net.max_prefixlen - net.prefixlen)
-                networks[(net.version, net.prefixlen)][key].append(rule)
+                networks[(net.version, net.prefixlen)][key].append(value)
         self._exact = {k: tuple(v) for k, v in exact.items()}
         self._below = {k: tuple(v) for k, v in below.items()}
         # Longest prefix first, so the most specific network rule is met first.
@@ -38,7 +40,7 @@ class DestinationIndex:
              for (version, length), table in networks.items()),
             key=lambda entry: -entry[1])
 
-    def candidates(self, host: Host) -> list[Rule]:
+    def candidates(self, host: Host) -> list[T]:
         """Rules whose host or network covers `host`, most specific first."""
         if isinstance(host, Name):
             found = list(self._exact.get(host.text, ()))
@@ -47,8 +49,8 @@ class DestinationIndex:
             return found
         return self.network_candidates(host)
 
-    def network_candidates(self, address: Address) -> list[Rule]:
-        found: list[Rule] = []
+    def network_candidates(self, address: Address) -> list[T]:
+        found: list[T] = []
         value = int(address)
         for version, length, table in self._networks:
             if version == address.version:
