@@ -34,6 +34,7 @@ EXIT_USAGE = 2
 DEFAULT_PROXY_PORT = 8080
 DEFAULT_DNS_PORT = 5353
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_TRANSPARENT_PORT = 8081
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +160,26 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--repos", metavar="DIR", type=Path, action="append", default=[],
                           help="read the git remotes of the repositories under DIR (repeatable)")
     discover.set_defaults(command=_discover)
+
+    nftables = commands.add_parser(
+        "nftables", help="print the nftables ruleset that sends accounts through the proxy",
+        description="Prints an nftables ruleset (apply with `nft -f`) that, for each account's "
+                    "uids, redirects TCP to the transparent listener and DNS to the resolver, "
+                    "allows loopback only where cidr rules say, and rejects all other egress.")
+    nftables.add_argument("--policy", required=True, metavar="F", type=Path)
+    nftables.add_argument("--account", metavar="A", help="only this account")
+    nftables.add_argument("--transparent", metavar="ADDR",
+                          default=f"127.0.0.1:{DEFAULT_TRANSPARENT_PORT}",
+                          help="the proxy's transparent listener (default %(default)s)")
+    nftables.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
+                          help="the explicit listener, which stays reachable (default "
+                               "%(default)s)")
+    nftables.add_argument("--dns", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_DNS_PORT}",
+                          help="the resolver (default %(default)s)")
+    nftables.add_argument("--proxy-user", metavar="USER", default=None,
+                          help="the user agent-egress runs as, never redirected (default: "
+                               "the user running this command)")
+    nftables.set_defaults(command=_nftables)
 
     ca = commands.add_parser(
         "ca", help="print the path of the CA certificate for inspected HTTPS",
@@ -301,6 +322,29 @@ def _discover(args: argparse.Namespace) -> int:
 
     print(discover(home=args.home, root=args.root, repos=args.repos, env=dict(os.environ)),
           end="")
+    return 0
+
+
+def _nftables(args: argparse.Namespace) -> int:
+    import pwd
+
+    from .nftables import Listeners, ruleset
+    from .runner import StartupError, parse_listen
+
+    policy = Policy.load(args.policy)
+    if args.account and args.account not in policy.accounts():
+        print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        listeners = Listeners(
+            transparent=parse_listen(args.transparent, DEFAULT_TRANSPARENT_PORT)[1],
+            proxy=parse_listen(args.proxy, DEFAULT_PROXY_PORT)[1],
+            dns=parse_listen(args.dns, DEFAULT_DNS_PORT)[1])
+        proxy_uid = pwd.getpwnam(args.proxy_user).pw_uid if args.proxy_user else os.getuid()
+    except (StartupError, KeyError) as e:
+        print(f"agent-egress: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(ruleset(policy, listeners, proxy_uid, args.account), end="")
     return 0
 
 

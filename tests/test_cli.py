@@ -22,15 +22,15 @@ def test_validate_example(cli):
 
 
 @pytest.mark.parametrize("target, method, exit_code, decision, rule", [
-    ("https://github.com/org/repo", None, 0, "allow", f"{EXAMPLE}:17"),
+    ("https://github.com/org/repo", None, 0, "allow", f"{EXAMPLE}:18"),
     ("https://github.com/org/repo.git/git-receive-pack", "POST", 1, "deny", None),
-    ("gist.github.com", None, 1, "deny", f"{EXAMPLE}:31"),
-    ("https://api.example.test/v1/items?page=2", None, 0, "allow", f"{EXAMPLE}:22"),
+    ("gist.github.com", None, 1, "deny", f"{EXAMPLE}:32"),
+    ("https://api.example.test/v1/items?page=2", None, 0, "allow", f"{EXAMPLE}:23"),
     ("https://api.example.test/v1/../admin", None, 1, "deny", None),
     ("http://allowed.mirror.example.test@evil.test/", None, 1, "deny", None),
-    ("pkg.mirror.example.test:443", None, 0, "allow", f"{EXAMPLE}:20"),
-    ("[::ffff:192.0.2.10]:5432", None, 0, "allow", f"{EXAMPLE}:28"),
-    ("3221225994:5432", None, 0, "allow", f"{EXAMPLE}:28"),
+    ("pkg.mirror.example.test:443", None, 0, "allow", f"{EXAMPLE}:21"),
+    ("[::ffff:192.0.2.10]:5432", None, 0, "allow", f"{EXAMPLE}:29"),
+    ("3221225994:5432", None, 0, "allow", f"{EXAMPLE}:29"),
 ])
 def test_check_json(cli, target, method, exit_code, decision, rule):
     args = ["check", "--policy", EXAMPLE, "--account", "codex", "--json", target]
