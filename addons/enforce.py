@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 from mitmproxy import connection, http, tcp, tls
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import layer, layers, server_hooks
+from mitmproxy.proxy import layer, layers, mode_specs, server_hooks
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from agent_egress.addons.denial import denial
@@ -46,6 +47,7 @@ from agent_egress.upstream import ResolveError
 log = logging.getLogger(__name__)
 
 Hooked = TypeVar("Hooked")
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} [/*]")  # the start of an HTTP/1 request line
 MAX_PENDING_LOOKUPS = 16
 
 
@@ -71,6 +73,7 @@ class Tunnel:
 class ClientState:
     client: str
     identity: Identity
+    original: tuple[Address, int] | None = None  # transparent mode: where the client dialled
     process: Future[Process | None] | None = None
     tunnel: Tunnel | None = None
     pinned: dict[tuple[str, int], Address] = field(default_factory=dict)
@@ -160,8 +163,13 @@ class Enforcer:
         source = normalize_host(peer_ip)
         assert not isinstance(source, Name)
         state = ClientState(f"{host_text(source)}:{peer_port}", Identity(source=source))
+        if isinstance(client.proxy_mode, mode_specs.TransparentMode):
+            # mitmproxy put the original destination (SO_ORIGINAL_DST) in sockname
+            original = normalize_host(client.sockname[0])
+            assert not isinstance(original, Name)
+            state.original = (original, client.sockname[1])
         owners = self.runtime.owners
-        if owners is not None and source.is_loopback:
+        if owners is not None:  # finds nothing for a client that is not on this machine
             owner = owners.owner(client.peername[:2], client.sockname[:2])
             if owner is not None:
                 state.identity = Identity(uid=owner.uid, user=user_name(owner.uid),
@@ -197,35 +205,50 @@ class Enforcer:
         if flow.response is not None:  # proxy authentication failed
             self._audit_auth_failure(state, flow, policy)
             return
-        host_raw, port = flow.request.host, flow.request.port
-        decision = self._connect_decision(state, flow, policy, host_raw, port)
+        tunnel = await self._open_tunnel(state, self._identity(state, flow), flow.request.host,
+                                         flow.request.port)
+        if not tunnel.decision.passes:
+            flow.response = denial(tunnel.decision, tunnel.destination)
+
+    async def _open_tunnel(self, state: ClientState, identity: Identity, host_raw: str,
+                           port: int, original: Address | None = None) -> Tunnel:
+        """The decision for a connection to `host_raw`:`port` (a CONNECT, or the SNI of a
+        transparent connection to `original`), its upstream address resolved and checked."""
+        policy = self.runtime.policies.current
+        choice = policy.account_for(identity)
+        if choice.account is None:
+            decision = Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
+        else:
+            decision = self.runtime.metrics.decide(
+                policy, Query(choice.account, host_raw, port, Stage.CONNECT))
         host, ip = self._host_or_none(host_raw), None
         if decision.passes and host is not None:
-            decision, ip = await self._pin(policy, decision, host, port)
-        tunnel = Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip)
+            decision, ip = await self._pin(policy, decision, host, port, original)
+        return self._start_tunnel(state, Tunnel(host if host is not None else Name(host_raw, ()),
+                                                port, decision, ip))
+
+    def _start_tunnel(self, state: ClientState, tunnel: Tunnel) -> Tunnel:
         state.tunnel = tunnel
-        if decision.passes:
+        if tunnel.decision.passes:
             tunnel.active = True
-            self.runtime.metrics.active_connections.labels(decision.account).inc()
+            self.runtime.metrics.active_connections.labels(tunnel.decision.account).inc()
         else:
-            self._audit("connect", state, decision, tunnel.host, port, ip)
-            flow.response = denial(decision, tunnel.destination)
+            self._audit("connect", state, tunnel.decision, tunnel.host, tunnel.port, tunnel.ip)
+        return tunnel
 
-    def _connect_decision(self, state: ClientState, flow: http.HTTPFlow, policy: Policy,
-                          host: str, port: int) -> Decision:
-        choice = policy.account_for(self._identity(state, flow))
-        if choice.account is None:
-            return Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
-        return self.runtime.metrics.decide(policy, Query(choice.account, host, port,
-                                                         Stage.CONNECT))
-
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    @_deny_on_error(_refuse_next_layer)
+    async def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """Takes allowed pass-through TLS tunnels, so their bytes are counted: mitmproxy's own
         pass-through has no flow to count on. Everything else goes on to tls_clienthello,
-        requestheaders or tcp_start."""
+        requestheaders or tcp_start. In transparent mode, decides first what the connection
+        is for: the TLS SNI, the Host of each request, or for raw TCP, the name this account
+        was given the address for."""
         if nextlayer.layer is not None:
             return
         state = self.clients.get(nextlayer.context.client.id)
+        if state is not None and state.original is not None and state.tunnel is None:
+            await self._transparent(nextlayer, state, state.original)
+            return
         tunnel = state.tunnel if state else None
         if tunnel is None or not tunnel.decision.passes or tunnel.decision.inspect:
             return
@@ -245,6 +268,54 @@ class Enforcer:
             _refuse_next_layer(nextlayer, refusal)
         else:
             nextlayer.layer = layers.TCPLayer(nextlayer.context)
+
+    async def _transparent(self, nextlayer: layer.NextLayer, state: ClientState,
+                           original: tuple[Address, int]) -> None:
+        data = nextlayer.data_client()
+        if not data:
+            return  # wait until the client speaks
+        address, port = original
+        if starts_like_tls_record(data):
+            try:
+                hello = parse_client_hello(data)
+            except ValueError:
+                _refuse_next_layer(nextlayer, "not a TLS ClientHello")
+                return
+            if hello is None:
+                return
+            target = hello.sni if hello.sni else str(address)
+            tunnel = await self._open_tunnel(state, state.identity, target, port, address)
+        elif _HTTP_REQUEST.match(data):
+            return  # each request is judged by its Host in requestheaders
+        else:
+            tunnel = self._start_tunnel(state, self._raw_tcp(state, address, port))
+        if not tunnel.decision.passes:
+            _refuse_next_layer(nextlayer, tunnel.decision.reason)
+        elif not tunnel.decision.inspect:
+            nextlayer.layer = layers.TCPLayer(nextlayer.context)
+
+    def _raw_tcp(self, state: ClientState, address: Address, port: int) -> Tunnel:
+        """Raw TCP (SSH, databases) names no host: it may reach an address only if the resolver
+        gave this account that address, in time, for a name it may reach on this port."""
+        policy = self.runtime.policies.current
+        choice = policy.account_for(state.identity)
+        name = self.runtime.memory.name_for(choice.account, address) if choice.account else None
+        if choice.account is None:
+            decision = Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
+        elif name is None:
+            mode = policy.accounts()[choice.account].mode
+            decision = Decision(Result.DENY, None, f"raw TCP to {host_text(address)}:{port}: the "
+                                "resolver gave this account that address for no allowed name",
+                                choice.account, mode)
+        else:
+            decision = self.runtime.metrics.decide(
+                policy, Query(choice.account, name, port, Stage.CONNECT))
+            if decision.inspect:
+                decision = Decision(Result.DENY, decision.rule, f"{name}:{port} may only be "
+                                    "reached by requests the proxy can inspect, not by raw TCP",
+                                    decision.account, decision.mode)
+        host = normalize_host(name) if name else address
+        return Tunnel(host, port, decision, address if decision.passes else None)
 
     @_deny_on_error(_refuse_hello)
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -312,8 +383,13 @@ class Enforcer:
             return
         request = flow.request
         tunnel = state.tunnel
-        destination_host = request.host if tunnel is None else host_text(tunnel.host)
-        port = request.port if tunnel is None else tunnel.port
+        original = state.original if tunnel is None else None
+        if original is not None:  # transparent plain HTTP: the Host header names the target
+            destination_host = (request.host_header or "").rsplit(":", 1)[0] or str(original[0])
+            port = original[1]
+        else:
+            destination_host = request.host if tunnel is None else host_text(tunnel.host)
+            port = request.port if tunnel is None else tunnel.port
         host = self._host_or_none(destination_host)
         choice = policy.account_for(self._identity(state, flow))
         decision: Decision
@@ -323,13 +399,15 @@ class Enforcer:
             decision = self.runtime.metrics.decide(
                 policy, Query(choice.account, destination_host, port, Stage.REQUEST))
         else:
-            decision = self._host_header_refusal(request, host, choice.account, policy) or \
-                self.runtime.metrics.decide(policy, Query(
+            decision = (None if original else self._host_header_refusal(
+                request, host, choice.account, policy)) or self.runtime.metrics.decide(
+                policy, Query(
                     choice.account, destination_host, port, Stage.REQUEST, request.method,
                     request.path))
         ip = tunnel.ip if tunnel is not None else None
         if decision.passes and tunnel is None and host is not None:
-            decision, ip = await self._pin(policy, decision, host, port)
+            decision, ip = await self._pin(policy, decision, host, port,
+                                           original[0] if original else None)
             if ip is not None:
                 state.pinned[(request.host, port)] = ip
         shown = host if host is not None else Name(destination_host, ())
@@ -413,18 +491,29 @@ class Enforcer:
             data.server.sni = host
         data.server.address = (str(ip), port)
 
-    async def _pin(self, policy: Policy, decision: Decision, host: Host,
-                   port: int) -> tuple[Decision, Address | None]:
+    async def _pin(self, policy: Policy, decision: Decision, host: Host, port: int,
+                   original: Address | None = None) -> tuple[Decision, Address | None]:
         """Resolves `host` and picks the first address the account may reach; the decision
-        becomes a denial when none is allowed."""
+        becomes a denial when none is allowed. In transparent mode the client already chose
+        `original`: it must be one of the addresses the name resolves to."""
         account = decision.account
         if not isinstance(host, Name):
+            if original is not None and host != original:
+                return Decision(Result.DENY, None, f"the connection is to "
+                                f"{host_text(original)}, not {host_text(host)}", account,
+                                decision.mode), None
             checked = policy.decide_address(account, host_text(host), host, port)
             return (decision, host) if checked.passes else (checked, None)
         try:
             addresses = await self.runtime.resolver.addresses(host.text)
         except ResolveError as e:
             return Decision(Result.DENY, decision.rule, str(e), account, decision.mode), None
+        if original is not None:
+            if original not in addresses:
+                return Decision(Result.DENY, None, f"{host.text} does not resolve to "
+                                f"{host_text(original)}, where the connection goes (spoofed "
+                                "name?)", account, decision.mode), None
+            addresses = [original]
         first_refusal = None
         for address in addresses:
             checked = policy.decide_address(account, host.text, address, port)

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", metavar="F", type=Path)
     run.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
                      help="explicit proxy listener, or 'off' (default %(default)s)")
+    run.add_argument("--transparent", metavar="ADDR",
+                     help="transparent listener for traffic nftables redirects to it (see "
+                          "`agent-egress nftables`; default: off)")
     run.add_argument("--dns", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_DNS_PORT}",
                      help="DNS resolver listener (UDP and TCP), or 'off' (default %(default)s)")
     run.add_argument("--metrics", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
@@ -209,6 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         config = RunConfig(
             policy=args.policy,
             proxy=None if args.proxy == "off" else parse_listen(args.proxy, DEFAULT_PROXY_PORT),
+            transparent=parse_listen(args.transparent, DEFAULT_TRANSPARENT_PORT)
+            if args.transparent else None,
             dns=None if args.dns == "off" else parse_listen(args.dns, DEFAULT_DNS_PORT),
             metrics=None if args.metrics == "off" else parse_listen(args.metrics,
                                                                    DEFAULT_METRICS_PORT),

@@ -38,6 +38,7 @@ class StartupError(Exception):
 class RunConfig:
     policy: Path | None
     proxy: tuple[str, int] | None  # None: no proxy
+    transparent: tuple[str, int] | None  # None: no transparent listener
     dns: tuple[str, int] | None  # None: no resolver
     metrics: tuple[str, int] | None  # None: no /metrics endpoint
     audit_log: Path | None  # None: standard output
@@ -94,23 +95,26 @@ def ca_certificate(state_dir: Path) -> Path:
 
 
 class _Listening:
-    """Learns where the proxy listens once it is up, or that it could not bind."""
+    """Learns where each proxy mode listens once they are up, or that one could not bind."""
 
     def __init__(self) -> None:
-        self.address: asyncio.Future[tuple[str, int] | None] = (
+        self.addresses: asyncio.Future[dict[str, tuple[str, int]] | None] = (
             asyncio.get_running_loop().create_future())
 
     def running(self) -> None:
         from mitmproxy import ctx
 
-        server = ctx.master.addons.get("proxyserver")
-        addresses = server.listen_addrs()
-        if not addresses:
-            errors = [str(s.last_exception) for s in server.servers if s.last_exception]
-            print(f"agent-egress: cannot listen: {'; '.join(errors) or 'unknown error'}",
-                  file=sys.stderr)
-        if not self.address.done():
-            self.address.set_result(addresses[0][:2] if addresses else None)
+        bound = {}
+        errors = []
+        for server in ctx.master.addons.get("proxyserver").servers:
+            if server.listen_addrs:
+                bound[server.mode.type_name] = server.listen_addrs[0][:2]
+            else:
+                errors.append(f"{server.mode.full_spec}: {server.last_exception}")
+        if errors:
+            print(f"agent-egress: cannot listen: {'; '.join(errors)}", file=sys.stderr)
+        if not self.addresses.done():
+            self.addresses.set_result(None if errors else bound)
 
 
 def _format(host: str, port: int) -> str:
@@ -126,7 +130,6 @@ def _upstream_servers(config: RunConfig) -> list[tuple[str, int]]:
 
 def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
             listening: _Listening) -> Master:
-    assert config.proxy is not None
     opts = options.Options()
     master = Master(opts)
     # Order matters: proxy authentication before the policy (which reads its result); the
@@ -134,8 +137,11 @@ def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
     # before NextLayer (so that it can take pass-through tunnels first).
     master.addons.add(core.Core(), proxyauth.ProxyAuth(), enforcer, proxyserver.Proxyserver(),
                       next_layer.NextLayer(), tlsconfig.TlsConfig(), listening)
+    modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
+    if config.transparent:
+        modes.append(f"transparent@{_format(*config.transparent)}")
     settings: dict[str, object] = {
-        "mode": [f"regular@{_format(*config.proxy)}"],
+        "mode": modes,
         "confdir": str(confdir),
         "connection_strategy": "lazy",
         "stream_large_bodies": "1m",
@@ -150,10 +156,11 @@ def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
 
 
 async def serve(config: RunConfig) -> int:
-    if config.proxy is None and config.dns is None:
-        raise StartupError("nothing to run: both --proxy and --dns are off")
-    if config.proxy is not None:
-        check_listener(config.proxy, config.proxy_auth)
+    if config.proxy is None and config.transparent is None and config.dns is None:
+        raise StartupError("nothing to run: --proxy and --dns are off")
+    for address in (config.proxy, config.transparent):
+        if address is not None:
+            check_listener(address, config.proxy_auth)
     for what, address in (("DNS", config.dns), ("metrics", config.metrics)):
         if address is not None and not ip_address(address[0]).is_loopback:
             raise StartupError(f"refusing to serve {what} on {address[0]}, which is not "
@@ -192,23 +199,27 @@ async def serve(config: RunConfig) -> int:
             lines.append(f"metrics on http://{_format(str(host), port)}/metrics")
         if config.dns is not None:
             upstream = DnsServers(servers or system_dns_servers())
-            dns_server = DnsServer(PolicyResolver(runtime, upstream))
+            dns_server = DnsServer(PolicyResolver(runtime, upstream, runtime.memory))
             try:
-                bound = await dns_server.start(*config.dns)
+                resolver_address = await dns_server.start(*config.dns)
             except OSError as e:
                 print(f"agent-egress: cannot listen for DNS on {_format(*config.dns)}: "
                       f"{e.strerror}", file=sys.stderr)
                 return 1
-            lines.append(f"resolver listening on {_format(*bound)} (UDP and TCP), "
+            lines.append(f"resolver listening on {_format(*resolver_address)} (UDP and TCP), "
                          f"forwarding to {', '.join(_format(*s) for s in upstream.servers)}")
-        if config.proxy is not None:
+        if config.proxy is not None or config.transparent is not None:
             listening = _Listening()
             master = _master(config, confdir, enforcer, listening)
             proxy_task = asyncio.create_task(master.run())
-            address = await listening.address
-            if address is None:
+            bound = await listening.addresses
+            if not bound:
                 return 1
-            lines.insert(0, f"proxy listening on {_format(*address)}")
+            if "transparent" in bound:
+                lines.insert(0, f"transparent proxy listening on "
+                                f"{_format(*bound['transparent'])}")
+            if "regular" in bound:
+                lines.insert(0, f"proxy listening on {_format(*bound['regular'])}")
         lines.append(f"policy {config.policy or EMBEDDED_POLICY} ({policies.current.digest}), "
                      f"accounts: {', '.join(policies.current.accounts()) or 'none'}")
         lines.append(f"audit log {config.audit_log or 'standard output'}; CA for inspected "

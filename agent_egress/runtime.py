@@ -7,11 +7,12 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .audit import AuditLog
+from .dns.memory import AnswerMemory
 from .identity import SocketOwners
 from .metrics import Metrics
 from .rules import Policy, PolicyError, parse_policy
@@ -81,3 +82,4 @@ class Runtime:
     resolver: SystemResolver | DnsServers
     owners: SocketOwners | None
     metrics: Metrics
+    memory: AnswerMemory = field(default_factory=AnswerMemory)
