@@ -22,7 +22,10 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
 NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+TCP_LISTEN = 10
 _ALL_STATES = 0xFFFFFFFF
 _NO_COOKIE = (0xFFFFFFFF, 0xFFFFFFFF)
 _HEADER = struct.Struct("=IHHII")
@@ -55,6 +58,18 @@ class SocketOwners:
     def close(self) -> None:
         self._socket.close()
 
+    def owner_of_local(self, local: tuple[str, int], protocol: int) -> SocketOwner | None:
+        """The socket bound to `local`, whoever its peer: for a client whose connection was
+        redirected here (nftables), so that the peer it asked for is not this server. Scans
+        the protocol's sockets, so it is kept off the proxy's path."""
+        address = _unmap(local[0])
+        for entry in dump_sockets(protocol):
+            if entry.local == (address, local[1]) or (
+                    entry.local[1] == local[1] and entry.local[0].is_unspecified
+                    and entry.local[0].version == address.version):
+                return SocketOwner(entry.uid, entry.inode)
+        return None
+
     def owner(self, local: tuple[str, int], remote: tuple[str, int],
               protocol: int = socket.IPPROTO_TCP) -> SocketOwner | None:
         """The socket whose own address is `local` and whose peer is `remote`."""
@@ -83,6 +98,43 @@ class SocketOwners:
             raise OSError(-code, os.strerror(-code))
         fields = _MESSAGE.unpack_from(reply, _HEADER.size)
         return SocketOwner(uid=fields[8], inode=fields[9])
+
+
+@dataclass(frozen=True, slots=True)
+class SocketEntry:
+    local: tuple[IPv4Address | IPv6Address, int]
+    uid: int
+    inode: int
+
+
+def dump_sockets(protocol: int, states: int = _ALL_STATES) -> list[SocketEntry]:
+    """Every socket of `protocol` (IPv4 and IPv6) in `states` (a bit mask of TCP states)."""
+    entries = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_SOCK_DIAG) as diag:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            request = _REQUEST.pack(family, protocol, 0, 0, states) + bytes(48)
+            diag.send(_HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
+                                   NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + request)
+            entries += _read_dump(diag, family)
+    return entries
+
+
+def _read_dump(diag: socket.socket, family: int) -> list[SocketEntry]:
+    entries: list[SocketEntry] = []
+    while True:
+        data = diag.recv(1 << 16)
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
+            if kind in (NLMSG_DONE, NLMSG_ERROR):
+                return entries
+            fields = _MESSAGE.unpack_from(data, offset + _HEADER.size)
+            sockid = fields[4]
+            port = struct.unpack_from("!H", sockid)[0]
+            raw = sockid[4:8] if family == socket.AF_INET else sockid[4:20]
+            entries.append(SocketEntry((ip_address(raw), port), fields[8], fields[9]))
+            offset += (length + 3) & ~3
 
 
 def _unmap(text: str) -> IPv4Address | IPv6Address:

@@ -48,6 +48,9 @@ class Metrics:
         self.dns_suspicious = Counter(
             "agent_egress_dns_suspicious", "DNS queries that look like tunnelling, by signal",
             ["account", "signal"], registry=self.registry)
+        self.exposed_listeners = Gauge(
+            "agent_egress_exposed_listeners", "Listening TCP sockets of governed accounts on "
+            "non-loopback addresses", ["account"], registry=self.registry)
         self.build_info = Gauge(
             "agent_egress_build_info", "agent-egress version", ["version"],
             registry=self.registry)

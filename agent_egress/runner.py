@@ -16,6 +16,7 @@ from mitmproxy import certs, options
 from mitmproxy.addons import core, next_layer, proxyauth, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from . import listeners
 from .addons.enforce import Enforcer
 from .audit import AuditLog
 from .dns.resolver import PolicyResolver
@@ -180,7 +181,8 @@ async def serve(config: RunConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, policies.reload)
     loop.add_signal_handler(signal.SIGUSR1, audit.reopen)
-    watcher = asyncio.create_task(policies.watch())
+    watchers = [asyncio.create_task(policies.watch()),
+                asyncio.create_task(listeners.watch(policies, metrics))]
     enforcer = Enforcer(runtime)
     dns_server: DnsServer | None = None
     master: Master | None = None
@@ -229,7 +231,8 @@ async def serve(config: RunConfig) -> int:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         return 0
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ipaddress import ip_network
 from pathlib import Path
 
-from .discover_common import WEB_PORTS, Discovery, split_host_port
+from .common import WEB_PORTS, Discovery, split_host_port
 
 PRESET = "docker"
 HTTPS = (443,)

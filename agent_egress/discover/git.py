@@ -9,8 +9,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .discover_common import Discovery
-from .discover_gitconfig import SshAlias, Variable, ssh_aliases, variables
+from .common import Discovery
+from .gitconfig import SshAlias, Variable, ssh_aliases, variables
 
 # Not `git`: the presets are named after what they hold, and github etc. are built in.
 PRESET = "git-remotes"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from .discover_common import Discovery
+from .common import Discovery
 
 PRESET = "gem"
 # gem writes its keys as Ruby symbols, which YAML reads as strings with a leading colon.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from .discover_common import Discovery
+from .common import Discovery
 
 PRESET = "apt"
 _TYPES = ("deb", "deb-src")

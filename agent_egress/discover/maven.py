@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .discover_common import Discovery
+from .common import Discovery
 
 PRESET = "maven"
 # Elements with a <url> that maven downloads from; any of them may sit in a profile.

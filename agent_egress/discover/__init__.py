@@ -12,16 +12,18 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .discover_apt import find_apt
-from .discover_cargo import find_cargo
-from .discover_common import Discovery, Entry
-from .discover_docker import find_docker
-from .discover_gem import find_gem
-from .discover_git import find_git
-from .discover_go import find_go
-from .discover_maven import find_maven
-from .discover_npm import find_npm
-from .discover_pip import find_pip
+import yaml
+
+from .apt import find_apt
+from .cargo import find_cargo
+from .common import Discovery, Entry
+from .docker import find_docker
+from .gem import find_gem
+from .git import find_git
+from .go import find_go
+from .maven import find_maven
+from .npm import find_npm
+from .pip import find_pip
 
 # In this order in the output; the reader names its preset (pip, npm, ..., git-remotes).
 FINDERS: tuple[Callable[[Discovery], None], ...] = (
@@ -65,8 +67,13 @@ def render_presets(presets: Mapping[str, Mapping[str, Entry]]) -> str:
 
 
 def _scalar(text: str) -> str:
-    # Names are [a-z0-9._-] after normalisation; `*` and IPv6 colons need quotes in YAML.
-    return json.dumps(text) if text.startswith("*") or ":" in text else text
+    """Plain when YAML reads it back as this string; `*.x` would be an alias, and a host may
+    be called `on`, `null` or `no`."""
+    try:
+        plain = yaml.safe_load(text) == text and ":" not in text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
 
 
 def _one_line(text: str) -> str:

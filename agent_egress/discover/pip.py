@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .discover_common import WEB_PORTS, Discovery, split_host_port
+from .common import WEB_PORTS, Discovery, split_host_port
 
 PRESET = "pip"
 # `global` applies to every pip command; the others to the commands that fetch packages.
@@ -81,8 +81,7 @@ def _trusted_hosts(found: Discovery, value: str, source: str) -> None:
 def _from_pip_help(found: Discovery) -> None:
     for program in ("pip", "pip3"):
         # No version check: discover must not reach out to an index itself.
-        output = found.run([program, "install", "--help"],
-                           {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "COLUMNS": "200"})
+        output = found.run([program, "install", "--help"], {"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
         if output is None:
             continue
         match = _HELP_DEFAULT.search(" ".join(output.split()))

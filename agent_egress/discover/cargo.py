@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .discover_common import Discovery
+from .common import Discovery
 
 PRESET = "cargo"
 # [source.NAME] keys that name something to fetch; local-registry and directory stay local.

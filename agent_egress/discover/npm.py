@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .discover_common import Discovery
+from .common import Discovery
 
 PRESET = "npm"
 _ENV_PREFIX = "npm_config_"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .discover_common import Discovery
+from .common import Discovery
 
 PRESET = "go"
 PROXY = "GOPROXY"

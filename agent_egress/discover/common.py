@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from publicsuffixlist import PublicSuffixList
 
-from .rules import HostError, Name, normalize_host
+from agent_egress.rules import HostError, Name, normalize_host
 
 SCHEME_PORTS = {"http": 80, "https": 443, "ssh": 22, "git": 9418, "ftp": 21}
 # Schemes that name something on this machine: nothing to allow through the proxy.
@@ -224,8 +224,9 @@ def host_target(text: str) -> tuple[str, bool]:
 
 
 def redact(url: str) -> str:
-    """A URL fit for a comment: no user name or password, at most 100 characters."""
-    return re.sub(r"//[^/@]*@", "//", url.strip())[:100]
+    """A URL fit for a comment: no user name, password or query (tokens live there), at most
+    100 characters."""
+    return re.sub(r"[?#].*", "", re.sub(r"//[^/@]*@", "//", url.strip()))[:100]
 
 
 @functools.cache
