@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .listeners import exposed_listeners
 from .rules import Decision, Policy, Query
 
 if TYPE_CHECKING:
@@ -48,9 +49,6 @@ class Metrics:
         self.dns_suspicious = Counter(
             "agent_egress_dns_suspicious", "DNS queries that look like tunnelling, by signal",
             ["account", "signal"], registry=self.registry)
-        self.exposed_listeners = Gauge(
-            "agent_egress_exposed_listeners", "Listening TCP sockets of governed accounts on "
-            "non-loopback addresses", ["account"], registry=self.registry)
         self.build_info = Gauge(
             "agent_egress_build_info", "agent-egress version", ["version"],
             registry=self.registry)
@@ -95,3 +93,13 @@ class _StateCollector(Collector):
                                   value=self.audit.events)
         yield CounterMetricFamily("agent_egress_audit_write_errors",
                                   "Audit log writes that failed", value=self.audit.write_errors)
+        exposed = GaugeMetricFamily("agent_egress_exposed_listeners",
+                                    "Listening TCP sockets of governed accounts on non-loopback "
+                                    "addresses", labels=["account"])
+        try:
+            counts = exposed_listeners(self.policies.current)
+        except OSError:
+            counts = {}  # no sock_diag here: nothing to report
+        for account, count in counts.items():
+            exposed.add_metric([account], count)
+        yield exposed

@@ -13,11 +13,11 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from mitmproxy import certs, options
-from mitmproxy.addons import core, next_layer, proxyauth, proxyserver, tlsconfig
+from mitmproxy.addons import core, proxyauth, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from . import listeners
 from .addons.enforce import Enforcer
+from .addons.nextlayer import ClientFirstNextLayer
 from .audit import AuditLog
 from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
@@ -137,7 +137,7 @@ def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
     # policy before Proxyserver (whose self-connect guard must see the pinned address) and
     # before NextLayer (so that it can take pass-through tunnels first).
     master.addons.add(core.Core(), proxyauth.ProxyAuth(), enforcer, proxyserver.Proxyserver(),
-                      next_layer.NextLayer(), tlsconfig.TlsConfig(), listening)
+                      ClientFirstNextLayer(), tlsconfig.TlsConfig(), listening)
     modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
     if config.transparent:
         modes.append(f"transparent@{_format(*config.transparent)}")
@@ -181,8 +181,7 @@ async def serve(config: RunConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, policies.reload)
     loop.add_signal_handler(signal.SIGUSR1, audit.reopen)
-    watchers = [asyncio.create_task(policies.watch()),
-                asyncio.create_task(listeners.watch(policies, metrics))]
+    watcher = asyncio.create_task(policies.watch())
     enforcer = Enforcer(runtime)
     dns_server: DnsServer | None = None
     master: Master | None = None
@@ -201,7 +200,7 @@ async def serve(config: RunConfig) -> int:
             lines.append(f"metrics on http://{_format(str(host), port)}/metrics")
         if config.dns is not None:
             upstream = DnsServers(servers or system_dns_servers())
-            dns_server = DnsServer(PolicyResolver(runtime, upstream, runtime.memory))
+            dns_server = DnsServer(PolicyResolver(runtime, upstream))
             try:
                 resolver_address = await dns_server.start(*config.dns)
             except OSError as e:
@@ -231,8 +230,7 @@ async def serve(config: RunConfig) -> int:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         return 0
     finally:
-        for watcher in watchers:
-            watcher.cancel()
+        watcher.cancel()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()

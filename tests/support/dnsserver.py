@@ -42,18 +42,19 @@ class Zone:
 class TestDNS:
     """UDP and TCP on one loopback port."""
 
-    def __init__(self, zone: Zone) -> None:
+    def __init__(self, zone: Zone, host: str = "127.0.0.1", port: int = 0) -> None:
         self.zone = zone
+        self.host = host
         logger = DNSLogger(log="-request,-reply,-truncated,-recv,-send,-data", prefix=False)
-        self.udp = DNSServer(zone, address="127.0.0.1", port=0, logger=logger)
+        self.udp = DNSServer(zone, address=host, port=port, logger=logger)
         self.port = self.udp.server.server_address[1]
-        self.tcp = DNSServer(zone, address="127.0.0.1", port=self.port, tcp=True, logger=logger)
+        self.tcp = DNSServer(zone, address=host, port=self.port, tcp=True, logger=logger)
         self.udp.start_thread()
         self.tcp.start_thread()
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stop(self) -> None:
         self.udp.stop()

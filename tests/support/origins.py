@@ -24,7 +24,8 @@ class Origin:
     """An HTTP(S) server answering every path; `/bytes/N` sends N bytes."""
 
     def __init__(self, handle: Callable[[BaseHTTPRequestHandler], None] | None = None,
-                 tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+                 tls: ssl.SSLContext | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.requests: list[tuple[str, str, str]] = []  # (method, Host, path)
         origin = self
 
@@ -40,7 +41,7 @@ class Origin:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = _any
 
-        self.server = _Server((host, 0), Handler)
+        self.server = _Server((host, port), Handler)
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]

@@ -65,16 +65,20 @@ class Process:
         return self.process.returncode
 
 
+EPHEMERAL = ("--proxy", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+
+
 class RunningProxy(Process):
     def __init__(self, cli: str, directory: Path, policy: str | None, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+                 listen: tuple[str, ...] = EPHEMERAL) -> None:
+        """`prefix` runs it under another command (`ip netns exec NS`); `listen` sets its
+        listeners (by default each on an ephemeral loopback port)."""
         self.directory = directory
         self.audit_log = directory / "audit.jsonl"
         self.policy_file = directory / "policy.yaml"
-        command = [cli, "run", "--proxy", "127.0.0.1:0", "--dns", "127.0.0.1:0",
-                   "--metrics", "127.0.0.1:0",
-                   "--state-dir", str(directory / "state"), "--audit-log", str(self.audit_log),
-                   *args]
+        command = [*prefix, cli, "run", *listen, "--state-dir", str(directory / "state"),
+                   "--audit-log", str(self.audit_log), *args]
         if policy is not None:
             self.policy_file.write_text(policy)
             command += ["--policy", str(self.policy_file)]

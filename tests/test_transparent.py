@@ -1,0 +1,242 @@
+"""Transparent mode on a devbox, in a network namespace of the test's own: nftables applied,
+an unprivileged agent account, and the test's servers on documentation addresses that exist
+only inside the namespace. The agent's traffic goes through agent-egress whether it asks to or
+not, and every way around it fails."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.netns_servers import FOREIGN, NAMESERVER, ORIGIN, SSH
+from support.proxy import Process, RunningProxy
+
+ROOT = Path(__file__).parents[1]
+AGENT = "egress-test-agent"
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+PROBE_PYTHON = "/usr/bin/python3"  # the agent account cannot read the project's interpreter
+
+pytestmark = pytest.mark.skipif(os.getuid() != 0 or not shutil.which("nft"),
+                                reason="network namespaces and nftables need root")
+
+
+def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[str]:
+    name = f"ae-test-{os.getpid()}"
+    sh("ip", "netns", "add", name)
+    try:
+        netns = ("ip", "-n", name)
+        sh(*netns, "link", "set", "lo", "up")
+        # a veth pair with both ends inside: an interface for addresses local to the namespace
+        sh(*netns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        sh(*netns, "link", "set", "d0", "up")
+        sh(*netns, "link", "set", "d1", "up")
+        for address in (ORIGIN, SSH, FOREIGN, NAMESERVER):
+            sh(*netns, "addr", "add", f"{address}/32", "dev", "d0")
+        sh(*netns, "addr", "add", "2001:db8::10/128", "dev", "d0", "nodad")
+        resolv = Path("/etc/netns") / name
+        resolv.mkdir(parents=True, exist_ok=True)
+        (resolv / "resolv.conf").write_text(f"nameserver {NAMESERVER}\n")
+        yield name
+    finally:
+        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+        sh("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def agent() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(AGENT)
+    except KeyError:
+        sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT)
+        return pwd.getpwnam(AGENT)
+
+
+@pytest.fixture(scope="module")
+def far_side(namespace) -> Iterator[Path]:
+    """The servers; yields their CA certificate, where the agent account can read it."""
+    directory = Path(tempfile.mkdtemp(prefix="agent-egress-far-side-"))
+    directory.chmod(0o755)
+    servers = Process(["ip", "netns", "exec", namespace, PYTHON,
+                       str(ROOT / "tests" / "support" / "netns_servers.py"), str(directory)])
+    try:
+        servers.wait_for("ready")
+        (directory / "test-ca.pem").chmod(0o644)
+        yield directory / "test-ca.pem"
+    finally:
+        servers.stop()
+        shutil.rmtree(directory)
+
+
+@pytest.fixture(scope="module")
+def proxy(cli, namespace, agent, far_side, tmp_path_factory) -> Iterator[RunningProxy]:
+    directory = tmp_path_factory.mktemp("transparent")
+    policy = f"""version: 1
+accounts:
+  agent:
+    match: {{uids: [{agent.pw_uid}]}}
+    allow:
+      - host: web.test
+      - host: secure.test
+        ports: [443]
+      - host: ssh.test
+        ports: [22]
+    deny:
+      - host: denied.test
+"""
+    running = RunningProxy(
+        cli, directory, policy, "--upstream-dns", NAMESERVER, "--upstream-ca", str(far_side),
+        prefix=("ip", "netns", "exec", namespace),
+        listen=("--proxy", "127.0.0.1:8080", "--transparent", "127.0.0.1:8081", "--dns",
+                "127.0.0.1:5353", "--metrics", "127.0.0.1:9464"))
+    try:
+        running.wait_for("transparent proxy listening on 127.0.0.1:8081")
+        rules = sh(cli, "nftables", "--policy", str(running.policy_file)).stdout
+        subprocess.run(["ip", "netns", "exec", namespace, "nft", "-f", "-"], input=rules,
+                       text=True, check=True, capture_output=True)
+        yield running
+    finally:
+        running.stop()
+
+
+def as_agent(namespace: str, agent: pwd.struct_passwd, *command: str,
+             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace, "setpriv", f"--reuid={agent.pw_uid}",
+         f"--regid={agent.pw_gid}", "--clear-groups", "--", *command],
+        capture_output=True, text=True, timeout=timeout)
+
+
+def curl(namespace, agent, *args):
+    return as_agent(namespace, agent, "curl", "-sS", "--max-time", "10", *args)
+
+
+def test_allowed_http_and_https_pass_through_the_transparent_listener(namespace, agent, proxy,
+                                                                      far_side):
+    plain = curl(namespace, agent, "http://web.test/page")
+    assert plain.stdout == "hello from web.test GET /page\n", plain.stderr
+    secure = curl(namespace, agent, "--cacert", str(far_side), "https://secure.test/s")
+    assert secure.stdout == "hello from secure.test GET /s\n", secure.stderr
+    assert proxy.wait_for_events(lambda e: e["host"] == "secure.test" and e["event"] ==
+                                 "connect")  # written when the connection closes
+    events = [e for e in proxy.events() if e["host"] in ("web.test", "secure.test")
+              and e["event"] != "dns"]
+    assert {(e["host"], e["event"], e["account"], e["decision"], e["ip"]) for e in events} == {
+        ("web.test", "request", "agent", "allow", ORIGIN),
+        ("secure.test", "connect", "agent", "allow", ORIGIN)}
+
+
+def test_a_denied_host_is_blocked(namespace, agent, proxy):
+    unresolved = curl(namespace, agent, "http://denied.test/")
+    assert "Could not resolve host: denied.test" in unresolved.stderr
+    addressed = curl(namespace, agent, "--resolve", f"denied.test:80:{ORIGIN}",
+                     "http://denied.test/")
+    assert "reason:      denied by rule: host denied.test" in addressed.stdout
+
+
+def test_connecting_to_an_address_directly_fails(namespace, agent, proxy, far_side):
+    plain = curl(namespace, agent, f"http://{ORIGIN}/")
+    assert f"no rule matched for {ORIGIN}:80" in plain.stdout
+    secure = curl(namespace, agent, "-k", f"https://{ORIGIN}/")  # no SNI
+    assert secure.returncode != 0 and "hello" not in secure.stdout
+
+
+def test_an_allowed_sni_sent_to_a_foreign_address_fails(namespace, agent, proxy, far_side):
+    done = curl(namespace, agent, "--cacert", str(far_side), "--resolve",
+                f"secure.test:443:{FOREIGN}", "https://secure.test/")
+    assert done.returncode != 0
+    (event,) = proxy.wait_for_events(lambda e: "does not resolve to" in (e["reason"] or ""))
+    assert event["reason"] == (f"secure.test does not resolve to {FOREIGN}, where the "
+                               "connection goes (spoofed name?)")
+
+
+@pytest.mark.parametrize("transport", ["+notcp", "+tcp"])
+def test_asking_another_dns_server_reaches_agent_egress_instead(namespace, agent, proxy,
+                                                                transport):
+    denied = as_agent(namespace, agent, "dig", "+time=3", "+tries=1", transport,
+                      f"@{NAMESERVER}", "other.test")
+    assert "status: NXDOMAIN" in denied.stdout
+    assert "EDE: 15 (Blocked): (agent-egress: account agent: no rule matched for other.test)" \
+        in denied.stdout
+    allowed = as_agent(namespace, agent, "dig", "+short", "+time=3", "+tries=1", transport,
+                       f"@{FOREIGN}", "web.test")
+    assert allowed.stdout.split() == [ORIGIN]
+
+
+def test_udp_quic_and_ipv6_fail(namespace, agent, proxy):
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+             "try:\n"
+             f"    s.sendto(b'quic', ('{ORIGIN}', 443))\n"
+             "    print(s.recv(100))\n"
+             "except OSError as e:\n    print('refused', e)\n")
+    udp = as_agent(namespace, agent, PROBE_PYTHON, "-c", probe)
+    assert udp.stdout.startswith("refused"), udp.stdout + udp.stderr
+    root = subprocess.run(["ip", "netns", "exec", namespace, PYTHON, "-c", probe],
+                          capture_output=True, text=True, timeout=30)
+    assert root.stdout.strip() == "b'echo: quic'"  # the server is there; only the agent is cut
+    ipv6 = curl(namespace, agent, "-g", "http://[2001:db8::10]/")
+    assert ipv6.returncode != 0 and "hello" not in ipv6.stdout
+
+
+def ssh_probe(address: str) -> str:
+    return ("import socket\n"
+            f"s = socket.create_connection(('{address}', 22), timeout=5)\n"
+            "s.sendall(b'SSH-2.0-probe\\r\\n')\n"
+            "try:\n    print(s.recv(100))\nexcept OSError as e:\n    print('refused', e)\n")
+
+
+def test_raw_tcp_reaches_only_addresses_resolved_for_an_allowed_name(namespace, agent, proxy):
+    resolved = as_agent(namespace, agent, "dig", "+short", "ssh.test")
+    assert resolved.stdout.split() == [SSH]
+    allowed = as_agent(namespace, agent, PROBE_PYTHON, "-c", ssh_probe(SSH))
+    assert allowed.stdout.strip() == "b'echo: SSH-2.0-probe\\r\\n'", allowed.stderr
+    (event,) = proxy.wait_for_events(lambda e: e["host"] == "ssh.test" and e["event"] ==
+                                     "connect")
+    assert (event["ip"], event["port"], event["decision"]) == (SSH, 22, "allow")
+    foreign = as_agent(namespace, agent, PROBE_PYTHON, "-c", ssh_probe(FOREIGN))
+    assert "echo" not in foreign.stdout
+
+
+def test_a_listener_on_a_public_address_is_unreachable_and_counted(namespace, agent, proxy):
+    server = ("import socket, time\n"
+              "s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen()\n"
+              "print('listening', flush=True); time.sleep(30)\n")
+    listening = subprocess.Popen(
+        ["ip", "netns", "exec", namespace, "setpriv", f"--reuid={agent.pw_uid}",
+         f"--regid={agent.pw_gid}", "--clear-groups", "--", PROBE_PYTHON, "-c", server],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert listening.stdout is not None and listening.stdout.readline() == "listening\n"
+        probe = ("import socket\ntry:\n"
+                 f"    s = socket.create_connection(('{ORIGIN}', 7000), timeout=3)\n"
+                 "    s.sendall(b'x'); print('open', s.recv(10))\n"
+                 "except OSError as e:\n    print('closed', e)\n")
+        other = subprocess.run(["ip", "netns", "exec", namespace, PYTHON, "-c", probe],
+                               capture_output=True, text=True, timeout=30)
+        assert other.stdout.startswith("closed"), other.stdout
+        metrics = subprocess.run(["ip", "netns", "exec", namespace, "curl", "-sS",
+                                  "http://127.0.0.1:9464/metrics"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+        assert 'agent_egress_exposed_listeners{account="agent"} 1.0' in metrics
+    finally:
+        listening.kill()
+        listening.wait()
+        assert listening.stdout is not None
+        listening.stdout.close()
+
+
+def test_with_the_proxy_stopped_traffic_fails_closed(namespace, agent, proxy):
+    proxy.stop()
+    done = curl(namespace, agent, "http://web.test/after-stop")
+    assert done.returncode != 0 and "hello" not in done.stdout
