@@ -14,6 +14,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,11 +28,15 @@ if TYPE_CHECKING:
     from .audit import AuditLog
     from .runtime import PolicyHolder
 
+STAGES = ("dns", "connect", "request")
+DECISIONS = ("allow", "deny", "would_deny")
 DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # a `_created` series per counter doubles the series for nothing
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         self.decisions = Counter(
             "agent_egress_decisions", "Policy decisions, by account, stage and result",
@@ -56,8 +61,19 @@ class Metrics:
         ProcessCollector(registry=self.registry)
 
     def watch(self, policies: PolicyHolder, audit: AuditLog) -> None:
-        """Exposes counts that the policy holder and the audit log keep themselves."""
+        """Exposes counts that the policy holder and the audit log keep themselves, and gives
+        every account its decision series from the start."""
         self.registry.register(_StateCollector(policies, audit))
+        self.prepare(policies.current)
+        policies.on_change = self.prepare
+
+    def prepare(self, policy: Policy) -> None:
+        """Zero series for every account, stage and decision: an alert on `increase()` sees
+        an account's first denial, which a series created by that denial would hide."""
+        for account in (*policy.accounts(), "none"):
+            for stage in STAGES:
+                for decision in DECISIONS:
+                    self.decisions.labels(account, stage, decision)
 
     def decide(self, policy: Policy, query: Query) -> Decision:
         started = time.perf_counter()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -33,9 +34,11 @@ class PolicyHolder:
     """The policy in force. Readers take `current` once per decision and use that snapshot;
     a reload replaces the reference only when the new file is valid."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None,
+                 on_change: Callable[[Policy], None] | None = None) -> None:
         self.path = path
         self.current = Policy.load(path) if path else embedded_policy()
+        self.on_change = on_change
         self.loaded_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -55,6 +58,8 @@ class PolicyHolder:
         self.current = policy
         self.loaded_at = time.time()
         self.reloads_ok += 1
+        if self.on_change is not None:
+            self.on_change(policy)
         log.info("policy reloaded from %s: %s", self.path, policy.digest)
         return True
 

@@ -246,9 +246,12 @@ def test_metrics_are_exposed_with_bounded_labels(agent_egress, web):
         assert not FORBIDDEN_LABELS & sample.labels.keys(), sample
         for label, values in LABEL_VALUES.items():
             assert sample.labels.get(label, "") in values | {""}, sample
-        assert sample.labels.get("account", "tester") == "tester", sample
+        assert sample.labels.get("account", "tester") in ("tester", "none"), sample
     decisions = {(s.labels["stage"], s.labels["decision"])
-                 for s in families["agent_egress_decisions_total"]}
+                 for s in families["agent_egress_decisions_total"] if s.value > 0}
+    zero_series = {(s.labels["account"], s.labels["stage"], s.labels["decision"])
+                   for s in families["agent_egress_decisions_total"]}
+    assert ("tester", "dns", "would_deny") in zero_series  # there before the first one
     assert {("dns", "deny"), ("connect", "deny"), ("request", "deny"),
             ("request", "allow")} <= decisions
     signals = {s.labels["signal"] for s in families["agent_egress_dns_suspicious_total"]}
