@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -23,6 +24,8 @@ from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
 from .identity import SocketOwners
 from .metrics import Metrics
+from .nftables import governed_uids
+from .rules import Policy
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
 
@@ -75,6 +78,29 @@ def check_listener(address: tuple[str, int], proxy_auth: Path | None) -> None:
         raise StartupError(f"refusing to listen on {address[0]}, which is not loopback, "
                            "without --proxy-auth: anyone who reaches it would use this "
                            "machine's egress")
+
+
+def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
+    """Refuses to start when an account the policy governs could rewrite the policy or the CA
+    key (it would widen its own allowlist); returns warnings for what is merely loose."""
+    governed = {uid: name for name, account in policy.accounts().items()
+                for uid in governed_uids(account)[0]}
+    warnings = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid in governed:
+            raise StartupError(f"{path} belongs to uid {st.st_uid}, which account "
+                               f"{governed[st.st_uid]} governs: that account could rewrite it")
+        sticky_dir = path.is_dir() and st.st_mode & stat.S_ISVTX
+        if st.st_mode & stat.S_IWOTH and not sticky_dir:
+            raise StartupError(f"{path} is writable by every user, governed accounts included")
+        if st.st_mode & stat.S_IWGRP:
+            warnings.append(f"{path} is writable by its group (gid {st.st_gid}); make sure no "
+                            "governed account is in it")
+    return warnings
 
 
 def prepare_state_dir(state_dir: Path) -> Path:
@@ -169,6 +195,11 @@ async def serve(config: RunConfig) -> int:
     servers = _upstream_servers(config)
     confdir = prepare_state_dir(config.state_dir)
     policies = PolicyHolder(config.policy)
+    guarded = [config.state_dir, confdir / f"{CA_BASENAME}-ca.pem"]
+    if config.policy is not None:
+        guarded += [config.policy, config.policy.resolve().parent]
+    for warning in check_tamper(guarded, policies.current):
+        log.warning("%s", warning)
     audit = AuditLog(config.audit_log)
     owners = SocketOwners()
     metrics = Metrics()

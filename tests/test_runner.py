@@ -236,3 +236,23 @@ def test_addon_loads_standalone_in_mitmdump(tmp_path, dns, web):
     finally:
         mitmdump.stop()
     assert wait_until(lambda: "other.test" in (tmp_path / "audit.jsonl").read_text())
+
+
+def test_a_policy_the_governed_account_could_rewrite_is_refused(cli, tmp_path, two_users):
+    user = pwd.getpwnam(two_users[0])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(allow_policy(f"{{uids: [{user.pw_uid}]}}", "web.test", port=80))
+    os.chown(policy, user.pw_uid, user.pw_gid)
+    done = subprocess.run([cli, "run", "--policy", str(policy), "--proxy", "127.0.0.1:0",
+                           "--dns", "off", "--metrics", "off", "--state-dir",
+                           str(tmp_path / "state")], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"agent-egress: {policy} belongs to uid {user.pw_uid}, which account tester "
+           "governs: that account could rewrite it")
+    os.chown(policy, 0, 0)
+    policy.chmod(0o646)
+    done = subprocess.run([cli, "run", "--policy", str(policy), "--proxy", "127.0.0.1:0",
+                           "--dns", "off", "--metrics", "off", "--state-dir",
+                           str(tmp_path / "state")], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"agent-egress: {policy} is writable by every user, governed accounts included")
