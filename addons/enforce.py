@@ -221,6 +221,7 @@ class Enforcer:
         else:
             decision = self.runtime.metrics.decide(
                 policy, Query(choice.account, host_raw, port, Stage.CONNECT))
+        decision = self._unrecorded_refusal(decision) or decision
         host, ip = self._host_or_none(host_raw), None
         if decision.passes and host is not None:
             decision, ip = await self._pin(policy, decision, host, port, original)
@@ -404,6 +405,7 @@ class Enforcer:
                 policy, Query(
                     choice.account, destination_host, port, Stage.REQUEST, request.method,
                     request.path))
+        decision = self._unrecorded_refusal(decision) or decision
         ip = tunnel.ip if tunnel is not None else None
         if decision.passes and tunnel is None and host is not None:
             decision, ip = await self._pin(policy, decision, host, port,
@@ -420,6 +422,16 @@ class Enforcer:
                                                       time.monotonic())
         if tunnel is None:
             self.runtime.metrics.active_connections.labels(decision.account).inc()
+
+    def _unrecorded_refusal(self, decision: Decision) -> Decision | None:
+        """With --on-audit-failure=deny (the default), nothing passes while the audit log
+        cannot be written: traffic nobody can review is traffic nobody allowed."""
+        if not decision.passes or not self.runtime.audit.failing or \
+                self.runtime.on_audit_failure != "deny":
+            return None
+        return Decision(Result.DENY, None, "the audit log cannot be written (disk full?); "
+                        "denying until it can (--on-audit-failure=deny)", decision.account,
+                        decision.mode)
 
     def _host_header_refusal(self, request: http.Request, host: Host, account: str,
                              policy: Policy) -> Decision | None:

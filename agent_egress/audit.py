@@ -33,6 +33,7 @@ class AuditLog:
         self.path = path
         self.events = 0
         self.write_errors = 0
+        self.failing = False  # the last write failed: traffic may go unrecorded
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._reopen = threading.Event()
         self._fd = self._open()
@@ -94,9 +95,11 @@ class AuditLog:
                 data = data[os.write(self._fd, data):]
         except OSError as e:
             self.write_errors += 1
+            self.failing = True
             log.error("audit log write failed, %d events lost: %s", len(batch), e)
             return
         self.events += len(batch)
+        self.failing = False
 
 
 def _line(fields: dict[str, Any]) -> str:

@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-log", metavar="F",
                      help="JSON-lines audit log; '-' for standard output (default "
                           "STATE_DIR/audit.jsonl)")
+    run.add_argument("--on-audit-failure", choices=("deny", "allow"), default="deny",
+                     help="when the audit log cannot be written: deny all traffic until it "
+                          "can (default), or allow it unrecorded")
     run.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
                      help="DNS server the proxy resolves destinations with, ADDR[:PORT]; "
                           "repeat for failover (default: the system's resolver)")
@@ -218,7 +221,8 @@ def _run(args: argparse.Namespace) -> int:
             metrics=None if args.metrics == "off" else parse_listen(args.metrics,
                                                                    DEFAULT_METRICS_PORT),
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
-            proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca)
+            proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
+            on_audit_failure=args.on_audit_failure)
         return asyncio.run(serve(config))
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)

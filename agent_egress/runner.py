@@ -50,6 +50,7 @@ class RunConfig:
     proxy_auth: Path | None
     state_dir: Path
     upstream_ca: Path | None
+    on_audit_failure: str = "deny"
 
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:
@@ -86,6 +87,10 @@ def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
     governed = {uid: name for name, account in policy.accounts().items()
                 for uid in governed_uids(account)[0]}
     warnings = []
+    if os.getuid() in governed:
+        warnings.append(f"agent-egress runs as uid {os.getuid()}, which account "
+                        f"{governed.pop(os.getuid())} governs: that account owns the policy "
+                        "and the CA key; run agent-egress as its own user")
     for path in paths:
         try:
             st = path.stat()
@@ -205,7 +210,7 @@ async def serve(config: RunConfig) -> int:
     metrics = Metrics()
     metrics.watch(policies, audit)
     runtime = Runtime(policies, audit, DnsServers(servers) if servers else SystemResolver(),
-                      owners, metrics)
+                      owners, metrics, on_audit_failure=config.on_audit_failure)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -88,3 +88,4 @@ class Runtime:
     owners: SocketOwners | None
     metrics: Metrics
     memory: AnswerMemory = field(default_factory=AnswerMemory)
+    on_audit_failure: str = "deny"  # or "allow": keep serving, unrecorded
