@@ -36,7 +36,7 @@ DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # a `_created` series per counter doubles the series for nothing
-        disable_created_metrics()  # type: ignore[no-untyped-call]
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         self.decisions = Counter(
             "agent_egress_decisions", "Policy decisions, by account, stage and result",

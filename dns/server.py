@@ -7,7 +7,9 @@ import asyncio
 import logging
 import socket
 import struct
+from collections import deque
 from collections.abc import Coroutine
+from ipaddress import ip_address
 from typing import Any
 
 from .resolver import PolicyResolver
@@ -15,20 +17,59 @@ from .resolver import PolicyResolver
 log = logging.getLogger(__name__)
 
 MAX_PENDING_UDP = 1024
+UDP_BATCH = 64  # datagrams read per wake-up, so that TCP and forwarded answers get their turn
+UDP_RECEIVE_SIZE = 65535
 TCP_IDLE_SECONDS = 10.0
 MAX_TCP_CLIENTS = 256
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, resolver: PolicyResolver) -> None:
-        self.resolver = resolver
-        self.transport: asyncio.DatagramTransport | None = None
-        self.pending: set[asyncio.Task[None]] = set()
+class _Udp:
+    """The UDP socket, read straight from the event loop in batches: asyncio's datagram
+    transport takes one datagram per pass of the loop (and allocates a 256 KiB buffer for
+    each), which alone capped the resolver at a fraction of what it can answer. Errors are
+    handled as the transport did: a failed receive or send is skipped, a send the kernel
+    cannot take yet is queued in order."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
-        self.address = transport.get_extra_info("sockname")[:2]
+    def __init__(self, resolver: PolicyResolver, sock: socket.socket) -> None:
+        self.resolver = resolver
+        self.socket = sock
+        self.address = sock.getsockname()[:2]
+        self.pending: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray(UDP_RECEIVE_SIZE)
+        self._view = memoryview(self._buffer)
+        self._unsent: deque[tuple[bytes, Any]] = deque()
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._read_ready)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self.socket.fileno())
+            self._loop.remove_writer(self.socket.fileno())
+            self.socket.close()
+
+    def _read_ready(self) -> None:
+        """Takes what has arrived (at most UDP_BATCH datagrams), then answers it all as one
+        batch for the resolver (see PolicyResolver.begin_batch)."""
+        receive, buffer, view = self.socket.recvfrom_into, self._buffer, self._view
+        batch = []
+        for _ in range(UDP_BATCH):
+            try:
+                size, addr = receive(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # an ICMP error for an earlier reply, say: nothing to answer
+            batch.append((bytes(view[:size]), addr))
+        if not batch:
+            return
+        self.resolver.begin_batch()
+        try:
+            for data, addr in batch:
+                self.datagram_received(data, addr)
+        finally:
+            self.resolver.end_batch()
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         client = (str(addr[0]), int(addr[1]))
@@ -40,39 +81,72 @@ class _Udp(asyncio.DatagramProtocol):
             task = asyncio.ensure_future(self._send_later(reply, addr))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
-        elif reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
+        elif reply is not None:
+            self.sendto(reply, addr)
+
+    def sendto(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self._closed:
+            return
+        if self._unsent:
+            self._unsent.append((data, addr))
+            return
+        try:
+            self.socket.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._unsent.append((data, addr))
+            self._loop.add_writer(self.socket.fileno(), self._write_ready)
+        except OSError:
+            pass  # this reply is lost; the client retries
+
+    def _write_ready(self) -> None:
+        while self._unsent:
+            data, addr = self._unsent[0]
+            try:
+                self.socket.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+            self._unsent.popleft()
+        self._loop.remove_writer(self.socket.fileno())
 
     async def _send_later(self, reply: Coroutine[Any, Any, bytes | None],
                           addr: tuple[str | Any, int]) -> None:
         data = await reply
-        if data is not None and self.transport is not None:
-            self.transport.sendto(data, addr)
+        if data is not None:
+            self.sendto(data, addr)
 
 
 class DnsServer:
     def __init__(self, resolver: PolicyResolver) -> None:
         self.resolver = resolver
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: _Udp | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_clients = 0
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listens on UDP and TCP; port 0 picks one free for both. Returns the address."""
-        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ip_address(host.partition("%")[0]).version == 6 \
+            else socket.AF_INET
         for attempt in range(20):
-            transport, protocol = await loop.create_datagram_endpoint(
-                lambda: _Udp(self.resolver), local_addr=(host, port))
-            bound = transport.get_extra_info("sockname")[:2]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            udp = _Udp(self.resolver, sock)
+            bound = udp.address
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, host, bound[1],
                                                        reuse_address=True)
             except OSError:
-                transport.close()
+                udp.close()
                 if port != 0 or attempt == 19:
                     raise
                 continue
-            self._udp = transport
+            self._udp = udp
             return str(bound[0]), int(bound[1])
         raise AssertionError("unreachable")
 

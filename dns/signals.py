@@ -6,6 +6,7 @@ bursts of the record types tunnels favour (TXT, NULL, ANY)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import Counter, OrderedDict, deque
@@ -27,6 +28,21 @@ def entropy(text: str) -> float:
     return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
 
 
+@functools.lru_cache(maxsize=4096)
+def _shape(name: str) -> tuple[str, ...]:
+    """The signals a name raises by itself: worked out once for names asked again and again."""
+    found = []
+    labels = name.split(".")
+    if any(len(label) > LONG_LABEL for label in labels):
+        found.append("long_label")
+    if len(name) > LONG_NAME:
+        found.append("long_name")
+    if any(len(label) >= ENTROPY_MIN_LENGTH and entropy(label) > ENTROPY_BITS
+           for label in labels):
+        found.append("high_entropy")
+    return tuple(found)
+
+
 class TunnelSignals:
     """Per account: `observe` returns the signals a query raises ("long_label", ...)."""
 
@@ -38,15 +54,7 @@ class TunnelSignals:
     def observe(self, account: str, name: str, parent: str | None, qtype: str,
                 now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
-        found = []
-        labels = name.split(".")
-        if any(len(label) > LONG_LABEL for label in labels):
-            found.append("long_label")
-        if len(name) > LONG_NAME:
-            found.append("long_name")
-        if any(len(label) >= ENTROPY_MIN_LENGTH and entropy(label) > ENTROPY_BITS
-               for label in labels):
-            found.append("high_entropy")
+        found = list(_shape(name))
         if parent is not None and self._many_unique(account, parent, name, now):
             found.append("many_subdomains")
         if qtype in BURST_TYPES and self._burst(account, now):

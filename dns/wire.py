@@ -30,7 +30,9 @@ class Malformed(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Question:
-    id: int
+    """Everything but the id (the packet's first two bytes): a repeated query, whatever its
+    id, is the same Question."""
+
     flags: int
     name: str  # as asked, without the trailing dot; "" for the root
     qtype: int
@@ -46,7 +48,7 @@ def parse_query(packet: bytes) -> Question:
     an id, or one that is itself a response."""
     if len(packet) < HEADER.size:
         raise ValueError("shorter than a DNS header")
-    query_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(packet)
+    _, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(packet)
     if flags & QR:
         raise ValueError("a response, not a query")
     if (flags >> OPCODE_SHIFT) & 0xF != 0:
@@ -75,7 +77,7 @@ def parse_query(packet: bytes) -> Question:
         if end > len(packet):
             raise Malformed(FORMERR, "truncated additional record")
     name = ".".join(label.decode("latin-1") for label in labels)
-    return Question(query_id, flags, name, qtype, qclass, packet[HEADER.size:offset + 4], edns,
+    return Question(flags, name, qtype, qclass, packet[HEADER.size:offset + 4], edns,
                     udp_payload, dnssec_ok)
 
 
@@ -110,3 +112,31 @@ def truncated(reply: bytes, question: Question) -> bytes:
     """The header and question of `reply` with TC set: the client retries over TCP."""
     query_id, flags = struct.unpack_from("!HH", reply)
     return HEADER.pack(query_id, flags | TC, 1, 0, 0, 0) + question.question
+
+
+def ttl_offsets(message: bytes) -> list[int]:
+    """Where the TTL of each record is in a packed message (one we packed ourselves, so well
+    formed), in the order of the records; OPT pseudo-records, whose TTL field holds flags, are
+    left out. Lets a cached answer count its TTLs down without being packed again."""
+    _, _, qdcount, *counts = HEADER.unpack_from(message)
+    offset = HEADER.size
+    for _ in range(qdcount):
+        offset = _skip_name(message, offset) + 4
+    found = []
+    for _ in range(sum(counts)):
+        offset = _skip_name(message, offset)
+        rtype, _, _, rdlength = struct.unpack_from("!HHIH", message, offset)
+        if rtype != TYPE_OPT:
+            found.append(offset + 4)
+        offset += 10 + rdlength
+    return found
+
+
+def _skip_name(message: bytes, offset: int) -> int:
+    while True:
+        size = message[offset]
+        if size & 0xC0:
+            return offset + 2  # a compression pointer ends the name
+        offset += 1 + size
+        if size == 0:
+            return offset
