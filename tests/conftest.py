@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
 import zipfile
@@ -25,6 +27,21 @@ def cli() -> str:
         "agent-egress")
     assert path, "agent-egress is not installed; run scripts/test"
     return path
+
+
+@pytest.fixture(scope="session")
+def two_users() -> list[str]:
+    """Two local Unix users (created if missing) that tests run clients as."""
+    if os.getuid() != 0:
+        pytest.skip("creating users and running clients as them needs root")
+    names = ["egress-test-a", "egress-test-b"]
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", name], check=True)
+    return names
 
 
 @pytest.fixture(scope="session")

@@ -65,20 +65,6 @@ def test_proxy_auth_good_bad_and_missing(start, web, tmp_path):
     assert "guess" not in proxy.audit_log.read_text() + proxy.log()
 
 
-@pytest.fixture(scope="module")
-def two_users():
-    if os.getuid() != 0:
-        pytest.skip("creating users and running curl as them needs root")
-    names = ["egress-test-a", "egress-test-b"]
-    for name in names:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", name], check=True)
-    return names
-
-
 def test_two_local_users_get_their_own_policies(start, web, two_users):
     a, b = two_users
     policy = f"""version: 1
