@@ -106,4 +106,5 @@ def _line(fields: dict[str, Any]) -> str:
     event = {key: fields.get(key) for key in KEYS}
     if isinstance(event["path"], str):
         event["path"] = event["path"].split("?", 1)[0]
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False) + "\n"
+    # ASCII only: a name with U+0085 or U+2028 in it must not look like two lines to a reader
+    return json.dumps(event, separators=(",", ":")) + "\n"

@@ -95,7 +95,8 @@ class RunningProxy(Process):
     def events(self) -> list[dict[str, Any]]:
         if not self.audit_log.exists():
             return []
-        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
+        lines = self.audit_log.read_text().split("\n")
+        return [json.loads(line) for line in lines[:-1]]  # the last may be half-written
 
     def wait_for_events(self, predicate: Any, timeout: float = 10) -> list[dict[str, Any]]:
         """Events are written by a background thread: wait until one matches."""
