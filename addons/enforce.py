@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from mitmproxy import connection, http, tcp, tls
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import layer, layers, mode_specs, server_hooks
+from mitmproxy.proxy import events, layer, layers, mode_specs, server_hooks
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from agent_egress.addons.denial import denial
@@ -138,6 +138,22 @@ def _refuse_tcp(flow: tcp.TCPFlow, reason: str) -> None:
     flow.kill()
 
 
+class _CountingTCPLayer(layers.TCPLayer):
+    """mitmproxy's own pass-through (no flow, so no hook per chunk) counting the bytes."""
+
+    def __init__(self, context: Any, tunnel: Tunnel) -> None:
+        super().__init__(context, ignore=True)
+        self.tunnel = tunnel
+
+    def relay_messages(self, event: Any) -> Any:
+        if isinstance(event, events.DataReceived):
+            if event.connection == self.context.client:
+                self.tunnel.bytes_up += len(event.data)
+            else:
+                self.tunnel.bytes_down += len(event.data)
+        yield from super().relay_messages(event)
+
+
 class Enforcer:
     runtime: Runtime  # given, or set in configure when loaded by mitmdump -s
 
@@ -183,6 +199,8 @@ class Enforcer:
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.clients.pop(client.id, None)
+        if state is not None and state.process is not None and state.process.cancel():
+            state.process = None  # not started, and the socket is gone: nothing to find
         if state is None or state.tunnel is None:
             return
         tunnel = state.tunnel
@@ -268,7 +286,7 @@ class Enforcer:
             self._deny_tunnel(state, tunnel, refusal)
             _refuse_next_layer(nextlayer, refusal)
         else:
-            nextlayer.layer = layers.TCPLayer(nextlayer.context)
+            nextlayer.layer = _CountingTCPLayer(nextlayer.context, tunnel)
 
     async def _transparent(self, nextlayer: layer.NextLayer, state: ClientState,
                            original: tuple[Address, int]) -> None:
@@ -411,6 +429,9 @@ class Enforcer:
             decision, ip = await self._pin(policy, decision, host, port,
                                            original[0] if original else None)
             if ip is not None:
+                # mitmproxy reuses an upstream connection for a request whose host and port
+                # match its address: make that the checked address (Host keeps the name).
+                request.data.host = str(ip)
                 state.pinned[(request.host, port)] = ip
         shown = host if host is not None else Name(destination_host, ())
         if not decision.passes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
 import pwd
 import re
@@ -156,18 +157,24 @@ def find_process(inode: int, uid: int) -> Process | None:
     """The process holding socket `inode`, among `uid`'s processes. Reading another user's
     /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing."""
     target = f"socket:[{inode}]"
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    last = _last_process.get(uid)
+    names = itertools.chain([str(last)] if last else [], (e.name for e in os.scandir("/proc")))
+    for name in names:
+        if not name.isdigit():
             continue
         try:
-            if entry.stat().st_uid != uid:
+            if os.stat(f"/proc/{name}").st_uid != uid:
                 continue
-            fd_dir = f"/proc/{entry.name}/fd"
+            fd_dir = f"/proc/{name}/fd"
             if any(os.readlink(f"{fd_dir}/{fd}") == target for fd in os.listdir(fd_dir)):
-                return _describe(int(entry.name))
+                _last_process[uid] = int(name)
+                return _describe(int(name))
         except OSError:
             continue
     return None
+
+
+_last_process: dict[int, int] = {}  # uid -> the pid found last: clients reconnect
 
 
 _URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@\s]*@)?(?P<rest>[^?#\s]*)"

@@ -7,6 +7,7 @@ import asyncio
 import random
 import socket
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from ipaddress import ip_address
 
@@ -16,6 +17,7 @@ from .rules import Address
 from .rules.hosts import canonical_address
 
 DNS_PORT = 53
+MAX_TTL = 300  # seconds an answer is kept at most
 
 
 class ResolveError(Exception):
@@ -71,29 +73,40 @@ class DnsServers:
     def __init__(self, servers: Sequence[tuple[str, int]], timeout: float = 2.0) -> None:
         self.servers = list(servers)
         self.timeout = timeout
+        self._cache: dict[str, tuple[float, list[Address]]] = {}
 
     async def addresses(self, name: str) -> list[Address]:
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         answers = await asyncio.gather(self._query(name, "A"), self._query(name, "AAAA"),
                                        return_exceptions=True)
         found: list[Address] = []
         errors: dict[str, None] = {}
+        ttl = MAX_TTL
         for answer in answers:
             if isinstance(answer, BaseException):
                 errors[str(answer)] = None
             else:
-                found += answer
+                found += answer[0]
+                ttl = min(ttl, answer[1])
         if not found:
             raise ResolveError("; ".join(errors) or f"{name} has no A or AAAA records")
-        return _unique(found)
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[name] = (time.monotonic() + ttl, _unique(found))
+        return self._cache[name][1]
 
-    async def _query(self, name: str, qtype: str) -> list[Address]:
+    async def _query(self, name: str, qtype: str) -> tuple[list[Address], int]:
         question = DNSRecord.question(name, qtype)
         reply = DNSRecord.parse(await self.exchange(question.pack()))
         rcode = reply.header.rcode
         if rcode != RCODE.NOERROR:
             raise ResolveError(f"{name} does not resolve ({RCODE[rcode]})")
         wanted = getattr(QTYPE, qtype)
-        return [ip_address(str(rr.rdata)) for rr in reply.rr if rr.rtype == wanted]
+        records = [rr for rr in reply.rr if rr.rtype == wanted]
+        return ([ip_address(str(rr.rdata)) for rr in records],
+                min([rr.ttl for rr in records], default=MAX_TTL))
 
     async def exchange(self, packet: bytes) -> bytes:
         """Sends a DNS message to the first server that answers in time."""
