@@ -16,6 +16,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ts": (str,), "event": (str,), "account": (str,), "host": (str,), "decision": (str,),
     "port": (int,), "uid": (int,), "pid": (int,), "bytes_up": (int,), "bytes_down": (int,),
 }
+_KEYSET = frozenset(KEYS)
+_ALLOWED = tuple((key, frozenset({*types, type(None)})) for key, types in _TYPES.items())
 DECISIONS = ("allow", "deny", "would_deny")
 EVENTS = ("dns", "connect", "request")
 
@@ -43,7 +45,7 @@ def _events(path: str, lines: IO[str], complain: Callable[[str], None]) -> Itera
     number = 0
     try:
         for number, line in enumerate(lines, 1):  # noqa: B007 - used after the loop
-            if not line.strip():
+            if line.isspace():  # lines are never empty: only blank ones are skipped
                 continue
             problem, event = _parse(line)
             if problem:
@@ -59,16 +61,17 @@ def _parse(line: str) -> tuple[str | None, dict[str, Any]]:
         event = json.loads(line)
     except ValueError:
         return "not a JSON object (truncated or corrupt line)", {}
-    if not isinstance(event, dict):
+    if type(event) is not dict:  # json gives exact types: dict, str, int, never subclasses
         return "not a JSON object", {}
-    if not set(event) <= set(KEYS) or "event" not in event:
-        unknown = sorted(set(event) - set(KEYS))
+    if not event.keys() <= _KEYSET or "event" not in event:
+        unknown = sorted(set(event) - _KEYSET)
         return (f"not an agent-egress audit event (unknown keys {unknown})" if unknown
                 else "not an agent-egress audit event (no 'event')"), {}
-    for key, types in _TYPES.items():
-        value = event.get(key)
-        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-            return f"{key} is {type(value).__name__}, expected {types[0].__name__}", {}
+    get = event.get
+    for key, allowed in _ALLOWED:
+        if type(get(key)) not in allowed:  # exact types, so that a bool is not an int
+            types = _TYPES[key]
+            return f"{key} is {type(get(key)).__name__}, expected {types[0].__name__}", {}
     if event["event"] not in EVENTS or event.get("decision") not in DECISIONS:
         return f"unknown event {event['event']!r} or decision {event.get('decision')!r}", {}
     return None, event

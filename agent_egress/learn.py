@@ -100,25 +100,35 @@ def learn(policy: Policy, events: Iterable[dict[str, Any]], account: str | None 
           stale_since: timedelta | None = None) -> Learned:
     seen: dict[tuple[str, str], Evidence] = defaultdict(Evidence)
     learned = Learned()
+    last_use: dict[tuple[str, str], str] = {}  # (account, rule id) -> its latest use
+    rule_ids: dict[str, str] = {}  # rule as logged -> rule id
     latest = ""
+    count = 0
     for event in events:
-        learned.events += 1
-        latest = max(latest, event.get("ts") or "")
+        count += 1
+        ts = event.get("ts") or ""
+        if ts > latest:
+            latest = ts
         name = event.get("account")
         if not name or (account and name != account) or not event.get("host"):
             continue
         if event["decision"] == "allow":
-            if event.get("rule"):
-                learned.used_rules.add(f"{name}\0{_rule_id(event['rule'])}\0"
-                                       f"{event.get('ts') or ''}")
+            rule = event.get("rule")
+            if rule:
+                rule_id = rule_ids.get(rule)
+                if rule_id is None:
+                    rule_id = rule_ids[rule] = _rule_id(rule)
+                key = (name, rule_id)
+                if ts >= last_use.get(key, ""):
+                    last_use[key] = ts
             continue
         seen[(name, event["host"])].add(event)
+    learned.events = count
     for (name, host), evidence in seen.items():
         _classify(policy, name, host, evidence, learned)
     for name in learned.proposals:
         learned.proposals[name] = _collapse(learned.proposals[name])
-    if stale_since is not None:
-        learned.used_rules = _recently_used(learned.used_rules, latest, stale_since)
+    learned.used_rules = _recently_used(last_use, latest, stale_since)
     return learned
 
 
@@ -198,13 +208,16 @@ def _rule_id(source: str) -> str:
     return f"{os.path.basename(file)}:{line}"
 
 
-def _recently_used(uses: set[str], latest: str, window: timedelta) -> set[str]:
-    """The `account\\0rule` pairs used within `window` of the latest event."""
-    try:
-        since = (datetime.fromisoformat(latest) - window).isoformat().replace("+00:00", "Z")
-    except ValueError:
-        since = ""
-    return {use.rsplit("\0", 1)[0] for use in uses if use.rsplit("\0", 1)[1] >= since}
+def _recently_used(last_use: dict[tuple[str, str], str], latest: str,
+                   window: timedelta | None) -> set[str]:
+    """The `account\\0rule` pairs used within `window` of the latest event (ever, if None)."""
+    since = ""
+    if window is not None:
+        try:
+            since = (datetime.fromisoformat(latest) - window).isoformat().replace("+00:00", "Z")
+        except ValueError:
+            pass
+    return {f"{name}\0{rule}" for (name, rule), ts in last_use.items() if ts >= since}
 
 
 def stale_rules(policy: Policy, used: set[str], account: str | None) -> list[tuple[str, str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .listeners import exposed_listeners
-from .rules import Decision, Policy, Query
+from .rules import Decision, Policy, Query, Result
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -38,6 +38,7 @@ class Metrics:
         # a `_created` series per counter doubles the series for nothing
         disable_created_metrics()
         self.registry = registry or CollectorRegistry()
+        self._counters: dict[tuple[str, str, Result], Any] = {}
         self.decisions = Counter(
             "agent_egress_decisions", "Policy decisions, by account, stage and result",
             ["account", "stage", "decision"], registry=self.registry)
@@ -82,7 +83,12 @@ class Metrics:
         return decision
 
     def count(self, decision: Decision, stage: str) -> None:
-        self.decisions.labels(decision.account or "none", stage, decision.result.value).inc()
+        key = (decision.account, stage, decision.result)
+        counter = self._counters.get(key)
+        if counter is None:  # labels() costs more than the increment itself
+            counter = self._counters[key] = self.decisions.labels(
+                decision.account or "none", stage, decision.result.value)
+        counter.inc()
 
     def serve(self, address: tuple[str, int]) -> WSGIServer:
         """Starts the /metrics endpoint; raises OSError if the address is taken."""

@@ -3,15 +3,17 @@ be tried on real history before it is put in force."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .rules import NO_RULE, Policy, Query, Stage
+from .rules import NO_RULE, Decision, Policy, Query, Stage
 
 # Decisions the policy engine made (and can make again). Others came from address, TLS or
 # authentication checks that need the live connection, and are not replayed.
 _POLICY_REASONS = ("allowed by rule", NO_RULE, "denied by rule")
+_DECISIONS_KEPT = 65_536  # distinct queries remembered; memory stays flat
 _STAGES = {"dns": Stage.DNS, "connect": Stage.CONNECT, "request": Stage.REQUEST}
 
 
@@ -38,6 +40,8 @@ class Replayed:
 def replay(policy: Policy, events: Iterable[dict[str, Any]]) -> Replayed:
     changes: dict[tuple[str, str, str], Change] = {}
     total = skipped = 0
+    now = time.time()  # every event is decided as of the start, so decisions can be reused
+    decided: dict[tuple[Any, ...], Decision] = {}
     for event in events:
         total += 1
         account, host = event.get("account"), event.get("host")
@@ -46,8 +50,12 @@ def replay(policy: Policy, events: Iterable[dict[str, Any]]) -> Replayed:
             skipped += 1
             continue
         stage = _STAGES[event["event"]]
-        decision = policy.decide(Query(account, host, event.get("port"), stage,
-                                       event.get("method"), event.get("path")))
+        key = (account, host, event.get("port"), stage, event.get("method"), event.get("path"))
+        decision = decided.get(key)
+        if decision is None:
+            if len(decided) >= _DECISIONS_KEPT:
+                decided.clear()
+            decision = decided[key] = policy.decide(Query(*key, now=now))
         passed = event["decision"] != "deny"
         if decision.passes == passed:
             continue

@@ -126,7 +126,8 @@ _TTL = struct.Struct("!I")
 
 @dataclass(frozen=True, slots=True)
 class _Asked:
-    """A query's question and what follows from it alone, worked out once per packet."""
+    """A query's question (of class IN) and what follows from it alone, worked out once per
+    packet."""
 
     question: Question
     qtype: str  # the type's name, or its number
@@ -186,6 +187,8 @@ class PolicyResolver:
             question = asked.question
         try:
             if asked is None:
+                if question.qclass != CLASS.IN:
+                    return error_reply(packet, REFUSED, question)
                 asked = _Asked(question, QTYPE.get(question.qtype, str(question.qtype)),
                                _name_or_none(question.name), question.name.lower())
                 if len(self._asked) >= MEMO_ENTRIES:
@@ -198,9 +201,7 @@ class PolicyResolver:
 
     def _decide(self, packet: bytes, asked: _Asked, client: tuple[str, int],
                 server: tuple[str, int], protocol: int, started: float) -> Reply:
-        question, qtype, host = asked.question, asked.qtype, asked.host
-        if question.qclass != CLASS.IN:
-            return error_reply(packet, REFUSED, question)
+        question, qtype, host = asked.question, asked.qtype, asked.host  # class IN only
         policy = self.runtime.policies.current
         identity, choice = self._client(policy, client, server, protocol)
         if choice.account is None:

@@ -44,9 +44,10 @@ class _Udp:
 
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
             self._loop.remove_reader(self.socket.fileno())
             self._loop.remove_writer(self.socket.fileno())
+            self._write_ready()  # what the kernel takes of the answers still queued
+            self._closed = True
             self.socket.close()
 
     def _read_ready(self) -> None:
@@ -74,15 +75,15 @@ class _Udp:
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         client = (str(addr[0]), int(addr[1]))
         reply = self.resolver.handle(data, client, self.address, socket.IPPROTO_UDP)
-        if isinstance(reply, Coroutine):
+        if isinstance(reply, bytes):  # checked first: an ABC's isinstance costs more
+            self.sendto(reply, addr)
+        elif isinstance(reply, Coroutine):
             if len(self.pending) >= MAX_PENDING_UDP:
                 reply.close()  # overloaded: drop, the client retries
                 return
             task = asyncio.ensure_future(self._send_later(reply, addr))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
-        elif reply is not None:
-            self.sendto(reply, addr)
 
     def sendto(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self._closed:
@@ -108,7 +109,8 @@ class _Udp:
             except OSError:
                 pass
             self._unsent.popleft()
-        self._loop.remove_writer(self.socket.fileno())
+        if not self._closed:
+            self._loop.remove_writer(self.socket.fileno())
 
     async def _send_later(self, reply: Coroutine[Any, Any, bytes | None],
                           addr: tuple[str | Any, int]) -> None:

@@ -1,0 +1,564 @@
+"""Benchmark of the proxy on loopback: direct, `agent-egress run`, bare mitmdump and squid.
+
+    .venv/bin/python bench/bench_proxy.py [--quick] [--profile DIR] [--source DIR]
+
+Needs nginx (nginx-light), squid, wrk, hey and curl (`apt-get install -y nginx-light squid wrk
+hey`), and for --profile py-spy in the venv. Routes: direct; agent-egress run; mitmdump with
+agent-egress's addon; bare mitmdump (defaults; agent-egress's options; pass-through); squid.
+Scenarios, each route in turn:
+  (a) plain HTTP keep-alive GETs of a 6-byte body, 32 connections (wrk): req/s, p50, p99;
+  (b) a new CONNECT tunnel, TLS handshake and one GET per request, 32 at once (hey);
+  (c) one 200 MB HTTPS download through a passed-through tunnel (curl): MB/s, median of 3;
+  (d) plain HTTP GETs of 10 MiB bodies, 8 connections (wrk): the proxy's peak RSS.
+See bench/README.md for what each figure means. Everything started is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+from common import CpuWatch, Service, free_port, machine, table
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+HTTP_NAME, TLS_NAME = "web.test", "secure.test"
+CONNECTIONS = 32
+BIG = 10 * 1024 * 1024  # scenario (d)
+BULK = 200 * 1000 * 1000  # scenario (c)
+MEMORY_CONNECTIONS = 8
+TARGET_RATIO, TARGET_RSS_MIB = 0.9, 100
+BUSY = 0.25  # cores used by other processes during a figure that make it taken again
+# What the profile summary calls ours: files of this repository (the installed package's
+# addons/, dns/ and rules/ are symlinks to the top-level directories).
+OURS = re.compile(r"(agent_egress|/addons|/rules|/dns)/[\w/]+\.py")
+ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    seconds: int  # per route and scenario, (a), (b) and (d)
+    warm_up: int
+    downloads: int  # (c), the median is reported
+
+
+FULL = Settings(seconds=10, warm_up=1, downloads=3)
+QUICK = Settings(seconds=3, warm_up=1, downloads=1)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a client reaches the origins: directly or through a proxy, naming them how."""
+
+    label: str
+    proxy: Service | None
+    port: int  # the proxy's port; 0 for direct
+    host: str  # the origin's host as the client gives it (a .test name or 127.0.0.1)
+
+    def target(self, origin_port: int) -> str:
+        return f"{self.host}:{origin_port}"
+
+
+@dataclass
+class Result:
+    rate: float = 0.0  # requests/s, or MB/s for (c) and (d)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+    rss_before_mib: float | None = None
+    rss_peak_mib: float | None = None
+    others: float = 0.0  # cores' worth of CPU that other processes used meanwhile
+
+
+class Dns:
+    """A UDP DNS server on a thread: every name in `names` is 127.0.0.1 (no AAAA), others are
+    NXDOMAIN. Each distinct question is answered by dnslib once, then from a cache with the
+    query's id patched in, so that it takes as little CPU as possible from the proxy."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.queries = 0
+        self._answers: dict[bytes, bytes] = {}
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)
+        self.port = self._socket.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dns", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                query, peer = self._socket.recvfrom(4096)
+            except TimeoutError:
+                continue
+            answer = self._answers.get(query[2:])
+            if answer is None:
+                try:
+                    answer = self._answers[query[2:]] = self._answer(query)[2:]
+                except Exception:  # not a query we can parse: no answer
+                    continue
+            self.queries += 1
+            self._socket.sendto(query[:2] + answer, peer)
+
+    def _answer(self, query: bytes) -> bytes:
+        request = DNSRecord.parse(query)
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".").lower()
+        if name not in self.names:
+            reply.header.rcode = RCODE.NXDOMAIN
+        elif request.q.qtype == QTYPE.A:
+            reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
+        return bytes(reply.pack())
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self._socket.close()
+
+
+def start_nginx(directory: Path, cert: trustme.LeafCert) -> tuple[Service, int, int]:
+    """nginx, one process, on a plain-HTTP and an HTTPS port: `/` is a 6-byte body, `/big`
+    10 MiB and `/bulk` 200 MB (sparse files)."""
+    www = directory / "www"
+    www.mkdir()
+    for name, size in (("big", BIG), ("bulk", BULK)):
+        with open(www / name, "wb") as f:
+            f.truncate(size)
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    http_port, https_port = free_port(), free_port()
+    site = f"""root {www}; location = / {{ return 200 "hello\\n"; }}"""
+    (directory / "nginx.conf").write_text(f"""
+        daemon off; master_process off; worker_processes 1;
+        pid {directory}/nginx.pid; error_log {directory}/error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off; sendfile on; tcp_nopush on;
+            keepalive_requests 10000000; keepalive_timeout 120s;
+            default_type application/octet-stream;
+            client_body_temp_path {directory}/body; proxy_temp_path {directory}/proxy;
+            fastcgi_temp_path {directory}/fastcgi; uwsgi_temp_path {directory}/uwsgi;
+            scgi_temp_path {directory}/scgi;
+            server {{ listen 127.0.0.1:{http_port}; {site} }}
+            server {{
+                listen 127.0.0.1:{https_port} ssl;
+                ssl_certificate {directory}/cert.pem; ssl_certificate_key {directory}/key.pem;
+                {site}
+            }}
+        }}
+    """)
+    nginx = Service("nginx", ["nginx", "-e", f"{directory}/error.log", "-c",
+                              f"{directory}/nginx.conf"], directory / "nginx.log")
+    return nginx, http_port, https_port
+
+
+def write_policy(directory: Path, http_port: int, https_port: int) -> Path:
+    """The origins' names and their address (loopback, which needs a cidr rule), for this uid."""
+    policy = directory / "policy.yaml"
+    policy.write_text(f"""version: 1
+accounts:
+  bench:
+    match:
+      uids: [{os.getuid()}]
+    mode: enforce
+    allow:
+      - host: {HTTP_NAME}
+        ports: [{http_port}]
+      - host: {TLS_NAME}
+        ports: [{https_port}]
+      - cidr: 127.0.0.1/32
+        ports: [{http_port}, {https_port}]
+""")
+    return policy
+
+
+def _env(source: Path | None) -> dict[str, str]:
+    return ENV if source is None else {**ENV, "PYTHONPATH": str(source.resolve())}
+
+
+def start_agent_egress(directory: Path, policy: Path, dns: Dns,
+                       source: Path | None) -> tuple[Service, int]:
+    directory.mkdir()
+    port = free_port()
+    command = [str(BIN / "agent-egress"), "run", "--proxy", f"127.0.0.1:{port}", "--dns", "off",
+               "--metrics", "off", "--policy", str(policy), "--state-dir", str(directory / "state"),
+               "--audit-log", str(directory / "audit.jsonl"), "--upstream-dns",
+               f"127.0.0.1:{dns.port}"]
+    return Service("agent-egress", command, directory / "output.log", _env(source)), port
+
+
+def start_mitmdump(directory: Path, *options: str,
+                   env: dict[str, str] = ENV) -> tuple[Service, int]:
+    directory.mkdir()
+    port = free_port()
+    command = [str(BIN / "mitmdump"), "--mode", f"regular@127.0.0.1:{port}", "-q",
+               "--set", f"confdir={directory}", *options]
+    return Service(directory.name, command, directory / "output.log", env), port
+
+
+def start_mitmdump_addon(directory: Path, policy: Path, dns: Dns,
+                         source: Path | None) -> tuple[Service, int]:
+    """mitmdump with agent-egress's addon (addons/script.py) and agent-egress's options: the
+    difference to `mitmdump lazy` is what the addon costs."""
+    script = (source or ROOT) / "addons" / "script.py"
+    return start_mitmdump(directory, "-s", str(script), "--set", "connection_strategy=lazy",
+                          "--set", "stream_large_bodies=1m",
+                          "--set", f"agent_egress_policy={policy}",
+                          "--set", f"agent_egress_audit_log={directory / 'audit.jsonl'}",
+                          "--set", f"agent_egress_upstream_dns=127.0.0.1:{dns.port}",
+                          env=_env(source))
+
+
+def start_squid(directory: Path) -> tuple[Service, int]:
+    """squid in the foreground (no worker processes), no cache, loopback clients only."""
+    directory.mkdir()
+    port = free_port()
+    (directory / "squid.conf").write_text(f"""
+http_port 127.0.0.1:{port}
+acl loopback src 127.0.0.1/32
+http_access allow loopback
+http_access deny all
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_log stdio:{directory}/cache.log
+pid_filename {directory}/squid.pid
+coredump_dir {directory}
+pinger_enable off
+shutdown_lifetime 0 seconds
+via off
+""")
+    shutil.chown(directory, "proxy", "proxy")  # squid started as root runs as user proxy
+    command = ["squid", "-N", "-f", str(directory / "squid.conf")]
+    return Service("squid", command, directory / "output.log", ENV), port
+
+
+# Load generators
+
+
+_WRK_SCRIPT = """
+{setup}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    summary.bytes, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def wrk(route: Route, origin_port: int, path: str, connections: int, seconds: float,
+        work: Path, unit: str = "req") -> Result:
+    """Keep-alive GETs of `path` on the plain-HTTP origin; rate in requests/s or MB/s."""
+    target = route.target(origin_port)
+    if route.proxy is None:
+        url, setup = f"http://127.0.0.1:{origin_port}{path}", ""
+    else:
+        url, setup = f"http://127.0.0.1:{route.port}/", f'wrk.path = "http://{target}{path}"'
+    script = work / "wrk.lua"
+    script.write_text(_WRK_SCRIPT.format(setup=setup + f'\nwrk.headers["Host"] = "{target}"'))
+    out = subprocess.run(["wrk", "-t", str(min(2, connections)), "-c", str(connections),
+                          "-d", f"{seconds}s", "--timeout", "2s", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60, env=ENV)
+    match = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out.stdout)
+    if match is None:
+        raise RuntimeError(f"wrk: {out.stdout}{out.stderr}")
+    requests, duration_us, size, p50, p99, errors = map(int, match.groups())
+    rate = (requests if unit == "req" else size / 1e6) / (duration_us / 1e6)
+    return Result(rate, p50 / 1000, p99 / 1000, errors)
+
+
+def hey_tunnels(route: Route, origin_port: int, seconds: float) -> Result:
+    """A new connection per GET of `/` on the HTTPS origin: through a proxy, a new CONNECT
+    tunnel and TLS handshake each time."""
+    # hey's SNI is its Host header, and it has no --resolve: directly, and through the proxies
+    # that are given addresses, the URL has the address and -host the name.
+    command = ["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-disable-keepalive",
+               "-t", "10", "-host", TLS_NAME]
+    if route.proxy is not None:
+        command += ["-x", f"http://127.0.0.1:{route.port}"]
+    host = TLS_NAME if route.proxy is not None and route.host == TLS_NAME else "127.0.0.1"
+    out = subprocess.run([*command, f"https://{host}:{origin_port}/"], capture_output=True,
+                         text=True, timeout=seconds + 60, env=ENV)
+    text = out.stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if rate is None:
+        raise RuntimeError(f"hey: {text}{out.stderr}")
+    p50 = re.search(r"50% in ([\d.]+) secs", text)
+    p99 = re.search(r"99% in ([\d.]+) secs", text)
+    statuses = Counter({int(code): int(n) for code, n in
+                        re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)})
+    errors = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s+(?!\d+ responses)", text, re.M))
+    return Result(float(rate.group(1)), float(p50.group(1)) * 1000 if p50 else None,
+                  float(p99.group(1)) * 1000 if p99 else None,
+                  errors + sum(n for code, n in statuses.items() if code != 200))
+
+
+def curl_bulk(route: Route, origin_port: int, downloads: int) -> Result:
+    """MB/s of one download of `/bulk` from the HTTPS origin, median of `downloads`."""
+    command = ["curl", "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code} %{size_download} "
+               "%{speed_download}", "--max-time", "120"]
+    if route.proxy is None:
+        command += ["--resolve", f"{TLS_NAME}:{origin_port}:127.0.0.1"]
+        url = f"https://{TLS_NAME}:{origin_port}/bulk"
+    else:
+        command += ["-x", f"http://127.0.0.1:{route.port}"]
+        url = f"https://{route.target(origin_port)}/bulk"
+    speeds, errors = [], 0
+    for _ in range(downloads):
+        out = subprocess.run([*command, url], capture_output=True, text=True, timeout=180,
+                             env=ENV)
+        code, size, speed = (out.stdout.split() + ["0", "0", "0"])[:3]
+        if code != "200" or int(size) != BULK:
+            errors += 1
+        speeds.append(float(speed) / 1e6)
+    return Result(statistics.median(speeds), errors=errors)
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_rss(route: Route, http_port: int, seconds: float, work: Path) -> Result:
+    """Serves 10 MiB bodies over MEMORY_CONNECTIONS connections; the proxy's RSS before (after
+    the warm-up) and its peak RSS during (VmHWM, reset first through /proc/PID/clear_refs)."""
+    assert route.proxy is not None
+    pid = route.proxy.pid
+    before = _status_kib(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    result = wrk(route, http_port, "/big", MEMORY_CONNECTIONS, seconds, work, unit="MB")
+    result.rss_before_mib, result.rss_peak_mib = before / 1024, _status_kib(pid, "VmHWM") / 1024
+    result.p50_ms = result.p99_ms = None
+    return result
+
+
+# Profiling
+
+
+def profile(route: Route, seconds: int, output: Path, load: Callable[[Route], object]) -> str:
+    """Runs `load` while py-spy samples the proxy; returns a summary of the raw stacks."""
+    assert route.proxy is not None
+    spy = subprocess.Popen([str(BIN / "py-spy"), "record", "--pid", str(route.proxy.pid),
+                            "--format", "raw", "--rate", "250", "--nonblocking",
+                            "--duration", str(int(seconds)), "-o", str(output)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        load(route)
+    finally:
+        spy.wait(seconds + 30)
+    return summarize(output.read_text())
+
+
+def _frames(stack: str) -> Iterator[tuple[str, str]]:
+    """(function, file) of each frame, innermost first, of a py-spy raw stack."""
+    for frame in reversed(stack.split(";")):
+        match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+        if match:
+            yield match.group(1), match.group(2)
+
+
+def _owner(path: str) -> str:
+    if OURS.search(path) and not path.endswith(("/cli.py", "/runner.py")):  # the entry points
+        return "ours"
+    return "mitmproxy" if "mitmproxy" in path else "other"
+
+
+def summarize(raw: str, top: int = 12) -> str:
+    """Shares of the samples: by whose code the innermost frame that is ours or mitmproxy's
+    belongs to (so the standard library is counted with its caller), and our functions with
+    the most samples, counting every sample with them anywhere on the stack."""
+    owners: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = list(_frames(stack))
+        whose = next((_owner(f) for _, f in frames if _owner(f) != "other"), "other")
+        owners[whose] += count
+        for name in {f"{fn} ({Path(f).name})" for fn, f in frames if _owner(f) == "ours"}:
+            ours[name] += count
+        if frames:
+            leaves[f"{frames[0][0]} ({Path(frames[0][1]).name})"] += count
+    if not total:
+        return "no samples"
+    share = lambda n: f"{100 * n / total:.1f}%"  # noqa: E731
+    lines = [f"{total} samples; innermost of ours/mitmproxy's: " +
+             ", ".join(f"{k} {share(n)}" for k, n in owners.most_common()),
+             "our functions (inclusive): " +
+             "; ".join(f"{k} {share(n)}" for k, n in ours.most_common(top)),
+             "leaf functions (self): " +
+             "; ".join(f"{k} {share(n)}" for k, n in leaves.most_common(top))]
+    return "\n".join(lines)
+
+
+# The run
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if reference else "-"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def report(title: str, unit: str, results: dict[str, Result], reference: str) -> str:
+    ref, squid = results[reference].rate, results["squid"].rate
+    memory = any(r.rss_peak_mib for r in results.values())
+    headers = [title, unit, "p50 ms", "p99 ms", "errors", f"÷ {reference}", "÷ squid"]
+    headers += ["RSS before MiB", "RSS peak MiB"] if memory else []
+    rows = []
+    for label, r in results.items():
+        row = [label, _number(r.rate, 0 if unit == "req/s" else 1), _number(r.p50_ms),
+               _number(r.p99_ms), r.errors, _ratio(r.rate, ref), _ratio(r.rate, squid)]
+        row += [_number(r.rss_before_mib), _number(r.rss_peak_mib)] if memory else []
+        rows.append(row + [f"{r.others:.2f}"])
+    headers.append("others' CPU")
+    return table(headers, rows)
+
+
+def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
+    lines = []
+    for name, (results, reference) in scenarios.items():
+        for label in (k for k in results if k.startswith(("agent-egress", "mitmdump + addon"))):
+            result = results[label]
+            if name.startswith("(d)"):
+                peak = result.rss_peak_mib or 0
+                met = "met" if peak < TARGET_RSS_MIB else "NOT met"
+                lines.append(f"- {name} {label}: peak RSS {peak:.0f} MiB; target "
+                             f"< {TARGET_RSS_MIB} MiB {met}")
+                continue
+            ratio = result.rate / results[reference].rate
+            met = "met" if ratio >= TARGET_RATIO and not result.errors else "NOT met"
+            lines.append(f"- {name} {label}: {ratio:.0%} of {reference}, {result.errors} "
+                         f"errors; target >= {TARGET_RATIO:.0%} without errors {met}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 s per route (a smoke run)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="afterwards, py-spy agent-egress under (a), (b) and (c) into DIR")
+    parser.add_argument("--source", type=Path, metavar="DIR",
+                        help="run agent-egress from this copy of the repository (PYTHONPATH), "
+                        "to measure a change")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    for tool in ("nginx", "squid", "wrk", "hey", "curl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y nginx-light squid wrk hey")
+    print(f"# bench_proxy\n\n{machine()}\n", flush=True)
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)  # squid runs as user proxy
+
+        def started(service: Service, port: int, label: str, host: str) -> Route:
+            stack.callback(service.stop)
+            return Route(label, service, port, host)
+
+        dns = Dns({HTTP_NAME, TLS_NAME})
+        stack.callback(dns.stop)
+        nginx, http_port, https_port = start_nginx(work, trustme.CA().issue_cert(TLS_NAME))
+        stack.callback(nginx.stop)
+        policy = write_policy(work, http_port, https_port)
+        named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source),
+                        "agent-egress", HTTP_NAME)
+        literal = Route("agent-egress, IP literal", named.proxy, named.port, "127.0.0.1")
+        addon = started(*start_mitmdump_addon(work / "mitmdump-addon", policy, dns, args.source),
+                        "mitmdump + addon", HTTP_NAME)
+        mitm = started(*start_mitmdump(work / "mitmdump"), "mitmdump", "127.0.0.1")
+        lazy = started(*start_mitmdump(work / "mitmdump-lazy", "--set",
+                                       "connection_strategy=lazy", "--set",
+                                       "stream_large_bodies=1m"), "mitmdump lazy", "127.0.0.1")
+        passthrough = started(*start_mitmdump(work / "mitmdump-pass", "--ignore-hosts", ".*"),
+                              "mitmdump passthrough", "127.0.0.1")
+        squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
+        direct = Route("direct", None, 0, HTTP_NAME)
+        nginx.wait_for_port(http_port)
+        proxies = (named, addon, mitm, lazy, passthrough, squid)
+        for route in proxies:
+            assert route.proxy is not None
+            route.proxy.wait_for_port(route.port)
+        tls, tls_addon = (dataclasses.replace(r, host=TLS_NAME) for r in (named, addon))
+
+        def seconds(warm: bool) -> int:
+            return settings.warm_up if warm else settings.seconds
+
+        def plain(route: Route, warm: bool = False) -> Result:
+            return wrk(route, http_port, "/", CONNECTIONS, seconds(warm), work)
+
+        def tunnels(route: Route, warm: bool = False) -> Result:
+            return hey_tunnels(route, https_port, seconds(warm))
+
+        def bulk(route: Route, warm: bool = False) -> Result:
+            return curl_bulk(route, https_port, 1 if warm else settings.downloads)
+
+        def memory(route: Route, warm: bool = False) -> Result:
+            return peak_rss(route, http_port, seconds(warm), work)
+
+        scenarios = {
+            "(a) plain HTTP keep-alive, 32 connections": (
+                "req/s", [direct, named, literal, addon, mitm, lazy, squid], plain,
+                "mitmdump lazy"),
+            "(b) new CONNECT + TLS + GET, 32 at once": (
+                "req/s", [direct, tls, tls_addon, passthrough, squid], tunnels,
+                "mitmdump passthrough"),
+            f"(c) {BULK // 1_000_000} MB over HTTPS, passed through": (
+                "MB/s", [direct, tls, tls_addon, passthrough, squid], bulk, "mitmdump passthrough"),
+            "(d) 10 MiB bodies, 8 connections": (
+                "MB/s", [named, literal, mitm, lazy, squid], memory, "mitmdump lazy"),
+        }
+        watch = CpuWatch([nginx.pid] + [r.proxy.pid for r in proxies if r.proxy])
+        done: dict[str, tuple[dict[str, Result], str]] = {}
+        for name, (unit, routes, measure, reference) in scenarios.items():
+            print(f"## {name}", flush=True)
+            results = {}
+            for route in routes:
+                for _ in range(2):  # retaken once if something else ran meanwhile
+                    watch.wait_quiet()
+                    measure(route, True)
+                    watch.start()
+                    results[route.label] = measure(route)
+                    results[route.label].others = watch.stop()
+                    if results[route.label].others < BUSY:
+                        break
+                print(f"  {route.label}: {results[route.label]}", flush=True)
+            done[name] = results, reference
+            print(f"\n{report(name, unit, results, reference)}\n", flush=True)
+        print(verdicts(done))
+        print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for name, route, load in (("a", named, plain), ("b", tls, tunnels), ("c", tls, bulk)):
+                summary = profile(route, settings.seconds, args.profile / f"{name}.txt", load)
+                print(f"\n### py-spy, agent-egress under ({name})\n\n{summary}")
+
+
+if __name__ == "__main__":
+    main()
