@@ -7,14 +7,13 @@ from __future__ import annotations
 import socket
 
 from .identity import TCP_LISTEN, dump_sockets
-from .nftables import governed_uids
+from .nftables import governed_accounts
 from .rules import Policy
 
 
 def exposed_listeners(policy: Policy) -> dict[str, int]:
     """Per governed account, how many of its TCP sockets listen beyond loopback."""
-    owner = {uid: name for name, account in policy.accounts().items()
-             for uid in governed_uids(account)[0]}
+    owner = governed_accounts(policy)
     counts = dict.fromkeys(sorted(set(owner.values())), 0)
     for entry in dump_sockets(socket.IPPROTO_TCP, 1 << TCP_LISTEN):
         if entry.uid in owner and not entry.local[0].is_loopback:

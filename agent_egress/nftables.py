@@ -40,6 +40,12 @@ def governed_uids(account: Account) -> tuple[list[int], list[str]]:
     return sorted(uids), missing
 
 
+def governed_accounts(policy: Policy) -> dict[int, str]:
+    """Every uid the policy governs on this machine, and its account."""
+    return {uid: name for name, account in policy.accounts().items()
+            for uid in governed_uids(account)[0]}
+
+
 def ruleset(policy: Policy, listeners: Listeners, proxy_uid: int,
             only_account: str | None = None) -> str:
     comments: list[str] = []

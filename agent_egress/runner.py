@@ -24,7 +24,7 @@ from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
 from .identity import SocketOwners
 from .metrics import Metrics
-from .nftables import governed_uids
+from .nftables import governed_accounts
 from .rules import Policy
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
@@ -84,8 +84,7 @@ def check_listener(address: tuple[str, int], proxy_auth: Path | None) -> None:
 def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
     """Refuses to start when an account the policy governs could rewrite the policy or the CA
     key (it would widen its own allowlist); returns warnings for what is merely loose."""
-    governed = {uid: name for name, account in policy.accounts().items()
-                for uid in governed_uids(account)[0]}
+    governed = governed_accounts(policy)
     warnings = []
     if os.getuid() in governed:
         warnings.append(f"agent-egress runs as uid {os.getuid()}, which account "

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from support.netns_servers import FOREIGN, NAMESERVER, ORIGIN, SSH  # noqa: E402
+from support.netns import namespace, system_user  # noqa: E402
+from support.netns_servers import NAMESERVER  # noqa: E402
 from support.proxy import Process, RunningProxy  # noqa: E402
 
 AGENT = "egress-bench-agent"
@@ -65,14 +66,6 @@ def sh(*command: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def agent() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(AGENT)
-    except KeyError:
-        sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT)
-        return pwd.getpwnam(AGENT)
-
-
 def measure(ns: str, user: pwd.struct_passwd, path: str, seconds: float, threads: int,
             proxy: str = "") -> dict[str, float]:
     out = sh("ip", "netns", "exec", ns, "setpriv", f"--reuid={user.pw_uid}",
@@ -88,51 +81,44 @@ def main() -> None:
     args = parser.parse_args()
     if os.getuid() != 0:
         sys.exit("bench_transparent: needs root (network namespace, nftables)")
-    user = agent()
-    ns = f"ae-bench-{os.getpid()}"
+    user = system_user(AGENT)
     work = Path(tempfile.mkdtemp(prefix="ae-bench-transparent-"))
     work.chmod(0o755)
-    sh("ip", "netns", "add", ns)
     started: list[Process] = []
-    try:
-        for command in (("link", "set", "lo", "up"),
-                        ("link", "add", "d0", "type", "veth", "peer", "name", "d1"),
-                        ("link", "set", "d0", "up"), ("link", "set", "d1", "up"),
-                        *(("addr", "add", f"{a}/32", "dev", "d0")
-                          for a in (ORIGIN, SSH, FOREIGN, NAMESERVER))):
-            sh("ip", "-n", ns, *command)
-        Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
-        Path(f"/etc/netns/{ns}/resolv.conf").write_text(f"nameserver {NAMESERVER}\n")
-        servers = Process(["ip", "netns", "exec", ns, PYTHON,
-                           str(ROOT / "tests" / "support" / "netns_servers.py"), str(work)])
-        started.append(servers)
-        servers.wait_for("ready")
-        policy = (f"version: 1\naccounts:\n  agent:\n    match: {{uids: [{user.pw_uid}]}}\n"
-                  "    allow:\n      - host: web.test\n")
-        proxy = RunningProxy(CLI, work, policy, "--upstream-dns", NAMESERVER,
-                             prefix=("ip", "netns", "exec", ns),
-                             listen=("--proxy", "127.0.0.1:8080", "--transparent",
-                                     "127.0.0.1:8081", "--dns", "127.0.0.1:5353",
-                                     "--metrics", "127.0.0.1:9464"))
-        started.append(proxy)
-        rows = []
-        for name, path, threads in (("new connections", "/", 16),
-                                    ("bulk 100 MB", "/bytes/100000000", 1)):
-            direct = measure(ns, user, path, args.seconds, threads)
-            explicit = measure(ns, user, path, args.seconds, threads, "127.0.0.1:8080")
-            rules = sh(CLI, "nftables", "--policy", str(proxy.policy_file))
-            subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules,
-                           text=True, check=True)
-            transparent = measure(ns, user, path, args.seconds, threads)
-            sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "agent_egress")
-            rows.append((name, direct, explicit, transparent))
-        print_table(rows, args.seconds)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    with namespace(f"ae-bench-{os.getpid()}") as ns:
+        try:
+            run(ns, user, work, started, args.seconds)
+        finally:
+            for process in reversed(started):
+                process.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(ns: str, user: pwd.struct_passwd, work: Path, started: list[Process],
+        seconds: float) -> None:
+    servers = Process(["ip", "netns", "exec", ns, PYTHON,
+                       str(ROOT / "tests" / "support" / "netns_servers.py"), str(work)])
+    started.append(servers)
+    servers.wait_for("ready")
+    policy = (f"version: 1\naccounts:\n  agent:\n    match: {{uids: [{user.pw_uid}]}}\n"
+              "    allow:\n      - host: web.test\n")
+    proxy = RunningProxy(CLI, work, policy, "--upstream-dns", NAMESERVER,
+                         prefix=("ip", "netns", "exec", ns),
+                         listen=("--proxy", "127.0.0.1:8080", "--transparent", "127.0.0.1:8081",
+                                 "--dns", "127.0.0.1:5353", "--metrics", "127.0.0.1:9464"))
+    started.append(proxy)
+    rows = []
+    for name, path, threads in (("new connections", "/", 16),
+                                ("bulk 100 MB", "/bytes/100000000", 1)):
+        direct = measure(ns, user, path, seconds, threads)
+        explicit = measure(ns, user, path, seconds, threads, "127.0.0.1:8080")
+        rules = sh(CLI, "nftables", "--policy", str(proxy.policy_file))
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True,
+                       check=True)
+        transparent = measure(ns, user, path, seconds, threads)
+        sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "agent_egress")
+        rows.append((name, direct, explicit, transparent))
+    print_table(rows, seconds)
 
 
 def print_table(rows: list[tuple[str, dict[str, float], dict[str, float], dict[str, float]]],

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import zipfile
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.dnsserver import TestDNS, Zone
+from support.netns import system_user
 from support.origins import Origin, TestCA, git_handler, package_index_handler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,11 +36,7 @@ def two_users() -> list[str]:
         pytest.skip("creating users and running clients as them needs root")
     names = ["egress-test-a", "egress-test-b"]
     for name in names:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", name], check=True)
+        system_user(name)
     return names
 
 

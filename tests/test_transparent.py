@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import netns
 from support.netns_servers import FOREIGN, NAMESERVER, ORIGIN, SSH
 from support.proxy import Process, RunningProxy
 
@@ -32,34 +33,13 @@ def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def namespace() -> Iterator[str]:
-    name = f"ae-test-{os.getpid()}"
-    sh("ip", "netns", "add", name)
-    try:
-        netns = ("ip", "-n", name)
-        sh(*netns, "link", "set", "lo", "up")
-        # a veth pair with both ends inside: an interface for addresses local to the namespace
-        sh(*netns, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
-        sh(*netns, "link", "set", "d0", "up")
-        sh(*netns, "link", "set", "d1", "up")
-        for address in (ORIGIN, SSH, FOREIGN, NAMESERVER):
-            sh(*netns, "addr", "add", f"{address}/32", "dev", "d0")
-        sh(*netns, "addr", "add", "2001:db8::10/128", "dev", "d0", "nodad")
-        resolv = Path("/etc/netns") / name
-        resolv.mkdir(parents=True, exist_ok=True)
-        (resolv / "resolv.conf").write_text(f"nameserver {NAMESERVER}\n")
+    with netns.namespace(f"ae-test-{os.getpid()}") as name:
         yield name
-    finally:
-        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
-        sh("ip", "netns", "del", name, check=False)
 
 
 @pytest.fixture(scope="module")
 def agent() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(AGENT)
-    except KeyError:
-        sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", AGENT)
-        return pwd.getpwnam(AGENT)
+    return netns.system_user(AGENT)
 
 
 @pytest.fixture(scope="module")
