@@ -107,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream-ca", metavar="PEM", type=Path,
                      help="trust these CA certificates (instead of the default bundle) when "
                           "inspected HTTPS connects upstream")
+    run.add_argument("--workers", metavar="N", type=_workers, default=1,
+                     help="processes accepting on the explicit proxy listener, or 'auto' for "
+                          "one per CPU (default 1); the resolver, metrics and the transparent "
+                          "listener stay in the first")
     run.set_defaults(command=_run)
 
     learn = commands.add_parser(
@@ -202,6 +206,14 @@ def _default_state_dir() -> Path:
     return Path(base) / "agent-egress"
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 to 64, or 'auto'")
+    return int(text)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import RunConfig, StartupError, parse_listen, serve
 
@@ -222,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
                                                                    DEFAULT_METRICS_PORT),
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
-            on_audit_failure=args.on_audit_failure)
+            on_audit_failure=args.on_audit_failure, workers=args.workers)
         return asyncio.run(serve(config))
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)

@@ -90,9 +90,10 @@ class Metrics:
                 decision.account or "none", stage, decision.result.value)
         counter.inc()
 
-    def serve(self, address: tuple[str, int]) -> WSGIServer:
-        """Starts the /metrics endpoint; raises OSError if the address is taken."""
-        server, _ = start_http_server(address[1], address[0], registry=self.registry)
+    def serve(self, address: tuple[str, int], source: Collector | None = None) -> WSGIServer:
+        """Starts the /metrics endpoint serving `source` (default: this registry); raises
+        OSError if the address is taken."""
+        server, _ = start_http_server(address[1], address[0], registry=source or self.registry)
         return server
 
 

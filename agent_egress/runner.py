@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from .nftables import governed_accounts
 from .rules import Policy
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
+from .workerpool import AcceptOn, WithWorkers, WorkerPool, bind_shared
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,20 @@ class RunConfig:
     state_dir: Path
     upstream_ca: Path | None
     on_audit_failure: str = "deny"
+    workers: int = 1  # processes accepting on the explicit proxy listener
+
+    def to_json(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v
+                           for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        fields = json.loads(text)
+        for key in ("policy", "audit_log", "proxy_auth", "state_dir", "upstream_ca"):
+            fields[key] = None if fields[key] is None else Path(fields[key])
+        for key in ("proxy", "transparent", "dns", "metrics", "upstream_dns"):
+            fields[key] = None if fields[key] is None else tuple(fields[key])
+        return cls(**fields)
 
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:
@@ -125,7 +143,7 @@ def ca_certificate(state_dir: Path) -> Path:
     return state_dir / "mitmproxy" / f"{CA_BASENAME}-ca-cert.pem"
 
 
-class _Listening:
+class Listening:
     """Learns where each proxy mode listens once they are up, or that one could not bind."""
 
     def __init__(self) -> None:
@@ -159,8 +177,17 @@ def _upstream_servers(config: RunConfig) -> list[tuple[str, int]]:
         raise StartupError(f"--upstream-dns: {e}") from None
 
 
-def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
-            listening: _Listening) -> Master:
+def runtime_for(config: RunConfig, policies: PolicyHolder, audit: AuditLog) -> Runtime:
+    metrics = Metrics()
+    metrics.watch(policies, audit)
+    servers = _upstream_servers(config)
+    return Runtime(policies, audit, DnsServers(servers) if servers else SystemResolver(),
+                   SocketOwners(), metrics, on_audit_failure=config.on_audit_failure)
+
+
+def master_for(config: RunConfig, confdir: Path, enforcer: Enforcer, listening: Listening,
+               accept_on: socket.socket | None = None) -> Master:
+    """`accept_on`: a socket bound beforehand that the explicit proxy accepts on."""
     opts = options.Options()
     master = Master(opts)
     # Order matters: proxy authentication before the policy (which reads its result); the
@@ -168,6 +195,8 @@ def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
     # before NextLayer (so that it can take pass-through tunnels first).
     master.addons.add(core.Core(), proxyauth.ProxyAuth(), enforcer, proxyserver.Proxyserver(),
                       ClientFirstNextLayer(), tlsconfig.TlsConfig(), listening)
+    if accept_on is not None:
+        master.addons.add(AcceptOn(master.addons.get("proxyserver").servers, accept_on))
     modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
     if config.transparent:
         modes.append(f"transparent@{_format(*config.transparent)}")
@@ -189,6 +218,8 @@ def _master(config: RunConfig, confdir: Path, enforcer: Enforcer,
 async def serve(config: RunConfig) -> int:
     if config.proxy is None and config.transparent is None and config.dns is None:
         raise StartupError("nothing to run: --proxy and --dns are off")
+    if config.workers > 1 and config.proxy is None:
+        raise StartupError("--workers needs the explicit proxy (--proxy)")
     for address in (config.proxy, config.transparent):
         if address is not None:
             check_listener(address, config.proxy_auth)
@@ -205,28 +236,28 @@ async def serve(config: RunConfig) -> int:
     for warning in check_tamper(guarded, policies.current):
         log.warning("%s", warning)
     audit = AuditLog(config.audit_log)
-    owners = SocketOwners()
-    metrics = Metrics()
-    metrics.watch(policies, audit)
-    runtime = Runtime(policies, audit, DnsServers(servers) if servers else SystemResolver(),
-                      owners, metrics, on_audit_failure=config.on_audit_failure)
+    runtime = runtime_for(config, policies, audit)
+    pool = WorkerPool(config, audit)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, policies.reload)
-    loop.add_signal_handler(signal.SIGUSR1, audit.reopen)
+    loop.add_signal_handler(signal.SIGHUP, _both, policies.reload, pool.signal, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGUSR1, _both, audit.reopen, pool.signal, signal.SIGUSR1)
     watcher = asyncio.create_task(policies.watch())
     enforcer = Enforcer(runtime)
     dns_server: DnsServer | None = None
     master: Master | None = None
     proxy_task: asyncio.Task[None] | None = None
     metrics_server = None
+    shared: list[socket.socket] = []
     try:
         lines = []
         if config.metrics is not None:
             try:
-                metrics_server = metrics.serve(config.metrics)
+                metrics_server = runtime.metrics.serve(
+                    config.metrics, WithWorkers(runtime.metrics.registry, pool)
+                    if config.workers > 1 else None)
             except OSError as e:
                 print(f"agent-egress: cannot listen for metrics on {_format(*config.metrics)}: "
                       f"{e.strerror}", file=sys.stderr)
@@ -245,17 +276,32 @@ async def serve(config: RunConfig) -> int:
             lines.append(f"resolver listening on {_format(*resolver_address)} (UDP and TCP), "
                          f"forwarding to {', '.join(_format(*s) for s in upstream.servers)}")
         if config.proxy is not None or config.transparent is not None:
-            listening = _Listening()
-            master = _master(config, confdir, enforcer, listening)
+            if config.proxy is not None and config.workers > 1:
+                try:
+                    shared = bind_shared(config.proxy, config.workers)
+                except OSError as e:
+                    print(f"agent-egress: cannot listen on {_format(*config.proxy)}: "
+                          f"{e.strerror}", file=sys.stderr)
+                    return 1
+            listening = Listening()
+            master = master_for(config, confdir, enforcer, listening,
+                                shared[0] if shared else None)
             proxy_task = asyncio.create_task(master.run())
             bound = await listening.addresses
             if not bound:
                 return 1
+            if shared:
+                try:
+                    await pool.start(shared[1:])
+                except RuntimeError as e:
+                    print(f"agent-egress: {e}", file=sys.stderr)
+                    return 1
             if "transparent" in bound:
                 lines.insert(0, f"transparent proxy listening on "
                                 f"{_format(*bound['transparent'])}")
             if "regular" in bound:
-                lines.insert(0, f"proxy listening on {_format(*bound['regular'])}")
+                processes = f" ({config.workers} processes)" if shared else ""
+                lines.insert(0, f"proxy listening on {_format(*bound['regular'])}{processes}")
         lines.append(f"policy {config.policy or EMBEDDED_POLICY} ({policies.current.digest}), "
                      f"accounts: {', '.join(policies.current.accounts()) or 'none'}")
         lines.append(f"audit log {config.audit_log or 'standard output'}; CA for inspected "
@@ -266,15 +312,28 @@ async def serve(config: RunConfig) -> int:
         return 0
     finally:
         watcher.cancel()
+        for sock in shared[1:]:
+            sock.close()  # the workers' when start-up failed before them (twice is harmless)
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
+        await pool.stop()
         if master is not None and proxy_task is not None:
-            master.shutdown()
-            await proxy_task
-            await master.addons.get("proxyserver").servers.update([])
+            await stop_proxy(master, proxy_task)
         if dns_server is not None:
             await dns_server.stop()
         audit.close()
-        owners.close()
+        if runtime.owners is not None:
+            runtime.owners.close()
         enforcer.done()
+
+
+async def stop_proxy(master: Master, running: asyncio.Task[None]) -> None:
+    master.shutdown()
+    await running
+    await master.addons.get("proxyserver").servers.update([])
+
+
+def _both(here: Callable[[], object], workers: Callable[[int], None], signum: int) -> None:
+    here()
+    workers(signum)
