@@ -68,9 +68,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class CpuWatch:
     """CPU time the machine spent on processes other than ours: this one, the `pids` given and
-    the children it waited for (the load generators), between start() and stop(). On a shared
+    their children (proxy workers), and the children it waited for (the load generators),
+    between start() and stop(). On a shared
     machine it says whether a figure was taken while something else ran."""
 
     def __init__(self, pids: Sequence[int]) -> None:
@@ -84,7 +92,7 @@ class CpuWatch:
 
     def _ours(self) -> float:
         total = 0.0
-        for pid in self.pids:
+        for pid in self.pids + [child for parent in self.pids for child in _children(parent)]:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
