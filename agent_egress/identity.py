@@ -155,8 +155,10 @@ def user_name(uid: int) -> str | None:
 
 def find_process(inode: int, uid: int) -> Process | None:
     """The process holding socket `inode`, among `uid`'s processes. Reading another user's
-    /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing."""
-    target = f"socket:[{inode}]"
+    /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing. Called from one
+    thread only."""
+    if (known := _socket_owners.pop(inode, None)) is not None and known[1] == uid:
+        return _describe(known[0])
     last = _last_process.get(uid)
     names = itertools.chain([str(last)] if last else [], (e.name for e in os.scandir("/proc")))
     for name in names:
@@ -165,16 +167,39 @@ def find_process(inode: int, uid: int) -> Process | None:
         try:
             if os.stat(f"/proc/{name}").st_uid != uid:
                 continue
-            fd_dir = f"/proc/{name}/fd"
-            if any(os.readlink(f"{fd_dir}/{fd}") == target for fd in os.listdir(fd_dir)):
-                _last_process[uid] = int(name)
-                return _describe(int(name))
+            sockets = _sockets_of(name)
         except OSError:
             continue
+        if inode in sockets:
+            pid = int(name)
+            _last_process[uid] = pid
+            # A client opening connections at once has its next ones' sockets open already:
+            # this scan finds them, so their own lookups need not read /proc again.
+            if len(_socket_owners) > _MAX_SOCKET_OWNERS:
+                _socket_owners.clear()
+            _socket_owners.update(dict.fromkeys(sockets - {inode}, (pid, uid)))
+            return _describe(pid)
     return None
 
 
+def _sockets_of(pid: str) -> set[int]:
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            link = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
 _last_process: dict[int, int] = {}  # uid -> the pid found last: clients reconnect
+# socket inode -> (pid, uid) seen in the last scans; inodes are not reused while the socket is
+# open, and one that was looked up or closed is dropped with the rest when the map fills up
+_socket_owners: dict[int, tuple[int, int]] = {}
+_MAX_SOCKET_OWNERS = 4096
 
 
 _URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@\s]*@)?(?P<rest>[^?#\s]*)"
