@@ -3,14 +3,17 @@ being killed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support.dnsserver import FaultyDNS
 from support.proxy import RunningProxy
 
 
@@ -78,3 +81,89 @@ def test_killed_and_restarted_the_log_stays_valid_json_lines(cli, tmp_path, dns,
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line parses
     assert {"/after"} <= {e["path"] for e in events}
+
+
+# Upstream DNS down, slow or answering garbage
+
+@pytest.fixture(scope="module")
+def faulty_dns():
+    server = FaultyDNS()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def behind_faulty_dns(cli, tmp_path_factory, faulty_dns, web, secure):
+    ports = f"[{web.port}, {secure.port}]"
+    running = RunningProxy(cli, tmp_path_factory.mktemp("faulty-dns"), f"""version: 1
+accounts:
+  tester:
+    match: {{uids: [{os.getuid()}]}}
+    allow:
+      - host: "*.faults.test"
+        ports: {ports}
+      - cidr: 127.0.0.1/32
+        ports: {ports}
+""", "--upstream-dns", faulty_dns.address)
+    yield running
+    running.stop()
+
+
+_names = itertools.count()
+
+
+def fresh_name() -> str:
+    """A name neither cache (the proxy's nor the resolver's) has seen."""
+    return f"n{next(_names)}.faults.test"
+
+
+def through_proxy(proxy: RunningProxy, url: str) -> tuple[str, str, str]:
+    """curl's (status of the CONNECT or of the request, body, error) for `url`."""
+    done = subprocess.run(["curl", "-sSv", "-k", "--max-time", "20", "-x", proxy.url, "-w",
+                           "\n%{http_connect} %{http_code}", url],
+                          capture_output=True, text=True, timeout=30)
+    body, _, codes = done.stdout.rpartition("\n")
+    connect_code, request_code = codes.split()
+    return connect_code if url.startswith("https:") else request_code, body, done.stderr
+
+
+def dig_resolver(proxy: RunningProxy, name: str) -> str:
+    return subprocess.run(["dig", "@127.0.0.1", "-p", str(proxy.dns_port), "+time=10",
+                           "+tries=1", name], capture_output=True, text=True, timeout=30).stdout
+
+
+@pytest.mark.parametrize("fault", FaultyDNS.FAULTS)
+def test_upstream_dns_fault_fails_clearly_and_recovers(behind_faulty_dns, faulty_dns, web,
+                                                       secure, fault):
+    proxy = behind_faulty_dns
+    faulty_dns.set_fault(fault)
+    try:
+        plain, tunnel, queried = fresh_name(), fresh_name(), fresh_name()
+        with ThreadPoolExecutor(3) as clients:  # each waits out the resolver's timeout
+            plain_answer = clients.submit(through_proxy, proxy,
+                                          f"http://{plain}:{web.port}/dns-fault")
+            tunnel_answer = clients.submit(through_proxy, proxy,
+                                           f"https://{tunnel}:{secure.port}/dns-fault")
+            dig_answer = clients.submit(dig_resolver, proxy, queried)
+        status, body, _ = plain_answer.result()
+        assert status == "502" and "no DNS server answered" in body
+        status, _, error = tunnel_answer.result()
+        assert status == "502"
+        assert "< HTTP/1.1 502 Bad Gateway (agent-egress): no DNS server answered" in error
+        answer = dig_answer.result()
+        assert "status: SERVFAIL" in answer
+        assert "EDE: 22 (No Reachable Authority)" in answer
+        for name in (plain, tunnel):
+            (event,) = proxy.wait_for_events(lambda e, name=name: e["host"] == name)
+            assert event["decision"] == "deny"
+            assert "no DNS server answered" in event["reason"]
+        (event,) = proxy.wait_for_events(lambda e: e["host"] == queried)
+        assert "upstream failed: no DNS server answered" in event["reason"]
+        assert proxy.process.poll() is None
+    finally:
+        faulty_dns.set_fault(None)
+    status, body, _ = through_proxy(proxy, f"http://{fresh_name()}:{web.port}/recovered")
+    assert (status, body.split()[0]) == ("200", "hello")
+    status, body, _ = through_proxy(proxy, f"https://{fresh_name()}:{secure.port}/recovered")
+    assert (status, body.split()[0]) == ("200", "hello")
+    assert "status: NOERROR" in dig_resolver(proxy, fresh_name())
