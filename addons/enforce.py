@@ -81,6 +81,17 @@ class ClientState:
     pinned: dict[tuple[str, int], Address] = field(default_factory=dict)
 
 
+class _Counted:
+    """A response body's `stream`: passes each chunk on as it arrives, counting it."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.total += len(chunk)
+        return chunk
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     decision: Decision
@@ -88,6 +99,7 @@ class RequestRecord:
     port: int
     ip: Address | None
     started: float
+    received: _Counted = field(default_factory=_Counted)
 
 
 def _deny_on_error(refuse: Callable[[Any, str], None]) -> Callable[
@@ -481,6 +493,14 @@ class Enforcer:
         mode = policy.accounts()[account].mode
         return Decision(Result.DENY, None, reason, account, mode)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Streams every response body on as it arrives: an origin that breaks off mid-body
+        is then a broken transfer for the client too (not a complete-looking 502 or a
+        truncated body), and the audit counts the bytes that really came."""
+        record = flow.metadata.get("agent_egress")
+        if isinstance(record, RequestRecord) and flow.response is not None:
+            flow.response.stream = record.received
+
     def response(self, flow: http.HTTPFlow) -> None:
         self._audit_request(flow)
 
@@ -494,7 +514,7 @@ class Enforcer:
             return
         response = flow.response
         bytes_up = _body_size(flow.request)
-        bytes_down = _body_size(response) if response is not None else None
+        bytes_down = record.received.total if response is not None else None
         if state.tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
             state.tunnel.bytes_up += bytes_up or 0
             state.tunnel.bytes_down += bytes_down or 0

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support.dnsserver import FaultyDNS
+from support.origins import ResettingOrigin
 from support.proxy import RunningProxy
 
 
@@ -167,3 +168,41 @@ def test_upstream_dns_fault_fails_clearly_and_recovers(behind_faulty_dns, faulty
     status, body, _ = through_proxy(proxy, f"https://{fresh_name()}:{secure.port}/recovered")
     assert (status, body.split()[0]) == ("200", "hello")
     assert "status: NOERROR" in dig_resolver(proxy, fresh_name())
+
+
+# An origin resetting the connection mid-transfer
+
+@pytest.mark.parametrize("scheme, framing", [("http", "length"), ("http", "chunked"),
+                                             ("https", "length")])
+def test_an_origin_reset_mid_body_is_a_failed_transfer(cli, tmp_path, dns, web, test_ca,
+                                                       scheme, framing):
+    sent = 5000
+    origin = ResettingOrigin(framing, sent,
+                             test_ca.server_context() if scheme == "https" else None)
+    host = "secure.test" if scheme == "https" else "web.test"
+    proxy = RunningProxy(cli, tmp_path, policy(web.port) + f"""\
+      - host: {host}
+        ports: [{origin.port}]
+      - cidr: 127.0.0.1/32
+        ports: [{origin.port}]
+""", "--upstream-dns", dns.address)
+    try:
+        done = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert",
+                               str(test_ca.ca_file), "-x", proxy.url, "-o", "-", "-w",
+                               "%{http_code}", f"{scheme}://{host}:{origin.port}/reset"],
+                              capture_output=True, timeout=30)
+        # curl: 18 "transfer closed with bytes remaining", 56 "failure receiving data"
+        assert done.returncode in (18, 56), done.stderr
+        assert done.stdout == b"x" * sent + b"200"  # what came, nothing pretending to be more
+        if scheme == "http":
+            (event,) = proxy.wait_for_events(lambda e: e["path"] == "/reset")
+            assert event["bytes_down"] == sent
+        else:
+            (event,) = proxy.wait_for_events(lambda e: e["port"] == origin.port)
+            assert event["event"] == "connect"
+            assert sent < event["bytes_down"] < 2 * sent  # TLS records around the body
+        assert event["decision"] == "allow"
+        assert fetch(proxy, f"http://web.test:{web.port}/after-reset").startswith("hello")
+    finally:
+        proxy.stop()
+        origin.stop()
