@@ -6,9 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -206,3 +208,55 @@ def test_an_origin_reset_mid_body_is_a_failed_transfer(cli, tmp_path, dns, web, 
     finally:
         proxy.stop()
         origin.stop()
+
+
+# The policy file deleted or garbled while the proxy runs
+
+def reload_errors(proxy: RunningProxy) -> float:
+    with urllib.request.urlopen(proxy.metrics_url, timeout=10) as response:
+        metrics = response.read().decode()
+    return next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith('agent_egress_policy_reloads_total{result="error"}'))
+
+
+def wait_until(condition, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_deleted_or_garbled_policy_keeps_the_last_good_one(cli, tmp_path, dns, web):
+    good = policy(web.port)
+    proxy = RunningProxy(cli, tmp_path, good, "--upstream-dns", dns.address)
+    allowed, other = f"http://web.test:{web.port}/kept", f"http://other.test:{web.port}/kept"
+    path = proxy.policy_file
+    try:
+        assert fetch(proxy, allowed).startswith("hello")
+        assert "no rule matched" in fetch(proxy, other)
+        bad_files = [
+            (lambda: path.unlink(), r":1:1: cannot read the policy: No such file"),
+            (lambda: path.write_bytes(b"\x00\x9c\xff garbage"), r":1:1: binary data"),
+            (lambda: path.write_text(good[:good.index("ports: [") + 8]),  # cut mid-write
+             r":\d+:\d+: invalid YAML"),
+        ]
+        for number, (spoil, error) in enumerate(bad_files, 1):
+            spoil()
+            assert wait_until(lambda n=number: proxy.log().count("policy reload refused") == n)
+            assert re.search(re.escape(str(path)) + error, proxy.log())
+            assert reload_errors(proxy) == number
+            # the last good policy still decides: neither everything denied nor opened up
+            assert fetch(proxy, allowed).startswith("hello")
+            assert "no rule matched" in fetch(proxy, other)
+        widened = good + f"      - host: other.test\n        ports: [{web.port}]\n"
+        temporary = path.with_suffix(".new")
+        temporary.write_text(widened)
+        os.replace(temporary, path)  # as editors and `learn --apply` write it
+        assert wait_until(lambda: fetch(proxy, other).startswith("hello"))
+        path.write_text(good)  # in place, as `cat >` does
+        assert wait_until(lambda: "no rule matched" in fetch(proxy, other))
+        assert reload_errors(proxy) == len(bad_files)
+    finally:
+        proxy.stop()
