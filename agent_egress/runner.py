@@ -273,8 +273,26 @@ async def serve(config: RunConfig) -> int:
             master.shutdown()
             await proxy_task
             await master.addons.get("proxyserver").servers.update([])
+            await _close_connections(master.addons.get("proxyserver"))
         if dns_server is not None:
             await dns_server.stop()
         audit.close()
         owners.close()
         enforcer.done()
+
+
+async def _close_connections(server: proxyserver.Proxyserver, wait: float = 5.0) -> None:
+    """Closes the clients' connections that are still open, as mitmproxy's idle timeout does,
+    and waits for their last hooks: left open, they would go on being served after the audit
+    log is closed, their events lost."""
+    for handler in list(server.connections.values()):
+        client = handler.transports.get(handler.client)
+        if client is not None and client.handler is not None:
+            client.handler.cancel("agent-egress is stopping")
+    try:
+        async with asyncio.timeout(wait):
+            while server.connections:
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        log.warning("%d connections still open %s s after closing; stopping anyway",
+                    len(server.connections), wait)

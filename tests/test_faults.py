@@ -3,6 +3,7 @@ being killed."""
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import os
@@ -260,3 +261,46 @@ def test_a_deleted_or_garbled_policy_keeps_the_last_good_one(cli, tmp_path, dns,
         assert reload_errors(proxy) == len(bad_files)
     finally:
         proxy.stop()
+
+
+# SIGTERM under load
+
+def test_sigterm_under_load_exits_cleanly_with_every_answer_audited(cli, tmp_path, dns, web):
+    proxy = RunningProxy(cli, tmp_path, policy(web.port), "--upstream-dns", dns.address)
+    numbers = itertools.count()
+    answered: list[str] = []  # paths the proxy gave a whole response for
+
+    def load(keep_alive: bool) -> BaseException:
+        """Sends requests until the proxy goes away; returns how it went away."""
+        connection = None
+        while True:
+            path = f"/load/{next(numbers)}"
+            try:
+                if connection is None:
+                    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
+                connection.request("GET", f"http://web.test:{web.port}{path}")
+                response = connection.getresponse()
+                response.read()
+                answered.append(path)
+                if not keep_alive or response.will_close:
+                    connection.close()
+                    connection = None
+            except (OSError, http.client.HTTPException) as e:
+                if connection is not None:
+                    connection.close()
+                return e
+
+    try:
+        with ThreadPoolExecutor(100) as clients:
+            ended = [clients.submit(load, i % 2 == 0) for i in range(100)]
+            assert wait_until(lambda: len(answered) >= 500, timeout=30)
+            proxy.signal(signal.SIGTERM)
+            assert proxy.process.wait(20) == 0
+            endings = [future.result(30) for future in ended]
+    finally:
+        proxy.stop()
+    # closed by the proxy or refused once it was gone: none waited out its timeout
+    assert not [e for e in endings if isinstance(e, TimeoutError)]
+    lines = proxy.audit_log.read_text().splitlines()
+    audited = {json.loads(line)["path"] for line in lines}  # every line parses
+    assert set(answered) <= audited
