@@ -1,5 +1,6 @@
-"""Faults the proxy must survive, and fail closed under: a full disk under the audit log, and
-being killed."""
+"""Faults the proxy must survive, and fail closed under: a full disk under the audit log, being
+killed, upstream DNS down, slow or answering garbage, an origin resetting mid-transfer, the
+policy file deleted or garbled, and SIGTERM under load."""
 
 from __future__ import annotations
 
