@@ -22,14 +22,17 @@ def denial(decision: Decision, destination: str, status: int = 403) -> http.Resp
     ]
     if decision.hint:
         facts.append(("Next", decision.hint))
-    body = "agent-egress denied this connection.\n" + "".join(
+    refused = status == 403
+    body = ("agent-egress denied this connection.\n" if refused else
+            "agent-egress could not reach this destination.\n") + "".join(
         f"{name.lower() + ':':13}{value}\n" for name, value in facts)
     headers = {HEADER_PREFIX + "Decision": "deny", "Content-Type": "text/plain; charset=utf-8",
                "Connection": "close"}
     headers.update({HEADER_PREFIX + name: _header_safe(value) for name, value in facts})
     response = http.Response.make(status, body.encode(), headers)
     # Clients that hide the body of a refused CONNECT (curl, pip) still print the reason phrase.
-    response.reason = _header_safe(f"Forbidden by agent-egress: {decision.reason}")[:300]
+    phrase = "Forbidden by agent-egress" if refused else "Bad Gateway (agent-egress)"
+    response.reason = _header_safe(f"{phrase}: {decision.reason}")[:300]
     return response
 
 

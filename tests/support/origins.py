@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -170,3 +173,47 @@ def package_index_handler(root: Path) -> Callable[[BaseHTTPRequestHandler], None
         request.wfile.write(body)
 
     return handle
+
+
+class ResettingOrigin:
+    """Answers every request with a body announced longer than what it sends, then resets the
+    connection (RST, not FIN): an origin that breaks off mid-transfer."""
+
+    def __init__(self, framing: str, sent: int, tls: ssl.SSLContext | None = None) -> None:
+        assert framing in ("length", "chunked")
+        self.framing, self.sent, self.tls = framing, sent, tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(client,), daemon=True).start()
+
+    def _answer(self, client: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                client = self.tls.wrap_socket(client, server_side=True)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += client.recv(4096) or b"\r\n\r\n"
+            body = b"x" * self.sent
+            if self.framing == "length":
+                head = f"Content-Length: {self.sent * 2}"
+            else:
+                head = "Transfer-Encoding: chunked"
+                body = f"{self.sent:x}\r\n".encode() + body + b"\r\n"
+            client.sendall(f"HTTP/1.1 200 OK\r\n{head}\r\n\r\n".encode() + body)
+            time.sleep(0.2)  # let it reach the client before the reset can overtake it
+        except OSError:
+            pass
+        finally:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
