@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import h11
@@ -64,7 +65,7 @@ def statuses(received: bytes) -> list[int]:
 
 
 @pytest.fixture
-def start(cli, tmp_path, dns) -> Iterator:
+def start(cli, tmp_path, dns) -> Iterator[Any]:
     started = []
 
     def run(policy: str, *args: str, prefix: tuple[str, ...] = ()) -> RunningProxy:
@@ -126,16 +127,17 @@ def test_slow_clients_neither_lock_others_out_nor_stay_forever(start, web):
                         pass  # closed by the proxy: the read below sees it
                 next_byte = time.monotonic() + 2
             for key, _ in selector.select(timeout=0.5):
-                connection = key.fileobj
-                assert isinstance(connection, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
                 try:
-                    chunk = connection.recv(4096)
+                    chunk = ready.recv(4096)
                 except ConnectionResetError:
                     chunk = b""
-                answers[connection] += chunk
+                answers[ready] += chunk
                 if not chunk:
-                    selector.unregister(connection)
-                    open_.discard(connection)
+                    selector.unregister(ready)
+                    open_.discard(ready)
+        selector.close()
         assert not open_, f"{len(open_)} slow connections still open"
         assert {statuses(answer)[0] for answer in answers.values()} == {408}
         assert not any(path.startswith("/slow/") for _, _, path in web.requests)
@@ -318,9 +320,8 @@ def test_a_password_guesser_stalls_no_one_else(start, web, tmp_path):
     16 guessers would hold each of the good client's requests for many seconds."""
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("alice:" + bcrypt.hashpw(b"wonderland", bcrypt.gensalt(14)).decode())
-    proxy = start(allow_web(web.port).replace("  default:\n", "  default:\n    match: "
-                                              "{proxy_users: [alice]}\n"),
-                  "--proxy-auth", str(htpasswd))
+    policy = allow_web(web.port).replace("default:", "alice:\n    match: {proxy_users: [alice]}")
+    proxy = start(policy, "--proxy-auth", str(htpasswd))
     good = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     url = f"http://web.test:{web.port}/good"
     good.request("GET", url, headers={"Proxy-Authorization": basic("alice", "wonderland")})
@@ -334,10 +335,12 @@ def test_a_password_guesser_stalls_no_one_else(start, web, tmp_path):
         while not stop.is_set():
             attempt += 1
             guesser = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
-            guesser.request("GET", url, headers={
-                "Proxy-Authorization": basic("alice", f"guess-{thread}-{attempt}")})
-            answers.append(guesser.getresponse().status)
-            guesser.close()
+            try:
+                guesser.request("GET", url, headers={
+                    "Proxy-Authorization": basic("alice", f"guess-{thread}-{attempt}")})
+                answers.append(guesser.getresponse().status)
+            finally:
+                guesser.close()
 
     guessers = [threading.Thread(target=guess, args=(n,)) for n in range(16)]
     for thread in guessers:
@@ -357,6 +360,7 @@ def test_a_password_guesser_stalls_no_one_else(start, web, tmp_path):
         stop.set()
         for thread in guessers:
             thread.join(60)
+        good.close()
     assert answers and set(answers) == {407}
     fresh = curl(url, proxy.url, "--proxy-user", "alice:wonderland")
     assert fresh.stdout == f"hello from web.test:{web.port} GET /good\n", fresh.stderr
