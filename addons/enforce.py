@@ -422,7 +422,7 @@ class Enforcer:
         tunnel = state.tunnel
         original = state.original if tunnel is None else None
         if original is not None:  # transparent plain HTTP: the Host header names the target
-            destination_host = (request.host_header or "").rsplit(":", 1)[0] or str(original[0])
+            destination_host = _host_header_name(request.host_header or "") or str(original[0])
             port = original[1]
         else:
             destination_host = request.host if tunnel is None else host_text(tunnel.host)
@@ -481,7 +481,7 @@ class Enforcer:
         header = request.host_header
         if header is None:
             return None
-        name = header.rsplit(":", 1)[0] if not header.endswith("]") else header
+        name = _host_header_name(header)
         try:
             named = normalize_host(name)
         except HostError as e:
@@ -632,6 +632,16 @@ class Enforcer:
 def _unresolved(decision: Decision, error: ResolveError) -> Decision:
     """Not a policy denial: nothing can be dialled. The client gets UNRESOLVED_STATUS."""
     return Decision(Result.DENY, decision.rule, str(error), decision.account, decision.mode)
+
+
+def _host_header_name(header: str) -> str:
+    """The host in a Host header, `host[:port]`. Anything else after the last colon stays part
+    of the name, so that it fails to parse: an obs-folded `Host: allowed.test:80\r\n evil.test`
+    must not pass as allowed.test and reach the origin, which may read it differently."""
+    name, _, port = header.rpartition(":")
+    if header.endswith("]") or not (port.isascii() and port.isdigit()):
+        return header
+    return name
 
 
 def _body_size(message: http.Message) -> int | None:

@@ -17,11 +17,13 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from mitmproxy import certs, options
-from mitmproxy.addons import core, proxyauth, proxyserver, tlsconfig
+from mitmproxy.addons import core, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from .addons.enforce import Enforcer
+from .addons.limits import RequestHeadLimits, raise_open_file_limit
 from .addons.nextlayer import ClientFirstNextLayer
+from .addons.proxyauth import ProxyAuthenticator
 from .audit import AuditLog
 from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
@@ -193,8 +195,9 @@ def master_for(config: RunConfig, confdir: Path, enforcer: Enforcer, listening: 
     # Order matters: proxy authentication before the policy (which reads its result); the
     # policy before Proxyserver (whose self-connect guard must see the pinned address) and
     # before NextLayer (so that it can take pass-through tunnels first).
-    master.addons.add(core.Core(), proxyauth.ProxyAuth(), enforcer, proxyserver.Proxyserver(),
-                      ClientFirstNextLayer(), tlsconfig.TlsConfig(), listening)
+    master.addons.add(core.Core(), ProxyAuthenticator(), enforcer, proxyserver.Proxyserver(),
+                      ClientFirstNextLayer(), RequestHeadLimits(), tlsconfig.TlsConfig(),
+                      listening)
     if accept_on is not None:
         master.addons.add(AcceptOn(master.addons.get("proxyserver").servers, accept_on))
     modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
@@ -228,6 +231,7 @@ async def serve(config: RunConfig) -> int:
             raise StartupError(f"refusing to serve {what} on {address[0]}, which is not "
                                "loopback: it has no authentication")
     servers = _upstream_servers(config)
+    raise_open_file_limit()
     confdir = prepare_state_dir(config.state_dir)
     policies = PolicyHolder(config.policy)
     guarded = [config.state_dir, confdir / f"{CA_BASENAME}-ca.pem"]
