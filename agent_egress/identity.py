@@ -158,7 +158,7 @@ def find_process(inode: int, uid: int) -> Process | None:
     /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing. Called from one
     thread only."""
     if (known := _socket_owners.pop(inode, None)) is not None and known[1] == uid:
-        return _describe(known[0])
+        return known[0]
     last = _last_process.get(uid)
     names = itertools.chain([str(last)] if last else [], (e.name for e in os.scandir("/proc")))
     for name in names:
@@ -171,14 +171,14 @@ def find_process(inode: int, uid: int) -> Process | None:
         except OSError:
             continue
         if inode in sockets:
-            pid = int(name)
-            _last_process[uid] = pid
+            process = _describe(int(name))
+            _last_process[uid] = process.pid
             # A client opening connections at once has its next ones' sockets open already:
             # this scan finds them, so their own lookups need not read /proc again.
             if len(_socket_owners) > _MAX_SOCKET_OWNERS:
                 _socket_owners.clear()
-            _socket_owners.update(dict.fromkeys(sockets - {inode}, (pid, uid)))
-            return _describe(pid)
+            _socket_owners.update(dict.fromkeys(sockets - {inode}, (process, uid)))
+            return process
     return None
 
 
@@ -196,9 +196,9 @@ def _sockets_of(pid: str) -> set[int]:
 
 
 _last_process: dict[int, int] = {}  # uid -> the pid found last: clients reconnect
-# socket inode -> (pid, uid) seen in the last scans; inodes are not reused while the socket is
+# socket inode -> (process, uid) seen in the last scans; inodes are not reused while the socket is
 # open, and one that was looked up or closed is dropped with the rest when the map fills up
-_socket_owners: dict[int, tuple[int, int]] = {}
+_socket_owners: dict[int, tuple[Process, int]] = {}
 _MAX_SOCKET_OWNERS = 4096
 
 
