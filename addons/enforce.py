@@ -189,18 +189,26 @@ class Enforcer:
 
     @_deny_on_error(_refuse_client)
     def client_connected(self, client: connection.Client) -> None:
-        peer_ip, peer_port = client.peername[:2]
+        transparent = isinstance(client.proxy_mode, mode_specs.TransparentMode)
+        self.clients[client.id] = self.client_state(client.peername, client.sockname,
+                                                    transparent)
+
+    def client_state(self, peername: tuple[str, int], sockname: tuple[str, int],
+                     transparent: bool = False) -> ClientState:
+        """Who the client is (and, in the background, which process); for a transparent
+        connection `sockname` is where the client dialled (mitmproxy put SO_ORIGINAL_DST
+        there)."""
+        peer_ip, peer_port = peername[:2]
         source = normalize_host(peer_ip)
         assert not isinstance(source, Name)
         state = ClientState(f"{host_text(source)}:{peer_port}", Identity(source=source))
-        if isinstance(client.proxy_mode, mode_specs.TransparentMode):
-            # mitmproxy put the original destination (SO_ORIGINAL_DST) in sockname
-            original = normalize_host(client.sockname[0])
+        if transparent:
+            original = normalize_host(sockname[0])
             assert not isinstance(original, Name)
-            state.original = (original, client.sockname[1])
+            state.original = (original, sockname[1])
         owners = self.runtime.owners
         if owners is not None:  # finds nothing for a client that is not on this machine
-            owner = owners.owner(client.peername[:2], client.sockname[:2])
+            owner = owners.owner(peername[:2], sockname[:2])
             if owner is not None:
                 state.identity = Identity(uid=owner.uid, user=user_name(owner.uid),
                                           source=source)
@@ -209,13 +217,18 @@ class Enforcer:
                     state.process = self._process_lookups.submit(find_process, owner.inode,
                                                                  owner.uid)
                     state.process.add_done_callback(self._lookup_done)
-        self.clients[client.id] = state
+        return state
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.clients.pop(client.id, None)
-        if state is not None and state.process is not None and state.process.cancel():
+        if state is not None:
+            self.finish(state)
+
+    def finish(self, state: ClientState) -> None:
+        """The client has gone: counts its tunnel's bytes and records the tunnel."""
+        if state.process is not None and state.process.cancel():
             state.process = None  # not started, and the socket is gone: nothing to find
-        if state is None or state.tunnel is None:
+        if state.tunnel is None:
             return
         tunnel = state.tunnel
         metrics, account = self.runtime.metrics, tunnel.decision.account
@@ -245,6 +258,11 @@ class Enforcer:
 
     async def _open_tunnel(self, state: ClientState, identity: Identity, host_raw: str,
                            port: int, original: Address | None = None) -> Tunnel:
+        return self.start_tunnel(state, await self.decide_tunnel(identity, host_raw, port,
+                                                                 original))
+
+    async def decide_tunnel(self, identity: Identity, host_raw: str, port: int,
+                            original: Address | None = None) -> Tunnel:
         """The decision for a connection to `host_raw`:`port` (a CONNECT, or the SNI of a
         transparent connection to `original`), its upstream address resolved and checked."""
         policy = self.runtime.policies.current
@@ -261,10 +279,10 @@ class Enforcer:
                 decision, ip = await self._pin(policy, decision, host, port, original)
             except ResolveError as e:
                 decision, unresolved = _unresolved(decision, e), True
-        return self._start_tunnel(state, Tunnel(host if host is not None else Name(host_raw, ()),
-                                                port, decision, ip, unresolved=unresolved))
+        return Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip,
+                      unresolved=unresolved)
 
-    def _start_tunnel(self, state: ClientState, tunnel: Tunnel) -> Tunnel:
+    def start_tunnel(self, state: ClientState, tunnel: Tunnel) -> Tunnel:
         state.tunnel = tunnel
         if tunnel.decision.passes:
             tunnel.active = True
@@ -299,7 +317,7 @@ class Enforcer:
         if hello is None:
             return  # wait for the rest of the ClientHello
         assert state is not None
-        refusal = self._sni_refusal(hello.sni, tunnel)
+        refusal = self.sni_refusal(hello.sni, tunnel)
         if refusal:
             self._deny_tunnel(state, tunnel, refusal)
             _refuse_next_layer(nextlayer, refusal)
@@ -325,7 +343,7 @@ class Enforcer:
         elif _HTTP_REQUEST.match(data):
             return  # each request is judged by its Host in requestheaders
         else:
-            tunnel = self._start_tunnel(state, self._raw_tcp(state, address, port))
+            tunnel = self.start_tunnel(state, self._raw_tcp(state, address, port))
         if not tunnel.decision.passes:
             _refuse_next_layer(nextlayer, tunnel.decision.reason)
         elif not tunnel.decision.inspect:
@@ -361,14 +379,14 @@ class Enforcer:
         if tunnel is None:
             _refuse_hello(data, "TLS without a CONNECT")
             return
-        refusal = self._sni_refusal(data.client_hello.sni, tunnel)
+        refusal = self.sni_refusal(data.client_hello.sni, tunnel)
         if refusal:
             self._deny_tunnel(state, tunnel, refusal)
             _refuse_hello(data, refusal)
         elif not tunnel.decision.inspect:
             data.ignore_connection = True
 
-    def _sni_refusal(self, sni: str | None, tunnel: Tunnel) -> str | None:
+    def sni_refusal(self, sni: str | None, tunnel: Tunnel) -> str | None:
         if sni is None:
             if isinstance(tunnel.host, Name):
                 return f"TLS without SNI in a CONNECT to {tunnel.destination}"

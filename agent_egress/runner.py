@@ -21,6 +21,7 @@ from mitmproxy.addons import core, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from .addons.enforce import Enforcer
+from .addons.fastpath import ExplicitListener
 from .addons.limits import RequestHeadLimits, raise_open_file_limit
 from .addons.nextlayer import ClientFirstNextLayer
 from .addons.proxyauth import ProxyAuthenticator
@@ -33,7 +34,7 @@ from .nftables import governed_accounts
 from .rules import Policy
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
-from .workerpool import AcceptOn, WithWorkers, WorkerPool, bind_shared
+from .workerpool import WithWorkers, WorkerPool, bind_shared
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,11 @@ def master_for(config: RunConfig, confdir: Path, enforcer: Enforcer, listening: 
     master.addons.add(core.Core(), ProxyAuthenticator(), enforcer, proxyserver.Proxyserver(),
                       ClientFirstNextLayer(), RequestHeadLimits(), tlsconfig.TlsConfig(),
                       listening)
-    if accept_on is not None:
-        master.addons.add(AcceptOn(master.addons.get("proxyserver").servers, accept_on))
+    if config.proxy is not None:
+        # allowed HTTPS tunnels skip mitmproxy's layers; not with proxy authentication, which
+        # mitmproxy checks
+        master.addons.add(ExplicitListener(master.addons.get("proxyserver").servers, enforcer,
+                                           accept_on, fast=config.proxy_auth is None))
     modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
     if config.transparent:
         modes.append(f"transparent@{_format(*config.transparent)}")
@@ -336,6 +340,8 @@ async def stop_proxy(master: Master, running: asyncio.Task[None]) -> None:
     master.shutdown()
     await running
     await master.addons.get("proxyserver").servers.update([])
+    if (explicit := master.addons.get("explicitlistener")) is not None:
+        await explicit.close_tunnels()
     await _close_connections(master.addons.get("proxyserver"))
 
 

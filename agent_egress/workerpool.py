@@ -71,27 +71,6 @@ def bind_shared(address: tuple[str, int], count: int) -> list[socket.socket]:
     return sockets
 
 
-class AcceptOn:
-    """Makes mitmproxy's explicit-proxy server accept on a socket bound beforehand (shared
-    with the other workers through SO_REUSEPORT) instead of binding one itself. Add it to the
-    master before it runs: it hooks the server list's "created, not yet started" signal."""
-
-    def __init__(self, servers: Any, sock: socket.socket) -> None:
-        self.servers = servers
-        self.sock = sock
-        servers.changed.connect(self.servers_changed)
-
-    def servers_changed(self) -> None:
-        for instance in self.servers:
-            if instance.mode.type_name == "regular" and not instance.is_running:
-                instance.listen = self._listener(instance)
-
-    def _listener(self, instance: Any) -> Any:
-        async def listen(host: str, port: int) -> list[asyncio.Server]:
-            return [await asyncio.start_server(instance.handle_stream, sock=self.sock)]
-        return listen
-
-
 class _Worker:
     def __init__(self, number: int, process: asyncio.subprocess.Process,
                  control: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:

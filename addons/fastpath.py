@@ -1,0 +1,360 @@
+"""Allowed HTTPS tunnels without mitmproxy's layers.
+
+Most CONNECTs an agent makes go to hosts whose rule needs no inspection, and what follows is a
+TLS ClientHello naming that host. mitmproxy spends about 2 ms of CPU on such a tunnel (its
+layers, hooks and a generator step per chunk). Here the same checks, by the same Enforcer
+methods: the account, the CONNECT decision, the pinned upstream address, the ClientHello's SNI;
+then two protocols copy bytes, counted, until either side closes, and the tunnel is recorded as
+mitmproxy's path records it.
+
+Everything else is handed to mitmproxy untouched, its bytes so far replayed into mitmproxy's
+connection handler, which then decides as always: a CONNECT that is denied or inspected,
+anything but a CONNECT, a head or ClientHello split over reads, bytes that are not TLS, a wrong
+or missing SNI. When the CONNECT was already answered here, mitmproxy's own answer to the
+replayed CONNECT is dropped, or the connection closed if mitmproxy refuses what was accepted
+(the policy changed in between).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from agent_egress.addons.enforce import ClientState, Enforcer, Tunnel
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 600.0  # as mitmproxy's connection handler: a tunnel quiet this long is closed
+_READ_LIMIT = 1 << 16
+_HEAD_END = b"\r\n\r\n"
+
+
+class ExplicitListener:
+    """Serves mitmproxy's explicit-proxy listener: FastTunnels in front (with `fast`), on a
+    socket bound beforehand if given (shared with other workers through SO_REUSEPORT). Add it
+    to the master before it runs: it hooks the server list's "created, not yet started"
+    signal, and replaces how the explicit-proxy server listens."""
+
+    def __init__(self, servers: Any, enforcer: Enforcer, sock: socket.socket | None,
+                 fast: bool) -> None:
+        self.servers = servers
+        self.enforcer = enforcer
+        self.sock = sock
+        self.fast = fast
+        self.fast_tunnels: list[FastTunnels] = []
+        servers.changed.connect(self.servers_changed)
+
+    def servers_changed(self) -> None:
+        for instance in self.servers:
+            if instance.mode.type_name == "regular" and not instance.is_running:
+                instance.listen = self._listener(instance)
+
+    def _listener(self, instance: Any) -> Any:
+        async def listen(host: str, port: int) -> list[asyncio.Server]:
+            where: dict[str, Any] = {"sock": self.sock} if self.sock else {"host": host,
+                                                                           "port": port}
+            if not self.fast:
+                return [await asyncio.start_server(instance.handle_stream, **where)]
+            tunnels = FastTunnels(self.enforcer, instance.handle_stream, self._own_addresses)
+            self.fast_tunnels.append(tunnels)
+            return [await asyncio.get_running_loop().create_server(tunnels.protocol, **where)]
+        return listen
+
+    def _own_addresses(self) -> set[tuple[str, int]]:
+        return {(str(a[0]), a[1]) for server in self.servers for a in server.listen_addrs}
+
+    async def close_tunnels(self) -> None:
+        for tunnels in self.fast_tunnels:
+            await tunnels.close()
+
+
+class FastTunnels:
+    """Serves the explicit proxy's listener: `protocol` for loop.create_server."""
+
+    def __init__(self, enforcer: Enforcer,
+                 handover: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                 own_addresses: Callable[[], set[tuple[str, int]]]) -> None:
+        """`handover` is mitmproxy's handle_stream for this listener; `own_addresses` where
+        this proxy listens (a tunnel to itself is mitmproxy's to refuse)."""
+        self.enforcer = enforcer
+        self.handover = handover
+        self.own_addresses = own_addresses
+        self.live: set[_Client] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def protocol(self) -> asyncio.Protocol:
+        return _Client(self)
+
+    async def close(self, wait: float = 5.0) -> None:
+        """Closes every tunnel and waits until each is recorded (before the audit log shuts)."""
+        for client in list(self.live):
+            client.close()
+        try:
+            async with asyncio.timeout(wait):
+                while self.live:
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            log.warning("%d fast tunnels still open %s s after closing", len(self.live), wait)
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _Client(asyncio.Protocol):
+    """The client's side: the CONNECT head, the ClientHello, then bytes to the destination."""
+
+    def __init__(self, tunnels: FastTunnels) -> None:
+        self.tunnels = tunnels
+        self.transport: asyncio.Transport | None = None
+        self.received = bytearray()  # what the client sent before the relay began
+        self.head_length = 0
+        self.answered = False  # our 200 to the CONNECT is out
+        self.state: ClientState | None = None
+        self.tunnel: Tunnel | None = None
+        self.upstream: _Upstream | None = None
+        self.last_active = time.monotonic()
+        self.idle: asyncio.TimerHandle | None = None
+        self.finished = False
+        self.eofs = 0  # half-closes seen: at two, both directions are done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.tunnels.live.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upstream is not None:
+            self.last_active = time.monotonic()
+            self.tunnel.bytes_up += len(data)  # type: ignore[union-attr]
+            self.upstream.transport.write(data)
+            return
+        self.received += data
+        if not self.head_length:
+            end = self.received.find(_HEAD_END)
+            if end < 0 or not self.received.startswith(b"CONNECT "):
+                self._hand_over()
+                return
+            self.head_length = end + len(_HEAD_END)
+            self._pause()
+            self._start(self._connect())
+        elif self.answered:
+            self._hello()
+
+    def _hello(self) -> None:
+        hello_bytes = bytes(self.received[self.head_length:])
+        if not hello_bytes:
+            return
+        assert self.tunnel is not None
+        try:
+            hello = parse_client_hello(hello_bytes) if starts_like_tls_record(
+                hello_bytes) else None
+        except ValueError:
+            hello = None
+        if hello is None or self.tunnels.enforcer.sni_refusal(hello.sni, self.tunnel):
+            self._hand_over()  # not TLS, not whole yet, or refused: mitmproxy decides
+            return
+        self._pause()
+        self._start(self._dial(hello_bytes))
+
+    async def _connect(self) -> None:
+        assert self.transport is not None
+        request_line = bytes(self.received[:self.received.find(b"\r\n")])
+        parts = request_line.split(b" ")
+        target = _authority(parts[1]) if len(parts) == 3 and parts[2] in (
+            b"HTTP/1.1", b"HTTP/1.0") else None
+        if target is None:
+            self._hand_over()
+            return
+        enforcer = self.tunnels.enforcer
+        self.state = enforcer.client_state(self.transport.get_extra_info("peername"),
+                                           self.transport.get_extra_info("sockname"))
+        tunnel = await enforcer.decide_tunnel(self.state.identity, *target)
+        if self.transport.is_closing():
+            self._finish()
+            return
+        if (not tunnel.decision.passes or tunnel.decision.inspect or tunnel.ip is None or
+                (str(tunnel.ip), tunnel.port) in self.tunnels.own_addresses()):
+            self._hand_over()
+            return
+        self.tunnel = tunnel
+        self.answered = True
+        self.transport.write(parts[2] + b" 200 Connection established\r\n\r\n")
+        self.transport.resume_reading()
+        self._hello()  # the client may have sent it with the CONNECT
+
+    async def _dial(self, hello: bytes) -> None:
+        assert self.transport is not None and self.state is not None and self.tunnel is not None
+        tunnel = self.tunnels.enforcer.start_tunnel(self.state, self.tunnel)
+        loop = asyncio.get_running_loop()
+        try:
+            _, upstream = await loop.create_connection(lambda: _Upstream(self),
+                                                       str(tunnel.ip), tunnel.port)
+        except OSError as e:
+            log.info("%s: cannot connect to %s: %s", self.state.client, tunnel.destination, e)
+            self.transport.close()
+            self._finish()
+            return
+        if self.transport.is_closing():
+            upstream.transport.close()
+            return
+        self.upstream = upstream
+        tunnel.bytes_up += len(hello)
+        upstream.transport.write(hello)
+        self.received.clear()
+        self.idle = loop.call_later(IDLE_TIMEOUT, self._check_idle)
+        self.transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        quiet = time.monotonic() - self.last_active
+        if quiet >= IDLE_TIMEOUT:
+            self.close()
+        else:
+            self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT - quiet,
+                                                              self._check_idle)
+
+    def _hand_over(self) -> None:
+        """Gives the connection, and what it sent so far, to mitmproxy."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        reader.feed_data(bytes(self.received))
+        writer_type = _AnsweredWriter if self.answered else asyncio.StreamWriter
+        writer = writer_type(self.transport, protocol, reader, loop)
+        self.transport.resume_reading()
+        self._start(self.tunnels.handover(reader, writer))
+        self.tunnels.live.discard(self)
+        if self.state is not None:  # mitmproxy makes its own; this one recorded nothing
+            self.state.tunnel = None
+            self.tunnels.enforcer.finish(self.state)
+
+    def _pause(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def _start(self, coroutine: Any) -> None:
+        self.tunnels.keep(asyncio.get_running_loop().create_task(self._guarded(coroutine)))
+
+    async def _guarded(self, coroutine: Any) -> None:
+        try:
+            await coroutine
+        except Exception:
+            log.exception("fast tunnel failed; closing the connection")
+            self.close()
+
+    # Flow control: the side that cannot keep up pauses the other's reading.
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.upstream is None or not self.upstream.transport.can_write_eof():
+            return False
+        self.upstream.transport.write_eof()
+        return self.half_closed()
+
+    def half_closed(self) -> bool:
+        """One direction has ended; keeps the connections open for the other, if it has not."""
+        self.eofs += 1
+        if self.eofs < 2:
+            return True
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnels.live.discard(self)
+        if self.upstream is not None:
+            self.upstream.transport.close()
+        self._finish()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None:
+            self.upstream.transport.close()
+
+    def _finish(self) -> None:
+        if self.finished or self.state is None:
+            return
+        self.finished = True
+        if self.idle is not None:
+            self.idle.cancel()
+        self.tunnels.enforcer.finish(self.state)
+
+
+class _Upstream(asyncio.Protocol):
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        client.last_active = time.monotonic()
+        client.tunnel.bytes_down += len(data)  # type: ignore[union-attr]
+        client.transport.write(data)  # type: ignore[union-attr]
+
+    def pause_writing(self) -> None:
+        self.client.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.client.transport.resume_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        transport = self.client.transport
+        if transport is None or not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        return self.client.half_closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.client.transport is not None:
+            self.client.transport.close()
+
+
+class _AnsweredWriter(asyncio.StreamWriter):
+    """For a connection whose CONNECT was answered before mitmproxy saw it: drops mitmproxy's
+    200 to the replayed CONNECT; any other answer closes the connection, since the client
+    already took the tunnel as open."""
+
+    answered = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.answered:
+            super().write(data)
+            return
+        self.answered = True
+        if bytes(data[9:13]) != b"200 ":
+            self.transport.close()
+
+
+def _authority(target: bytes) -> tuple[str, int] | None:
+    """`host:port` or `[v6]:port` of a CONNECT; None for anything else."""
+    try:
+        text = target.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
