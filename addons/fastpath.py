@@ -129,10 +129,11 @@ class _Client(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.tunnels.live.add(self)
+        self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         if self.upstream is not None:
-            self.last_active = time.monotonic()
             self.tunnel.bytes_up += len(data)  # type: ignore[union-attr]
             self.upstream.transport.write(data)
             return
@@ -209,7 +210,6 @@ class _Client(asyncio.Protocol):
         tunnel.bytes_up += len(hello)
         upstream.transport.write(hello)
         self.received.clear()
-        self.idle = loop.call_later(IDLE_TIMEOUT, self._check_idle)
         self.transport.resume_reading()
 
     def _check_idle(self) -> None:
@@ -234,6 +234,8 @@ class _Client(asyncio.Protocol):
         self.transport.resume_reading()
         self._start(self.tunnels.handover(reader, writer))
         self.tunnels.live.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()  # mitmproxy's own watchdog takes over
         if self.state is not None:  # mitmproxy makes its own; this one recorded nothing
             self.state.tunnel = None
             self.tunnels.enforcer.finish(self.state)
@@ -289,11 +291,11 @@ class _Client(asyncio.Protocol):
             self.upstream.transport.close()
 
     def _finish(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
         if self.finished or self.state is None:
             return
         self.finished = True
-        if self.idle is not None:
-            self.idle.cancel()
         self.tunnels.enforcer.finish(self.state)
 
 
