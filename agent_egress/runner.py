@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import signal
 import stat
 import sys
@@ -197,6 +198,10 @@ async def serve(config: RunConfig) -> int:
             raise StartupError(f"refusing to serve {what} on {address[0]}, which is not "
                                "loopback: it has no authentication")
     servers = _upstream_servers(config)
+    # Each client holds two descriptors (its connection and the upstream one): systemd's
+    # default soft limit of 1024 runs out at about 500 clients, and the hard limit is for this.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     confdir = prepare_state_dir(config.state_dir)
     policies = PolicyHolder(config.policy)
     guarded = [config.state_dir, confdir / f"{CA_BASENAME}-ca.pem"]
