@@ -162,8 +162,12 @@ class _Clients:
                 self.admission.notify_all()
             while time.monotonic() < limit and (
                     workers - self.waiting < min(self.admitted, workers) or
+                    self.plan.gate_pid and
                     self.proxy_fds() < self.load.idle_fds + self.load.connected):
                 await asyncio.sleep(0.02)
+        async with self.admission:  # the rest, if it took too long, so that none is left behind
+            self.admitted = workers
+            self.admission.notify_all()
         self.load.held_fds = self.proxy_fds()
         self.deadline = time.monotonic() + self.plan.seconds
         self.started.set()
