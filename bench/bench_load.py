@@ -155,9 +155,14 @@ def wait_for_events(read: Callable[[], list[dict[str, object]]], outcomes: list[
         time.sleep(0.5)
 
 
-def failures(outcomes: list[Outcome]) -> str:
-    broken = Counter(f"{o.kind}: {o.detail[:80]}" for o in outcomes if o.result == FAILED)
-    return "; ".join(f"{n} x {what}" for what, n in broken.most_common(5))
+def failures(phase: Phase) -> str:
+    """What the client saw of the failed requests, and the reasons in their audit events."""
+    failed = {o.key: o for o in phase.outcomes if o.result == FAILED}
+    broken = Counter(f"{o.kind}: {o.detail[:80]}" for o in failed.values())
+    reasons = Counter(f"audit {e.get('decision')}: {str(e.get('reason'))[:100]}"
+                      for e in phase.events if (e.get("path") or e.get("host")) in failed)
+    return "; ".join(f"{n} x {what}" for what, n in
+                     broken.most_common(5) + reasons.most_common(5))
 
 
 def nginx(directory: Path, cert: trustme.LeafCert, address: str, http_port: int,
@@ -322,6 +327,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 s per phase (a smoke run)")
     parser.add_argument("--seconds", type=float, help="how long the clients keep going")
     parser.add_argument("--queries", type=int, help="DNS queries in the burst")
+    parser.add_argument("--transparent-only", action="store_true",
+                        help="only the transparent-mode phase")
     parser.add_argument("--serve-dns", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_dns:
@@ -335,15 +342,15 @@ def main() -> None:
         work = Path(tmp)
         work.chmod(0o755)
         ca = trustme.CA()
-        phases = explicit_and_dns(work, ca, settings)
+        phases = [] if args.transparent_only else explicit_and_dns(work, ca, settings)
         if os.getuid() == 0:
-            phases.insert(1, transparent(work, ca, settings))
+            phases.insert(min(1, len(phases)), transparent(work, ca, settings))
         else:
             print("transparent phase skipped: needs root (network namespace, nftables)\n")
     print(table(HEADERS, [p.row() for p in phases]))
     print()
     for p in phases:
-        broken = failures(p.outcomes)
+        broken = failures(p)
         print(f"- {p.name}: {'; '.join(p.notes)}" + (f"; failed: {broken}" if broken else ""))
     kinds = Counter(o.kind for p in phases for o in p.outcomes)
     print(f"\nrequests by kind: {', '.join(f'{k} {kinds[k]:,}' for k in AUDITED)}")
