@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 MAX_PENDING_UDP = 1024
 UDP_BATCH = 64  # datagrams read per wake-up, so that TCP and forwarded answers get their turn
 UDP_RECEIVE_SIZE = 65535
+# The kernel's default (208 KiB) holds about 200 queries: a burst while the event loop is busy
+# with the proxy overflowed it, and queries were dropped unanswered. Capped at rmem_max.
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 TCP_IDLE_SECONDS = 10.0
 MAX_TCP_CLIENTS = 256
 
@@ -134,6 +137,7 @@ class DnsServer:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
                 sock.bind((host, port))
             except OSError:
                 sock.close()

@@ -25,6 +25,10 @@ class Zone:
         with self._lock:
             self.queries.append((name, qtype))
         addresses = self.records.get(name)
+        if addresses is None and "." in name:  # "*.example.test" stands for any name below
+            parent = name.split(".", 1)[1]
+            addresses = next((self.records[f"*.{suffix}"] for suffix in _suffixes(parent)
+                              if f"*.{suffix}" in self.records), None)
         if addresses is None:
             reply.header.rcode = RCODE.NXDOMAIN
             return reply
@@ -41,6 +45,11 @@ class Zone:
             return any(q == name for q, _ in self.queries)
 
 
+def _suffixes(name: str) -> list[str]:
+    labels = name.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+
+
 class TestDNS:
     """UDP and TCP on one loopback port."""
 
@@ -48,9 +57,19 @@ class TestDNS:
         self.zone = zone
         self.host = host
         logger = DNSLogger(log="-request,-reply,-truncated,-recv,-send,-data", prefix=False)
-        self.udp = DNSServer(zone, address=host, port=port, logger=logger)
-        self.port = self.udp.server.server_address[1]
-        self.tcp = DNSServer(zone, address=host, port=self.port, tcp=True, logger=logger)
+        for attempt in range(20):  # a free UDP port may be taken for TCP: try another
+            self.udp = DNSServer(zone, address=host, port=port, logger=logger)
+            self.port = self.udp.server.server_address[1]
+            try:
+                self.tcp = DNSServer(zone, address=host, port=self.port, tcp=True,
+                                     logger=logger)
+                break
+            except OSError:
+                self.udp.server.server_close()
+                if port or attempt == 19:
+                    raise
+        # room for a burst of queries (the default holds about 200) while threads start
+        self.udp.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.udp.start_thread()
         self.tcp.start_thread()
 

@@ -21,6 +21,7 @@ import trustme
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 1024  # the listen backlog: socketserver's 5 drops bursts of clients
 
 
 class Origin:
