@@ -209,10 +209,12 @@ class Enforcer:
         owners = self.runtime.owners
         if owners is not None:  # finds nothing for a client that is not on this machine
             owner = owners.owner(peername[:2], sockname[:2])
+            if owner is None and transparent:
+                owner = owners.sole_owner_towards(peer_ip, sockname[:2])
             if owner is not None:
                 state.identity = Identity(uid=owner.uid, user=user_name(owner.uid),
                                           source=source)
-                if self._pending_lookups < MAX_PENDING_LOOKUPS:
+                if owner.inode and self._pending_lookups < MAX_PENDING_LOOKUPS:
                     self._pending_lookups += 1
                     state.process = self._process_lookups.submit(find_process, owner.inode,
                                                                  owner.uid)

@@ -26,7 +26,9 @@ NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
+TCP_TIME_WAIT = 6
 TCP_LISTEN = 10
+_LIVE_STATES = ~((1 << TCP_TIME_WAIT) | (1 << TCP_LISTEN)) & 0xFFFFFFFF
 _ALL_STATES = 0xFFFFFFFF
 _NO_COOKIE = (0xFFFFFFFF, 0xFFFFFFFF)
 _HEADER = struct.Struct("=IHHII")
@@ -71,6 +73,25 @@ class SocketOwners:
                 return SocketOwner(entry.uid, entry.inode)
         return None
 
+    def sole_owner_towards(self, local_ip: str,
+                           remote: tuple[str, int]) -> SocketOwner | None:
+        """For a redirected connection whose client port NAT changed (it does when the
+        redirected addresses would clash with an older connection's): the one uid owning every
+        live socket from `local_ip` to `remote`, the client's among them (its connection to the
+        proxy is open, so it is not in TIME_WAIT). This process's own connections there are
+        left out; a socket that names no owner (a closed one the kernel keeps as a minimal
+        socket) or a second uid makes the owner unknown. The inode is 0: which socket it was
+        is not known, so neither is the process."""
+        address, peer = _unmap(local_ip), (_unmap(remote[0]), remote[1])
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        ours = os.geteuid()
+        uids = {entry.uid if entry.uid or entry.inode else None
+                for entry in dump_sockets(socket.IPPROTO_TCP, _LIVE_STATES, family)
+                if entry.local[0] == address and entry.remote == peer
+                and not (entry.uid == ours and entry.inode)}
+        uid = uids.pop() if len(uids) == 1 else None
+        return SocketOwner(uid, 0) if uid is not None else None
+
     def owner(self, local: tuple[str, int], remote: tuple[str, int],
               protocol: int = socket.IPPROTO_TCP) -> SocketOwner | None:
         """The socket whose own address is `local` and whose peer is `remote`."""
@@ -98,22 +119,33 @@ class SocketOwners:
                 return None
             raise OSError(-code, os.strerror(-code))
         fields = _MESSAGE.unpack_from(reply, _HEADER.size)
+        if fields[1] == TCP_TIME_WAIT and protocol == socket.IPPROTO_TCP:
+            # A closed connection's TIME_WAIT entry, which has no owner, can share its
+            # addresses with a new one that reused the port (tcp_tw_reuse); the kernel's exact
+            # look-up may give the old one. The new one is found among the live sockets.
+            return next((SocketOwner(entry.uid, entry.inode)
+                         for entry in dump_sockets(protocol, _LIVE_STATES, family)
+                         if entry.local == (local_ip, local[1])
+                         and entry.remote == (remote_ip, remote[1])), None)
         return SocketOwner(uid=fields[8], inode=fields[9])
 
 
 @dataclass(frozen=True, slots=True)
 class SocketEntry:
     local: tuple[IPv4Address | IPv6Address, int]
+    remote: tuple[IPv4Address | IPv6Address, int]
     uid: int
     inode: int
 
 
-def dump_sockets(protocol: int, states: int = _ALL_STATES) -> list[SocketEntry]:
-    """Every socket of `protocol` (IPv4 and IPv6) in `states` (a bit mask of TCP states)."""
+def dump_sockets(protocol: int, states: int = _ALL_STATES,
+                 *families: int) -> list[SocketEntry]:
+    """Every socket of `protocol` in `states` (a bit mask of TCP states), of `families`
+    (default IPv4 and IPv6)."""
     entries = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        NETLINK_SOCK_DIAG) as diag:
-        for family in (socket.AF_INET, socket.AF_INET6):
+        for family in families or (socket.AF_INET, socket.AF_INET6):
             request = _REQUEST.pack(family, protocol, 0, 0, states) + bytes(48)
             diag.send(_HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
                                    NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + request)
@@ -132,9 +164,11 @@ def _read_dump(diag: socket.socket, family: int) -> list[SocketEntry]:
                 return entries
             fields = _MESSAGE.unpack_from(data, offset + _HEADER.size)
             sockid = fields[4]
-            port = struct.unpack_from("!H", sockid)[0]
-            raw = sockid[4:8] if family == socket.AF_INET else sockid[4:20]
-            entries.append(SocketEntry((ip_address(raw), port), fields[8], fields[9]))
+            local_port, remote_port = struct.unpack_from("!HH", sockid)
+            size = 4 if family == socket.AF_INET else 16
+            local, remote = sockid[4:4 + size], sockid[20:20 + size]
+            entries.append(SocketEntry((ip_address(local), local_port),
+                                       (ip_address(remote), remote_port), fields[8], fields[9]))
             offset += (length + 3) & ~3
 
 

@@ -10,6 +10,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,6 +215,54 @@ def test_a_listener_on_a_public_address_is_unreachable_and_counted(namespace, ag
         listening.wait()
         assert listening.stdout is not None
         listening.stdout.close()
+
+
+CLASHING_PORT = 47123
+HOLD = f"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{ORIGIN}", {CLASHING_PORT}))
+s.connect(("127.0.0.1", 8081))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_client_port_changed_by_nat_is_still_attributed(namespace, agent, proxy, far_side):
+    """When the redirected addresses would clash with another connection's, NAT gives the
+    client another port, and the exact socket look-up finds nothing: the account is still
+    known, as the one uid with connections to that destination."""
+    earlier = len(proxy.events())
+    holder = subprocess.Popen(["ip", "netns", "exec", namespace, PYTHON, "-c", HOLD],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        probe = (  # the agent's connection, from the port the held one already uses
+            "import socket, ssl\n"
+            "s = socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('{ORIGIN}', {CLASHING_PORT}))\n"
+            f"s.connect(('{ORIGIN}', 443))\n"
+            f"t = ssl.create_default_context(cafile='{far_side}').wrap_socket("
+            "s, server_hostname='secure.test')\n"
+            "t.sendall(b'GET /nat HTTP/1.1\\r\\nHost: secure.test\\r\\nConnection: close"
+            "\\r\\n\\r\\n')\n"
+            "answer = b''\n"
+            "while chunk := t.recv(4096):\n    answer += chunk\n"
+            "print(answer.decode().split('\\r\\n\\r\\n')[-1], end='')\n")
+        done = as_agent(namespace, agent, PROBE_PYTHON, "-c", probe)
+        assert done.stdout == "hello from secure.test GET /nat\n", done.stderr
+    finally:
+        holder.communicate("", timeout=10)
+    deadline = time.monotonic() + 10
+    while not (events := [e for e in proxy.events()[earlier:] if e["event"] == "connect"
+                          and e["host"] == "secure.test"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # written by the audit thread once the connection has closed
+    (event,) = events
+    assert event["client"] != f"{ORIGIN}:{CLASHING_PORT}"  # NAT did change the port
+    assert (event["account"], event["uid"], event["decision"]) == ("agent", agent.pw_uid,
+                                                                   "allow")
 
 
 def test_with_the_proxy_stopped_traffic_fails_closed(namespace, agent, proxy):
