@@ -58,8 +58,10 @@ class ExplicitListener:
 
     def _listener(self, instance: Any) -> Any:
         async def listen(host: str, port: int) -> list[asyncio.Server]:
-            where: dict[str, Any] = {"sock": self.sock} if self.sock else {"host": host,
-                                                                           "port": port}
+            # asyncio's default backlog of 100 leaves a burst of new clients waiting on
+            # retransmissions; SOMAXCONN is what the kernel allows (4096)
+            where: dict[str, Any] = {"sock": self.sock} if self.sock else {
+                "host": host, "port": port, "backlog": socket.SOMAXCONN}
             if not self.fast:
                 return [await asyncio.start_server(instance.handle_stream, **where)]
             tunnels = FastTunnels(self.enforcer, instance.handle_stream, self._own_addresses)
