@@ -179,6 +179,8 @@ class Enforcer:
         # One thread: scanning /proc is slow, and best effort is enough for who-ran-what.
         self._process_lookups = ThreadPoolExecutor(1, thread_name_prefix="process-lookup")
         self._pending_lookups = 0
+        # CONNECTs the fast path decided and then handed over, by client address: decided once
+        self.handed_over: dict[tuple[str, int], tuple[str, int, Tunnel]] = {}
 
     def _lookup_done(self, _: Future[Process | None]) -> None:
         self._pending_lookups -= 1
@@ -225,6 +227,7 @@ class Enforcer:
         return state
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.handed_over.pop(client.peername[:2], None)
         state = self.clients.pop(client.id, None)
         if state is not None:
             self.finish(state)
@@ -255,8 +258,12 @@ class Enforcer:
         if flow.response is not None:  # proxy authentication failed
             self._audit_auth_failure(state, flow, policy)
             return
-        tunnel = await self._open_tunnel(state, self._identity(state, flow), flow.request.host,
-                                         flow.request.port)
+        decided = self.handed_over.pop(flow.client_conn.peername[:2], None)
+        if decided is not None and decided[:2] == (flow.request.host, flow.request.port):
+            tunnel = self.start_tunnel(state, decided[2])
+        else:
+            tunnel = await self._open_tunnel(state, self._identity(state, flow),
+                                             flow.request.host, flow.request.port)
         if not tunnel.decision.passes:
             flow.response = denial(tunnel.decision, tunnel.destination,
                                    UNRESOLVED_STATUS if tunnel.unresolved else 403)

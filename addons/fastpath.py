@@ -183,8 +183,13 @@ class _Client(asyncio.Protocol):
         if self.transport.is_closing():
             self._finish()
             return
-        if (not tunnel.decision.passes or tunnel.decision.inspect or tunnel.ip is None or
-                (str(tunnel.ip), tunnel.port) in self.tunnels.own_addresses()):
+        if not tunnel.decision.passes or tunnel.decision.inspect:
+            # decided: mitmproxy takes this decision rather than resolving the name again
+            peer = self.transport.get_extra_info("peername")[:2]
+            enforcer.handed_over[peer] = (*target, tunnel)
+            self._hand_over()
+            return
+        if tunnel.ip is None or (str(tunnel.ip), tunnel.port) in self.tunnels.own_addresses():
             self._hand_over()
             return
         self.tunnel = tunnel

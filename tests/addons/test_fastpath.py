@@ -5,11 +5,13 @@ TLS, plain HTTP inside a tunnel. Each must end exactly as mitmproxy alone would 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
 import threading
 import time
+import urllib.request
 
 import pytest
 from support.proxy import RunningProxy
@@ -224,3 +226,19 @@ def _client_hello(name: str) -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
+
+
+def test_a_refused_connect_is_decided_once(proxy, secure):
+    """The fast path decides, then hands a refused CONNECT to mitmproxy with its decision: a
+    name whose upstream DNS is slow is not resolved twice, and the policy asked once."""
+    def decisions() -> float:
+        with urllib.request.urlopen(proxy.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        return float(re.search(r"^agent_egress_decision_seconds_count (\S+)$", text,
+                               re.M).group(1))  # type: ignore[union-attr]
+
+    before = decisions()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(f"CONNECT other.test:{secure.port} HTTP/1.1\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 403")
+    assert decisions() - before == 1
