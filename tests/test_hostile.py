@@ -19,6 +19,7 @@ from typing import Any
 import bcrypt
 import h11
 import pytest
+from support.origins import TcpOrigin
 from support.proxy import RunningProxy
 
 from agent_egress.addons.limits import MAX_HEAD_BYTES, REQUEST_HEAD_SECONDS
@@ -204,7 +205,7 @@ def test_unparseable_body_framing_is_not_buffered(shared_proxy, web):
 # Request smuggling
 
 
-class RecordingOrigin:
+class RecordingOrigin(TcpOrigin):
     """A plain-HTTP origin that parses what it receives strictly (h11, RFC 9112) and records
     each request, every raw byte, and any framing it could not parse."""
 
@@ -212,19 +213,9 @@ class RecordingOrigin:
         self.requests: list[tuple[str, str, str]] = []  # (method, target, Host)
         self.raw = b""
         self.errors: list[str] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
+    def serve(self, client: socket.socket) -> None:
         parser = h11.Connection(h11.SERVER)
         with client:
             while True:
@@ -250,9 +241,6 @@ class RecordingOrigin:
                     return
                 except OSError:
                     return
-
-    def stop(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,41 +9,31 @@ import re
 import signal
 import socket
 import ssl
-import threading
 import time
 import urllib.request
 
 import pytest
+from support.origins import TcpOrigin
 from support.proxy import RunningProxy
 
 UID = os.getuid()
 
 
-class RawOrigin:
-    """A TCP server that records what it receives until EOF, then answers and closes."""
+class RawOrigin(TcpOrigin):
+    """Records what a connection sends until EOF, then answers and closes."""
 
     def __init__(self, answer: bytes) -> None:
         self.answer = answer
         self.received: list[bytes] = []
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while chunk := conn.recv(65536):
-                    data += chunk
-                self.received.append(data)
-                conn.sendall(self.answer)
-
-    def stop(self) -> None:
-        self.server.close()
+    def serve(self, client: socket.socket) -> None:
+        with client:
+            data = b""
+            while chunk := client.recv(65536):
+                data += chunk
+            self.received.append(data)
+            client.sendall(self.answer)
 
 
 @pytest.fixture(scope="module")

@@ -176,13 +176,11 @@ def package_index_handler(root: Path) -> Callable[[BaseHTTPRequestHandler], None
     return handle
 
 
-class ResettingOrigin:
-    """Answers every request with a body announced longer than what it sends, then resets the
-    connection (RST, not FIN): an origin that breaks off mid-transfer."""
+class TcpOrigin:
+    """A TCP server on loopback that gives each connection to `serve`, in a thread of its
+    own: for origins that must do what no HTTP server library would."""
 
-    def __init__(self, framing: str, sent: int, tls: ssl.SSLContext | None = None) -> None:
-        assert framing in ("length", "chunked")
-        self.framing, self.sent, self.tls = framing, sent, tls
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -196,9 +194,22 @@ class ResettingOrigin:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._answer, args=(client,), daemon=True).start()
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
 
-    def _answer(self, client: socket.socket) -> None:
+    def serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class ResettingOrigin(TcpOrigin):
+    """Answers every request with a body announced longer than what it sends, then resets the
+    connection (RST, not FIN): an origin that breaks off mid-transfer."""
+
+    def __init__(self, framing: str, sent: int, tls: ssl.SSLContext | None = None) -> None:
+        assert framing in ("length", "chunked")
+        self.framing, self.sent, self.tls = framing, sent, tls
+        super().__init__()
+
+    def serve(self, client: socket.socket) -> None:
         try:
             if self.tls is not None:
                 client = self.tls.wrap_socket(client, server_side=True)
