@@ -115,7 +115,7 @@ class _Client(asyncio.Protocol):
 
     def __init__(self, tunnels: FastTunnels) -> None:
         self.tunnels = tunnels
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # from connection_made, before any other call
         self.received = bytearray()  # what the client sent before the relay began
         self.head_length = 0
         self.answered = False  # our 200 to the CONNECT is out
@@ -146,7 +146,7 @@ class _Client(asyncio.Protocol):
                 self._hand_over()
                 return
             self.head_length = end + len(_HEAD_END)
-            self._pause()
+            self.transport.pause_reading()
             self._start(self._connect())
         elif self.answered:
             self._hello()
@@ -164,11 +164,10 @@ class _Client(asyncio.Protocol):
         if hello is None or self.tunnels.enforcer.sni_refusal(hello.sni, self.tunnel):
             self._hand_over()  # not TLS, not whole yet, or refused: mitmproxy decides
             return
-        self._pause()
+        self.transport.pause_reading()
         self._start(self._dial(hello_bytes))
 
     async def _connect(self) -> None:
-        assert self.transport is not None
         request_line = bytes(self.received[:self.received.find(b"\r\n")])
         parts = request_line.split(b" ")
         target = _authority(parts[1]) if len(parts) == 3 and parts[2] in (
@@ -199,7 +198,7 @@ class _Client(asyncio.Protocol):
         self._hello()  # the client may have sent it with the CONNECT
 
     async def _dial(self, hello: bytes) -> None:
-        assert self.transport is not None and self.state is not None and self.tunnel is not None
+        assert self.state is not None and self.tunnel is not None
         tunnel = self.tunnels.enforcer.start_tunnel(self.state, self.tunnel)
         loop = asyncio.get_running_loop()
         try:
@@ -229,7 +228,6 @@ class _Client(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """Gives the connection, and what it sent so far, to mitmproxy."""
-        assert self.transport is not None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -243,13 +241,8 @@ class _Client(asyncio.Protocol):
         self.tunnels.live.discard(self)
         if self.idle is not None:
             self.idle.cancel()  # mitmproxy's own watchdog takes over
-        if self.state is not None:  # mitmproxy makes its own; this one recorded nothing
-            self.state.tunnel = None
+        if self.state is not None:  # mitmproxy makes its own; this one started no tunnel
             self.tunnels.enforcer.finish(self.state)
-
-    def _pause(self) -> None:
-        assert self.transport is not None
-        self.transport.pause_reading()
 
     def _start(self, coroutine: Any) -> None:
         self.tunnels.keep(asyncio.get_running_loop().create_task(self._guarded(coroutine)))
@@ -292,8 +285,7 @@ class _Client(asyncio.Protocol):
         self._finish()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.transport.close()
         if self.upstream is not None:
             self.upstream.transport.close()
 
@@ -319,24 +311,23 @@ class _Upstream(asyncio.Protocol):
         client = self.client
         client.last_active = time.monotonic()
         client.tunnel.bytes_down += len(data)  # type: ignore[union-attr]
-        client.transport.write(data)  # type: ignore[union-attr]
+        client.transport.write(data)
 
     def pause_writing(self) -> None:
-        self.client.transport.pause_reading()  # type: ignore[union-attr]
+        self.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.client.transport.resume_reading()  # type: ignore[union-attr]
+        self.client.transport.resume_reading()
 
     def eof_received(self) -> bool:
         transport = self.client.transport
-        if transport is None or not transport.can_write_eof():
+        if not transport.can_write_eof():
             return False
         transport.write_eof()
         return self.client.half_closed()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.client.transport is not None:
-            self.client.transport.close()
+        self.client.transport.close()
 
 
 class _AnsweredWriter(asyncio.StreamWriter):
