@@ -1,15 +1,20 @@
-"""mitmproxy's protocol detection, made to wait for the client in transparent mode.
+"""mitmproxy's protocol detection, made to wait for what agent-egress decides on.
 
-With no bytes from the client yet, mitmproxy would pick raw TCP at once, before agent-egress
-could tell a TLS ClientHello or an HTTP request from anything else (and decide on its SNI or
-Host). Waiting costs nothing for clients that speak first, as TLS, HTTP and SSH clients do;
-protocols where the server speaks first are not supported through the transparent listener."""
+With no bytes from the client yet, mitmproxy would pick raw TCP at once in transparent mode,
+before agent-egress could tell a TLS ClientHello or an HTTP request from anything else (and
+decide on its SNI or Host). Waiting costs nothing for clients that speak first, as TLS, HTTP and
+SSH clients do; protocols where the server speaks first are not supported through the
+transparent listener. And with part of a ClientHello, mitmproxy would pick its TLS layer at
+once, before the Enforcer could see the SNI and take an allowed tunnel as a counted
+pass-through: it waits for the whole ClientHello, which the TLS layer needs anyway."""
 
 from __future__ import annotations
 
 from mitmproxy.addons.next_layer import NeedsMoreData, NextLayer
+from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layer import Layer
+from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.mode_specs import TransparentMode
 
 
@@ -20,5 +25,11 @@ class ClientFirstNextLayer(NextLayer):
                     data_server: bytes) -> Layer | None:
         if not data_client and isinstance(context.client.proxy_mode, TransparentMode):
             raise NeedsMoreData
+        if starts_like_tls_record(data_client):
+            try:
+                if parse_client_hello(data_client) is None:
+                    raise NeedsMoreData
+            except ValueError:
+                pass  # not a ClientHello: mitmproxy's TLS layer refuses it
         layer: Layer | None = super()._next_layer(context, data_client, data_server)
         return layer

@@ -207,9 +207,12 @@ class WorkerPool:
             try:
                 [sock] = bind_shared(self.address, 1)
                 try:
-                    self._supervise(await self._spawn(worker.number, sock))
+                    replacement = await self._spawn(worker.number, sock)
                 finally:
                     sock.close()
+                self._supervise(replacement)
+                log.warning("proxy worker %d started again (pid %d)", worker.number,
+                            replacement.process.pid)
                 return
             except (OSError, RuntimeError) as e:
                 log.error("cannot restart proxy worker %d: %s", worker.number, e)

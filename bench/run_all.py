@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine
 
 HERE = Path(__file__).resolve().parent
 # (script, takes --quick, needs root)
@@ -27,25 +28,13 @@ BENCHMARKS = [
 ]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test")
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
     args = parser.parse_args()
     sections = [f"# Benchmark results, {time.strftime('%Y-%m-%d %H:%M %Z')}\n",
-                f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python "
-                f"{platform.python_version()}, load at start {os.getloadavg()[0]:.2f}"
-                f"{', quick runs' if args.quick else ''}.\n"]
+                f"{machine()}{', quick runs' if args.quick else ''}.\n"]
     failed = 0
     for script, has_quick, needs_root in BENCHMARKS:
         if needs_root and os.getuid() != 0:

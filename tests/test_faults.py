@@ -12,14 +12,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support.dnsserver import FaultyDNS
 from support.origins import ResettingOrigin
-from support.proxy import RunningProxy
+from support.proxy import RunningProxy, wait_until
 
 
 def policy(port: int) -> str:
@@ -219,15 +218,6 @@ def reload_errors(proxy: RunningProxy) -> float:
         metrics = response.read().decode()
     return next(float(line.split()[-1]) for line in metrics.splitlines()
                 if line.startswith('agent_egress_policy_reloads_total{result="error"}'))
-
-
-def wait_until(condition, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_a_deleted_or_garbled_policy_keeps_the_last_good_one(cli, tmp_path, dns, web):

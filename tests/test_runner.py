@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from support.proxy import Process, RunningProxy
+from support.proxy import Process, RunningProxy, wait_until
 
 ROOT = Path(__file__).parents[1]
 
@@ -103,15 +103,6 @@ def replace_file(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_reload_refuses_a_broken_policy_and_applies_a_good_one(start, web):

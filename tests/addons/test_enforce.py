@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from support.proxy import RunningProxy
+from support.proxy import RunningProxy, wait_until
 
 UID = os.getuid()
 USER = pwd.getpwuid(UID).pw_name
@@ -111,7 +111,7 @@ def test_each_connection_is_attributed_to_the_process_that_opened_it(proxy, web)
                for tag in ("first", "second")}
     try:
         wanted = {f"/{tag}/{n}" for tag in clients for n in range(8)}
-        proxy.wait_for_events(lambda e: wanted <= {e["path"] for e in proxy.events()})
+        assert wait_until(lambda: wanted <= {e["path"] for e in proxy.events()})
         events = [e for e in proxy.events() if e["path"].startswith(("/first/", "/second/"))]
     finally:
         for client in clients.values():

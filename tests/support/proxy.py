@@ -65,6 +65,16 @@ class Process:
         return self.process.returncode
 
 
+def wait_until(condition: Any, timeout: float = 10.0) -> bool:
+    """Polls `condition` until it holds (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 EPHEMERAL = ("--proxy", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
 
 
