@@ -2,8 +2,8 @@
 
 Most CONNECTs an agent makes go to hosts whose rule needs no inspection, and what follows is a
 TLS ClientHello naming that host. mitmproxy spends about 2 ms of CPU on such a tunnel (its
-layers, hooks and a generator step per chunk). Here the same checks, by the same Enforcer
-methods: the account, the CONNECT decision, the pinned upstream address, the ClientHello's SNI;
+layers, hooks and a generator step per chunk). Here the same checks, by the same gate: the
+account, the CONNECT decision, the pinned upstream address, the ClientHello's SNI;
 then two protocols copy bytes, counted, until either side closes, and the tunnel is recorded as
 mitmproxy's path records it.
 
@@ -27,7 +27,11 @@ from typing import Any
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from agent_egress.addons.enforce import ClientState, Enforcer, Tunnel
+from agent_egress.checks import sni_refusal
+from agent_egress.clients import Client
+from agent_egress.connections import Tunnel
+from agent_egress.gate import Gate
+from agent_egress.rules import HostError, parse_port, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,10 @@ class ExplicitListener:
     to the master before it runs: it hooks the server list's "created, not yet started"
     signal, and replaces how the explicit-proxy server listens."""
 
-    def __init__(self, servers: Any, enforcer: Enforcer, sock: socket.socket | None,
+    def __init__(self, servers: Any, gate: Gate, sock: socket.socket | None,
                  fast: bool) -> None:
         self.servers = servers
-        self.enforcer = enforcer
+        self.gate = gate
         self.sock = sock
         self.fast = fast
         self.fast_tunnels: list[FastTunnels] = []
@@ -64,7 +68,7 @@ class ExplicitListener:
                 "host": host, "port": port, "backlog": socket.SOMAXCONN}
             if not self.fast:
                 return [await asyncio.start_server(instance.handle_stream, **where)]
-            tunnels = FastTunnels(self.enforcer, instance.handle_stream, self._own_addresses)
+            tunnels = FastTunnels(self.gate, instance.handle_stream, self._own_addresses)
             self.fast_tunnels.append(tunnels)
             return [await asyncio.get_running_loop().create_server(tunnels.protocol, **where)]
         return listen
@@ -80,12 +84,12 @@ class ExplicitListener:
 class FastTunnels:
     """Serves the explicit proxy's listener: `protocol` for loop.create_server."""
 
-    def __init__(self, enforcer: Enforcer,
+    def __init__(self, gate: Gate,
                  handover: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
                  own_addresses: Callable[[], set[tuple[str, int]]]) -> None:
         """`handover` is mitmproxy's handle_stream for this listener; `own_addresses` where
         this proxy listens (a tunnel to itself is mitmproxy's to refuse)."""
-        self.enforcer = enforcer
+        self.gate = gate
         self.handover = handover
         self.own_addresses = own_addresses
         self.live: set[_Client] = set()
@@ -119,7 +123,7 @@ class _Client(asyncio.Protocol):
         self.received = bytearray()  # what the client sent before the relay began
         self.head_length = 0
         self.answered = False  # our 200 to the CONNECT is out
-        self.state: ClientState | None = None
+        self.client: Client | None = None
         self.tunnel: Tunnel | None = None
         self.upstream: _Upstream | None = None
         self.last_active = time.monotonic()
@@ -161,7 +165,7 @@ class _Client(asyncio.Protocol):
                 hello_bytes) else None
         except ValueError:
             hello = None
-        if hello is None or self.tunnels.enforcer.sni_refusal(hello.sni, self.tunnel):
+        if hello is None or sni_refusal(hello.sni, self.tunnel.host, self.tunnel.port):
             self._hand_over()  # not TLS, not whole yet, or refused: mitmproxy decides
             return
         self.transport.pause_reading()
@@ -175,17 +179,17 @@ class _Client(asyncio.Protocol):
         if target is None:
             self._hand_over()
             return
-        enforcer = self.tunnels.enforcer
-        self.state = enforcer.client_state(self.transport.get_extra_info("peername"),
-                                           self.transport.get_extra_info("sockname"))
-        tunnel = await enforcer.decide_tunnel(self.state.identity, *target)
+        gate = self.tunnels.gate
+        self.client = gate.client(self.transport.get_extra_info("peername"),
+                                  self.transport.get_extra_info("sockname"))
+        tunnel = await gate.connection(self.client, *target)
         if self.transport.is_closing():
             self._finish()
             return
         if not tunnel.decision.passes or tunnel.decision.inspect:
             # decided: mitmproxy takes this decision rather than resolving the name again
             peer = self.transport.get_extra_info("peername")[:2]
-            enforcer.handed_over[peer] = (*target, tunnel)
+            gate.hand_over(peer, *target, tunnel)
             self._hand_over()
             return
         if tunnel.ip is None or (str(tunnel.ip), tunnel.port) in self.tunnels.own_addresses():
@@ -198,14 +202,14 @@ class _Client(asyncio.Protocol):
         self._hello()  # the client may have sent it with the CONNECT
 
     async def _dial(self, hello: bytes) -> None:
-        assert self.state is not None and self.tunnel is not None
-        tunnel = self.tunnels.enforcer.start_tunnel(self.state, self.tunnel)
+        assert self.client is not None and self.tunnel is not None
+        tunnel = self.tunnels.gate.open(self.client, self.tunnel)
         loop = asyncio.get_running_loop()
         try:
             _, upstream = await loop.create_connection(lambda: _Upstream(self),
                                                        str(tunnel.ip), tunnel.port)
         except OSError as e:
-            log.info("%s: cannot connect to %s: %s", self.state.client, tunnel.destination, e)
+            log.info("%s: cannot connect to %s: %s", self.client.address, tunnel.destination, e)
             self.transport.close()
             self._finish()
             return
@@ -241,8 +245,8 @@ class _Client(asyncio.Protocol):
         self.tunnels.live.discard(self)
         if self.idle is not None:
             self.idle.cancel()  # mitmproxy's own watchdog takes over
-        if self.state is not None:  # mitmproxy makes its own; this one started no tunnel
-            self.tunnels.enforcer.finish(self.state)
+        if self.client is not None:  # mitmproxy makes its own; this one started no tunnel
+            self.tunnels.gate.finish(self.client)
 
     def _start(self, coroutine: Any) -> None:
         self.tunnels.keep(asyncio.get_running_loop().create_task(self._guarded(coroutine)))
@@ -292,10 +296,10 @@ class _Client(asyncio.Protocol):
     def _finish(self) -> None:
         if self.idle is not None:
             self.idle.cancel()
-        if self.finished or self.state is None:
+        if self.finished or self.client is None:
             return
         self.finished = True
-        self.tunnels.enforcer.finish(self.state)
+        self.tunnels.gate.finish(self.client)
 
 
 class _Upstream(asyncio.Protocol):
@@ -349,12 +353,9 @@ class _AnsweredWriter(asyncio.StreamWriter):
 def _authority(target: bytes) -> tuple[str, int] | None:
     """`host:port` or `[v6]:port` of a CONNECT; None for anything else."""
     try:
-        text = target.decode("ascii")
-    except UnicodeDecodeError:
+        host, port = split_host_port(target.decode("ascii"))
+        if not host or port is None:
+            return None
+        return host, parse_port(port)
+    except (UnicodeDecodeError, HostError):
         return None
-    host, _, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)

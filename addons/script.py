@@ -18,6 +18,7 @@ from mitmproxy import ctx, exceptions
 
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.audit import AuditLog
+from agent_egress.gate import Gate
 from agent_egress.identity import SocketOwners
 from agent_egress.metrics import Metrics
 from agent_egress.rules import PolicyError
@@ -47,9 +48,10 @@ class StandaloneEnforcer(Enforcer):
             servers = [parse_server(s) for s in options.agent_egress_upstream_dns]
         except (PolicyError, ValueError) as e:
             raise exceptions.OptionsError(f"agent-egress: {e}") from None
-        previous = getattr(self, "runtime", None)
+        previous = getattr(self, "gate", None)
         if previous is not None:
-            previous.audit.close()
+            previous.close()
+            previous.runtime.audit.close()
         audit_path = options.agent_egress_audit_log
         audit = AuditLog(Path(audit_path) if audit_path else None)
         metrics = Metrics()
@@ -59,15 +61,15 @@ class StandaloneEnforcer(Enforcer):
                 metrics.serve(("127.0.0.1", options.agent_egress_metrics))
             except OSError as e:
                 raise exceptions.OptionsError(f"agent-egress: metrics: {e.strerror}") from None
-        self.runtime = Runtime(policies, audit,
-                               DnsServers(servers) if servers else SystemResolver(),
-                               SocketOwners(), metrics)
+        self.gate = Gate(Runtime(policies, audit,
+                                 DnsServers(servers) if servers else SystemResolver(),
+                                 SocketOwners(), metrics))
 
     def done(self) -> None:
-        super().done()
-        runtime = getattr(self, "runtime", None)
-        if runtime is not None:
-            runtime.audit.close()
+        gate = getattr(self, "gate", None)
+        if gate is not None:
+            gate.close()
+            gate.runtime.audit.close()
 
 
 addons = [StandaloneEnforcer()]

@@ -1,31 +1,23 @@
-"""The audit log: one JSON object per line for every destination event (DESIGN.md keys).
+"""The audit log: one JSON line per destination event (an AuditEvent, auditevent.py).
 
 Events are queued by the event loop and written by one thread, so a slow disk never blocks the
 proxy; `close()` drains the queue, so nothing accepted is lost on shutdown. Each batch is one
-`write()` on an O_APPEND descriptor, so lines never interleave. Query strings are cut from
-paths here as well as by callers: the log must never hold them.
+`write()` on an O_APPEND descriptor, so lines never interleave.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+
+from .auditevent import AuditEvent
 
 log = logging.getLogger(__name__)
 
-KEYS = ("ts", "event", "account", "client", "uid", "user", "pid", "exe", "cmdline", "host",
-        "port", "ip", "method", "path", "qtype", "decision", "rule", "reason", "mode", "policy",
-        "bytes_up", "bytes_down", "duration_ms")
-_KEYSET = frozenset(KEYS)
-_EMPTY = dict.fromkeys(KEYS)
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps makes one per call
 _BATCH = 512
 _STOP = object()
 
@@ -43,14 +35,14 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
         self._thread.start()
 
-    def record(self, **fields: Any) -> None:
-        """Queues one event; unknown keys are a programming error."""
-        if not fields.keys() <= _KEYSET:
-            raise ValueError(f"not audit keys: {sorted(fields.keys() - _KEYSET)}")
-        if "ts" not in fields:  # not setdefault: its argument would be worked out every time
-            fields["ts"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z")
-        self._queue.put(fields)
+    def record(self, event: AuditEvent) -> None:
+        """Queues one event."""
+        self._queue.put(event)
+
+    def record_all(self, events: list[AuditEvent]) -> None:
+        """Queues events that belong together (a batch of DNS queries), in order."""
+        for event in events:
+            self._queue.put(event)
 
     def append_lines(self, data: bytes) -> None:
         """Queues complete JSON lines written elsewhere (by a proxy worker process): they go
@@ -97,7 +89,7 @@ class AuditLog:
             else:
                 os.close(self._fd)
                 self._fd = fd
-        data = b"".join(item if isinstance(item, bytes) else _line(item).encode()  # type: ignore
+        data = b"".join(item if isinstance(item, bytes) else item.line().encode()  # type: ignore
                         for item in batch)
         count = sum(item.count(b"\n") if isinstance(item, bytes) else 1 for item in batch)
         try:
@@ -111,10 +103,3 @@ class AuditLog:
         self.events += count
         self.failing = False
 
-
-def _line(fields: dict[str, Any]) -> str:
-    event = _EMPTY | fields  # every key, in KEYS order (fields has no others)
-    if isinstance(event["path"], str):
-        event["path"] = event["path"].split("?", 1)[0]
-    # ASCII only: a name with U+0085 or U+2028 in it must not look like two lines to a reader
-    return _ENCODE(event) + "\n"

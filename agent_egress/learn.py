@@ -11,11 +11,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
-from publicsuffixlist import PublicSuffixList
-
-from .dns.signals import ENTROPY_BITS, ENTROPY_MIN_LENGTH, entropy
+from .auditevent import AuditEvent
 from .policyedit import NewRule
 from .rules import (
     NO_RULE,
@@ -28,6 +25,8 @@ from .rules import (
     builtin_presets,
     normalize_host,
 )
+from .rules.hosts import looks_encoded
+from .rules.suffixes import is_public_suffix
 
 SIBLINGS_FOR_WILDCARD = 3
 MAX_PROCESSES = 3
@@ -43,18 +42,18 @@ class Evidence:
     ports: set[int] = field(default_factory=set)
     reason: str = ""
 
-    def add(self, event: dict[str, Any]) -> None:
-        ts = event.get("ts") or ""
+    def add(self, event: AuditEvent) -> None:
+        ts = event.ts or ""
         self.count += 1
         self.first = min(self.first, ts) if self.first else ts
         self.last = max(self.last, ts)
-        self.stages.add(event["event"])
-        if event.get("port") is not None:
-            self.ports.add(event["port"])
-        exe = (event.get("exe") or "").rsplit("/", 1)[-1]
+        self.stages.add(event.event)
+        if event.port is not None:
+            self.ports.add(event.port)
+        exe = (event.exe or "").rsplit("/", 1)[-1]
         if exe and exe not in self.processes and len(self.processes) < MAX_PROCESSES:
             self.processes.append(exe)
-        self.reason = self.reason or (event.get("reason") or "")
+        self.reason = self.reason or (event.reason or "")
 
     def merged(self, other: Evidence) -> Evidence:
         processes = self.processes + [p for p in other.processes if p not in self.processes]
@@ -91,12 +90,7 @@ class Learned:
     events: int = 0
 
 
-@functools.cache
-def _suffixes() -> PublicSuffixList:
-    return PublicSuffixList()
-
-
-def learn(policy: Policy, events: Iterable[dict[str, Any]], account: str | None = None,
+def learn(policy: Policy, events: Iterable[AuditEvent], account: str | None = None,
           stale_since: timedelta | None = None) -> Learned:
     seen: dict[tuple[str, str], Evidence] = defaultdict(Evidence)
     learned = Learned()
@@ -106,14 +100,14 @@ def learn(policy: Policy, events: Iterable[dict[str, Any]], account: str | None 
     count = 0
     for event in events:
         count += 1
-        ts = event.get("ts") or ""
+        ts = event.ts or ""
         if ts > latest:
             latest = ts
-        name = event.get("account")
-        if not name or (account and name != account) or not event.get("host"):
+        name = event.account
+        if not name or (account and name != account) or not event.host:
             continue
-        if event["decision"] == "allow":
-            rule = event.get("rule")
+        if event.decision is Result.ALLOW:
+            rule = event.rule
             if rule:
                 rule_id = rule_ids.get(rule)
                 if rule_id is None:
@@ -122,7 +116,7 @@ def learn(policy: Policy, events: Iterable[dict[str, Any]], account: str | None 
                 if ts >= last_use.get(key, ""):
                     last_use[key] = ts
             continue
-        seen[(name, event["host"])].add(event)
+        seen[(name, event.host)].add(event)
     learned.events = count
     for (name, host), evidence in seen.items():
         _classify(policy, name, host, evidence, learned)
@@ -163,8 +157,7 @@ def _classify(policy: Policy, account: str, host_text: str, evidence: Evidence,
     if evidence.stages == {"dns"}:
         flag("only resolved, never connected to")
         return
-    if any(len(label) >= ENTROPY_MIN_LENGTH and entropy(label) > ENTROPY_BITS
-           for label in host.text.split(".")):
+    if looks_encoded(host.text):
         flag("looks like encoded data (high-entropy label): possible DNS tunnelling")
         return
     learned.proposals.setdefault(account, []).append(
@@ -185,7 +178,7 @@ def _collapse(proposals: list[Proposal]) -> list[Proposal]:
     families: dict[str, list[str]] = defaultdict(list)
     for name in by_name:
         parent = name.split(".", 1)[1] if "." in name else ""
-        if "." in parent and not _suffixes().is_public(parent):
+        if "." in parent and not is_public_suffix(parent):
             families[parent].append(name)
     for parent, names in sorted(families.items()):
         if len(names) >= SIBLINGS_FOR_WILDCARD:

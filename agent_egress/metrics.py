@@ -22,14 +22,12 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .listeners import exposed_listeners
-from .rules import Decision, Policy, Query, Result
+from .rules import Decision, Policy, Query, Result, Stage
 
 if TYPE_CHECKING:
     from .audit import AuditLog
     from .runtime import PolicyHolder
 
-STAGES = ("dns", "connect", "request")
-DECISIONS = ("allow", "deny", "would_deny")
 DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
 
 
@@ -38,7 +36,7 @@ class Metrics:
         # a `_created` series per counter doubles the series for nothing
         disable_created_metrics()
         self.registry = registry or CollectorRegistry()
-        self._counters: dict[tuple[str, str, Result], Any] = {}
+        self._counters: dict[tuple[str, Stage, Result], Any] = {}
         self.decisions = Counter(
             "agent_egress_decisions", "Policy decisions, by account, stage and result",
             ["account", "stage", "decision"], registry=self.registry)
@@ -72,9 +70,9 @@ class Metrics:
         """Zero series for every account, stage and decision: an alert on `increase()` sees
         an account's first denial, which a series created by that denial would hide."""
         for account in (*policy.accounts(), "none"):
-            for stage in STAGES:
-                for decision in DECISIONS:
-                    self.decisions.labels(account, stage, decision)
+            for stage in Stage:
+                for decision in Result:
+                    self.decisions.labels(account, stage.value, decision.value)
 
     def decide(self, policy: Policy, query: Query) -> Decision:
         started = time.perf_counter()
@@ -82,12 +80,12 @@ class Metrics:
         self.decision_seconds.observe(time.perf_counter() - started)
         return decision
 
-    def count(self, decision: Decision, stage: str) -> None:
+    def count(self, decision: Decision, stage: Stage) -> None:
         key = (decision.account, stage, decision.result)
         counter = self._counters.get(key)
         if counter is None:  # labels() costs more than the increment itself
             counter = self._counters[key] = self.decisions.labels(
-                decision.account or "none", stage, decision.result.value)
+                decision.account or "none", stage.value, decision.result.value)
         counter.inc()
 
     def serve(self, address: tuple[str, int], source: Collector | None = None) -> WSGIServer:

@@ -8,13 +8,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .rules import NO_RULE, Decision, Policy, Query, Stage
+from .auditevent import AuditEvent
+from .rules import NO_RULE, Decision, Policy, Query, Result, Stage
 
 # Decisions the policy engine made (and can make again). Others came from address, TLS or
 # authentication checks that need the live connection, and are not replayed.
 _POLICY_REASONS = ("allowed by rule", NO_RULE, "denied by rule")
 _DECISIONS_KEPT = 65_536  # distinct queries remembered; memory stays flat
-_STAGES = {"dns": Stage.DNS, "connect": Stage.CONNECT, "request": Stage.REQUEST}
 
 
 @dataclass
@@ -37,31 +37,31 @@ class Replayed:
         return sum(c.events for c in self.changes if c.newly == "denied")
 
 
-def replay(policy: Policy, events: Iterable[dict[str, Any]]) -> Replayed:
+def replay(policy: Policy, events: Iterable[AuditEvent]) -> Replayed:
     changes: dict[tuple[str, str, str], Change] = {}
     total = skipped = 0
     now = time.time()  # every event is decided as of the start, so decisions can be reused
     decided: dict[tuple[Any, ...], Decision] = {}
     for event in events:
         total += 1
-        account, host = event.get("account"), event.get("host")
-        if not account or not host or not (event.get("reason") or "").startswith(
+        account, host = event.account, event.host
+        if not account or not host or not (event.reason or "").startswith(
                 _POLICY_REASONS):
             skipped += 1
             continue
-        stage = _STAGES[event["event"]]
-        key = (account, host, event.get("port"), stage, event.get("method"), event.get("path"))
+        stage = event.event
+        key = (account, host, event.port, stage, event.method, event.path)
         decision = decided.get(key)
         if decision is None:
             if len(decided) >= _DECISIONS_KEPT:
                 decided.clear()
             decision = decided[key] = policy.decide(Query(*key, now=now))
-        passed = event["decision"] != "deny"
+        passed = event.decision is not Result.DENY
         if decision.passes == passed:
             continue
-        destination = host if event.get("port") is None else f"{host}:{event['port']}"
+        destination = host if event.port is None else f"{host}:{event.port}"
         if stage is Stage.REQUEST:
-            destination += f" {event.get('method') or 'GET'} {event.get('path') or '/'}"
+            destination += f" {event.method or 'GET'} {event.path or '/'}"
         newly = "denied" if passed else "allowed"
         change = changes.get((account, destination, newly))
         if change is None:

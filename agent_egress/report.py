@@ -10,7 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .auditevent import AuditEvent
 from .auditread import read_events
+from .rules import Result
 
 MAX_PROCESSES = 5
 
@@ -23,7 +25,7 @@ class Destination:
     first_seen: str
     last_seen: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("allow", "deny", "would_deny"), 0))
+        (r.value for r in Result), 0))
     processes: list[str] = field(default_factory=list)
     last_denial: str | None = None
 
@@ -45,24 +47,24 @@ class Destination:
                 "processes": self.processes, "last_denial": self.last_denial}
 
 
-def summarize(events: Iterable[dict[str, Any]]) -> list[Destination]:
+def summarize(events: Iterable[AuditEvent]) -> list[Destination]:
     """Destinations per account; denials first, then would-be denials, then by traffic."""
     table: dict[tuple[str, str, int | None], Destination] = {}
     for event in events:
-        if not event.get("host"):
+        if not event.host:
             continue
-        account = event.get("account") or "(no account)"
-        ts = event.get("ts") or ""
-        key = (account, event["host"], event.get("port"))
+        account = event.account or "(no account)"
+        ts = event.ts or ""
+        key = (account, event.host, event.port)
         found = table.get(key)
         if found is None:
-            found = table[key] = Destination(account, event["host"], event.get("port"), ts, ts)
+            found = table[key] = Destination(account, event.host, event.port, ts, ts)
         found.first_seen = min(found.first_seen, ts)
         found.last_seen = max(found.last_seen, ts)
-        found.counts[event["decision"]] += 1
-        if event["decision"] != "allow":
-            found.last_denial = event.get("reason")
-        process = os.path.basename(event.get("exe") or "") or None
+        found.counts[event.decision] += 1
+        if event.decision is not Result.ALLOW:
+            found.last_denial = event.reason
+        process = os.path.basename(event.exe or "") or None
         if process and process not in found.processes and len(found.processes) < MAX_PROCESSES:
             found.processes.append(process)
     return sorted(table.values(), key=lambda d: (d.account, -d.counts["deny"],

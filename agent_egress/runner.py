@@ -28,10 +28,11 @@ from .addons.proxyauth import ProxyAuthenticator
 from .audit import AuditLog
 from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
+from .gate import Gate
 from .identity import SocketOwners
 from .metrics import Metrics
 from .nftables import governed_accounts
-from .rules import Policy
+from .rules import Policy, parse_port, split_host_port
 from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
 from .workerpool import WithWorkers, WorkerPool, bind_shared
@@ -76,22 +77,14 @@ class RunConfig:
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:
     """`HOST:PORT`, `:PORT`, `PORT` or `[V6]:PORT`, host an address."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif text.isdigit():
-        host, port_text = "127.0.0.1", text
-    else:
-        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
-    host = host or "127.0.0.1"
     try:
+        host, port_text = ("", text) if text.isdigit() else split_host_port(text)
+        host = host or "127.0.0.1"
         ip_address(host)
-        port = int(port_text) if port_text else default_port
+        port = parse_port(port_text, lowest=0) if port_text else default_port
     except ValueError:
         raise StartupError(
             f"{text!r}: expected ADDRESS:PORT, like 127.0.0.1:{default_port}") from None
-    if not 0 <= port < 65536:
-        raise StartupError(f"{text!r}: port out of range")
     return host, port
 
 
@@ -202,8 +195,9 @@ def master_for(config: RunConfig, confdir: Path, enforcer: Enforcer, listening: 
     if config.proxy is not None:
         # allowed HTTPS tunnels skip mitmproxy's layers; not with proxy authentication, which
         # mitmproxy checks
-        master.addons.add(ExplicitListener(master.addons.get("proxyserver").servers, enforcer,
-                                           accept_on, fast=config.proxy_auth is None))
+        master.addons.add(ExplicitListener(master.addons.get("proxyserver").servers,
+                                           enforcer.gate, accept_on,
+                                           fast=config.proxy_auth is None))
     modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
     if config.transparent:
         modes.append(f"transparent@{_format(*config.transparent)}")
@@ -253,7 +247,8 @@ async def serve(config: RunConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, _both, policies.reload, pool.signal, signal.SIGHUP)
     loop.add_signal_handler(signal.SIGUSR1, _both, audit.reopen, pool.signal, signal.SIGUSR1)
     watcher = asyncio.create_task(policies.watch())
-    enforcer = Enforcer(runtime)
+    gate = Gate(runtime)
+    enforcer = Enforcer(gate)
     dns_server: DnsServer | None = None
     master: Master | None = None
     proxy_task: asyncio.Task[None] | None = None
@@ -274,7 +269,7 @@ async def serve(config: RunConfig) -> int:
             lines.append(f"metrics on http://{_format(str(host), port)}/metrics")
         if config.dns is not None:
             upstream = DnsServers(servers or system_dns_servers())
-            dns_server = DnsServer(PolicyResolver(runtime, upstream))
+            dns_server = DnsServer(PolicyResolver(gate, upstream))
             try:
                 resolver_address = await dns_server.start(*config.dns)
             except OSError as e:

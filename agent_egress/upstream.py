@@ -13,7 +13,7 @@ from ipaddress import ip_address
 
 from dnslib import QTYPE, RCODE, DNSError, DNSQuestion, DNSRecord
 
-from .rules import Address
+from .rules import Address, parse_port, split_host_port
 from .rules.hosts import canonical_address
 
 DNS_PORT = 53
@@ -26,16 +26,9 @@ class ResolveError(Exception):
 
 def parse_server(text: str) -> tuple[str, int]:
     """`ADDR` or `ADDR:PORT` (IPv6 in brackets) of a DNS server."""
-    host, port = text, DNS_PORT
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else DNS_PORT
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text)
+    host, port_text = split_host_port(text)
+    port = DNS_PORT if port_text is None else parse_port(port_text)
     ip_address(host)  # raises ValueError for a name: servers are given as addresses
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
     return host, port
 
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from .addons.enforce import Enforcer
 from .audit import AuditLog
+from .gate import Gate
 from .runner import Listening, RunConfig, master_for, runtime_for, stop_proxy
 from .runtime import PolicyHolder
 from .workerpool import summed_samples
@@ -36,7 +37,7 @@ async def serve_worker(config: RunConfig, listener: socket.socket,
         return 1
     audit = AuditLog(config.audit_log)
     runtime = runtime_for(config, policies, audit)
-    enforcer = Enforcer(runtime)
+    enforcer = Enforcer(Gate(runtime))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

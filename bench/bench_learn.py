@@ -36,7 +36,7 @@ from pathlib import Path
 
 from common import machine, table
 
-from agent_egress.audit import KEYS
+from agent_egress.auditevent import KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT_EGRESS = ROOT / ".venv" / "bin" / "agent-egress"

@@ -6,25 +6,25 @@ A/AAAA answers pointing at internal addresses are removed unless a `cidr` rule a
 that an allowed name cannot be rebound to the inside. Answers are cached packed, per account and
 policy, for their TTL.
 
-Every query costs one identity lookup and one audit event, so the hot path does little else: a
-packet already seen (whatever its id) is not parsed again, a client's identity and account are
-worked out once per policy, and a cached answer is sent with its TTLs counted down in place,
-without dnslib. The UDP server hands datagrams over in batches (`begin_batch`/`end_batch`): a
-client asking several questions in one batch is looked up once, and the batch's audit events are
-queued together, so that the audit thread wakes once per batch rather than once per query.
+Every query is decided and recorded by the gate (agent_egress/gate.py), as the proxy's
+connections are: one identity lookup, one decision, one audit event. The hot path does little
+else: a packet already seen (whatever its id) is not parsed again, and a cached answer is sent
+with its TTLs counted down in place, without dnslib. The UDP server hands datagrams over in
+batches (`begin_batch`/`end_batch`): a client asking several questions in one batch is looked up
+once, and the batch's audit events are queued together, so that the audit thread wakes once per
+batch rather than once per query.
 """
 
 from __future__ import annotations
 
 import logging
-import random
+import secrets
 import socket
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from ipaddress import ip_address
 from typing import Any
 
@@ -41,22 +41,19 @@ from dnslib import (
     EDNSOption,
 )
 
+from agent_egress.clients import Client
+from agent_egress.gate import Gate
 from agent_egress.identity import SocketOwner, SocketOwners, user_name
 from agent_egress.rules import (
-    AccountChoice,
     Address,
     Decision,
     HostError,
     Identity,
-    Mode,
     Name,
     Policy,
-    Query,
-    Result,
     Stage,
     normalize_host,
 )
-from agent_egress.runtime import Runtime
 from agent_egress.upstream import DnsServers, ResolveError
 
 from .signals import TunnelSignals
@@ -137,20 +134,17 @@ class _Asked:
 
 
 class PolicyResolver:
-    def __init__(self, runtime: Runtime, upstream: DnsServers) -> None:
-        self.runtime = runtime
+    def __init__(self, gate: Gate, upstream: DnsServers) -> None:
+        self.gate = gate
+        self.runtime = gate.runtime
         self.upstream = upstream
-        self.memory = runtime.memory  # shared with the proxy, for raw TCP in transparent mode
+        self.memory = self.runtime.memory  # shared with the proxy, for transparent raw TCP
         self.signals = TunnelSignals()
         self._cache: OrderedDict[tuple[object, ...], _Cached] = OrderedDict()
         self._asked: dict[bytes, _Asked] = {}  # packet without its id -> what it asks
-        self._queries: dict[tuple[str, str], Query] = {}  # (account, name) -> its DNS query
         self._sources: dict[str, Address] = {}  # client addresses, normalised
-        self._clients: dict[tuple[int | None, str | None, str],
-                            tuple[Identity, AccountChoice]] = {}
-        self._clients_policy: Policy | None = None  # the policy `_clients` was worked out for
+        self._identities: dict[tuple[int | None, str], Identity] = {}  # (uid, address) ->
         self._batch_owners: dict[tuple[object, ...], SocketOwner | None] | None = None
-        self._held: list[dict[str, Any]] | None = None
 
     def begin_batch(self) -> None:
         """Until end_batch: queries that the caller had all received before this call. Their
@@ -162,14 +156,12 @@ class PolicyResolver:
         before the first lookup. A port that changed hands meanwhile misleads a lookup per
         query just the same, and one that changes hands later cannot have sent any of them."""
         self._batch_owners = {}
-        self._held = []
+        self.gate.begin_batch()
 
     def end_batch(self) -> None:
         """Queues the batch's audit events, in order, each with the time of its query."""
-        held, self._held, self._batch_owners = self._held, None, None
-        record = self.runtime.audit.record
-        for fields in held or ():
-            record(**fields)
+        self._batch_owners = None
+        self.gate.end_batch()
 
     def handle(self, packet: bytes, client: tuple[str, int], server: tuple[str, int],
                protocol: int) -> Reply:
@@ -204,12 +196,9 @@ class PolicyResolver:
                 server: tuple[str, int], protocol: int, started: float) -> Reply:
         question, qtype, host = asked.question, asked.qtype, asked.host  # class IN only
         policy = self.runtime.policies.current
-        identity, choice = self._client(policy, client, server, protocol)
-        if choice.account is None:
-            decision = Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
-        else:
-            decision = self.runtime.metrics.decide(policy, self._query(choice.account, question))
-        event = _Event(self, policy, identity, client, host or question.name, qtype, started)
+        who = self._client(client, server, protocol)
+        decision = self.gate.decide(policy, who.identity, question.name, None, Stage.DNS)
+        event = _Event(self.gate, policy, who, host or question.name, qtype, started)
         if host is not None and decision.account:
             event.signals = self.signals.observe(decision.account, host.text,
                                                  host.parents[0] if host.parents else None, qtype)
@@ -217,7 +206,7 @@ class PolicyResolver:
                 self.runtime.metrics.dns_suspicious.labels(decision.account, signal).inc()
         if not decision.passes:
             event.write(decision)
-            code = EDE_PROHIBITED if choice.account is None else EDE_BLOCKED
+            code = EDE_BLOCKED if decision.account else EDE_PROHIBITED
             return _denial(packet, question, decision, code)
         key = (policy.digest, decision.account, asked.name_key, question.qtype,
                question.dnssec_ok, question.edns)
@@ -235,7 +224,7 @@ class PolicyResolver:
                        policy: Policy, key: tuple[object, ...], event: _Event,
                        protocol: int) -> bytes | None:
         try:
-            upstream = DNSRecord(DNSHeader(id=random.getrandbits(16), rd=1),
+            upstream = DNSRecord(DNSHeader(id=secrets.randbits(16), rd=1),
                                  q=DNSQuestion(question.name, question.qtype, question.qclass))
             upstream.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD,
                                   flags="do" if question.dnssec_ok else ""))
@@ -284,42 +273,29 @@ class PolicyResolver:
             record.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD))
         return record, removed
 
-    def _query(self, account: str, question: Question) -> Query:
-        query = self._queries.get((account, question.name))
-        if query is None:
-            if len(self._queries) >= MEMO_ENTRIES:
-                self._queries.clear()
-            query = self._queries[(account, question.name)] = Query(
-                account, question.name, None, Stage.DNS)
-        return query
-
-    def _client(self, policy: Policy, client: tuple[str, int], server: tuple[str, int],
-                protocol: int) -> tuple[Identity, AccountChoice]:
-        """Who the client is (the kernel's word on the socket's owner) and its account."""
+    def _client(self, client: tuple[str, int], server: tuple[str, int],
+                protocol: int) -> Client:
+        """Who the client is: the kernel's word on the socket's owner, and its address."""
         source = self._sources.get(client[0])
         if source is None:
             host = normalize_host(client[0])
-            assert not isinstance(host, Name)
+            if isinstance(host, Name):
+                raise ValueError(f"not a client address: {client[0]!r}")
             if len(self._sources) >= MEMO_ENTRIES:
                 self._sources.clear()
             source = self._sources[client[0]] = host
         owners = self.runtime.owners
         owner = None if owners is None else self._owner(owners, client, server, protocol)
         uid = None if owner is None else owner.uid
-        user = None if uid is None else user_name(uid)
-        if policy is not self._clients_policy:
-            self._clients.clear()
-            self._clients_policy = policy
-        key = (uid, user, client[0])
-        found = self._clients.get(key)
-        if found is None:
+        identity = self._identities.get((uid, client[0]))
+        if identity is None:
             identity = Identity(source=source) if uid is None else Identity(
-                uid=uid, user=user, source=source)
-            found = (identity, policy.account_for(identity))  # depends on these alone
-            if len(self._clients) >= MEMO_ENTRIES:
-                self._clients.clear()
-            self._clients[key] = found
-        return found
+                uid=uid, user=user_name(uid), source=source)
+            if len(self._identities) >= MEMO_ENTRIES:
+                self._identities.clear()
+            self._identities[(uid, client[0])] = identity
+        client_host = f"[{client[0]}]" if ":" in client[0] else client[0]
+        return Client(f"{client_host}:{client[1]}", identity)
 
     def _owner(self, owners: SocketOwners, client: tuple[str, int], server: tuple[str, int],
                protocol: int) -> SocketOwner | None:
@@ -338,14 +314,12 @@ class PolicyResolver:
 class _Event:
     """One audit event per query, written once its outcome is known."""
 
-    __slots__ = ("client", "host", "identity", "policy", "qtype", "resolver", "signals",
-                 "started")
+    __slots__ = ("client", "gate", "host", "policy", "qtype", "signals", "started")
 
-    def __init__(self, resolver: PolicyResolver, policy: Policy, identity: Identity,
-                 client: tuple[str, int], host: Name | str, qtype: str, started: float) -> None:
-        self.resolver = resolver
+    def __init__(self, gate: Gate, policy: Policy, client: Client, host: Name | str,
+                 qtype: str, started: float) -> None:
+        self.gate = gate
         self.policy = policy
-        self.identity = identity
         self.client = client
         self.host = host
         self.qtype = qtype
@@ -358,35 +332,9 @@ class _Event:
             reason += f"; {notes}"
         if self.signals:
             reason += f"; suspected tunnelling: {', '.join(self.signals)}"
-        client_host = f"[{self.client[0]}]" if ":" in self.client[0] else self.client[0]
-        resolver = self.resolver
-        resolver.runtime.metrics.count(decision, "dns")
-        fields = dict(
-            event="dns", account=decision.account or None, client=f"{client_host}:"
-            f"{self.client[1]}", uid=self.identity.uid, user=self.identity.user,
-            host=str(self.host), qtype=self.qtype, decision=decision.result.value,
-            rule=decision.rule, reason=reason,
-            mode=decision.mode.value if decision.account else None, policy=self.policy.digest,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3))
-        if resolver._held is None:
-            resolver.runtime.audit.record(**fields)
-        else:  # queued at the end of the batch, with the time it would have had now
-            fields["ts"] = _timestamp()
-            resolver._held.append(fields)
-
-
-def _timestamp() -> str:
-    """An event's time as AuditLog.record spells it (datetime.now(UTC) in milliseconds, which
-    are the system clock's nanoseconds floored), formatted once per millisecond."""
-    global _last_timestamp
-    ms = time.time_ns() // 1_000_000
-    if ms != _last_timestamp[0]:
-        moment = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
-        _last_timestamp = (ms, moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
-    return _last_timestamp[1]
-
-
-_last_timestamp = (-1, "")
+        self.gate.record(Stage.DNS, self.client, decision, self.host, None, None,
+                         policy=self.policy, reason=reason, qtype=self.qtype,
+                         duration_ms=round((time.monotonic() - self.started) * 1000, 3))
 
 
 def _name_or_none(text: str) -> Name | None:

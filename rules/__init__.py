@@ -2,7 +2,16 @@
 
 from .engine import NO_RULE, AccountChoice, Decision, Identity, Policy, Query
 from .errors import PolicyError, Problem
-from .hosts import Address, Host, HostError, Name, host_text, normalize_host
+from .hosts import (
+    Address,
+    Host,
+    HostError,
+    Name,
+    host_text,
+    normalize_host,
+    parse_port,
+    split_host_port,
+)
 from .loader import DEFAULT_ACCOUNT, builtin_presets, load_policy, parse_policy
 from .model import Account, Mode, PolicyDocument, PolicyWarning, Result, Rule, Stage
 from .paths import normalize_path
@@ -11,5 +20,6 @@ __all__ = [
     "DEFAULT_ACCOUNT", "NO_RULE", "Account", "AccountChoice", "Address", "Decision", "Host",
     "HostError", "Identity", "Mode", "Name", "Policy", "PolicyDocument", "PolicyError",
     "PolicyWarning", "Problem", "Query", "Result", "Rule", "Stage", "builtin_presets",
-    "host_text", "load_policy", "normalize_host", "normalize_path", "parse_policy",
+    "host_text", "load_policy", "normalize_host", "normalize_path", "parse_policy", "parse_port",
+    "split_host_port",
 ]

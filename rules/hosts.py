@@ -9,7 +9,9 @@ IPv4, and brackets and zone ids are dropped: no spelling of an address can pass 
 from __future__ import annotations
 
 import functools
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -155,3 +157,44 @@ def host_text(host: Host) -> str:
     if isinstance(host, IPv6Address):
         return f"[{host}]"
     return str(host)
+
+
+ENCODED_LABEL_LENGTH = 16  # labels shorter than this are too short to judge by their entropy
+ENCODED_LABEL_BITS = 3.8  # bits per character above which a label reads as encoded data
+
+
+def looks_encoded(name: str) -> bool:
+    """Whether a label of `name` looks like encoded data (long and high-entropy): the mark of
+    data smuggled out through DNS names."""
+    return any(len(label) >= ENCODED_LABEL_LENGTH and _entropy(label) > ENCODED_LABEL_BITS
+               for label in name.split("."))
+
+
+def _entropy(text: str) -> float:
+    counts = Counter(text)
+    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+
+
+def split_host_port(text: str) -> tuple[str, str | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` (as in URLs, CONNECT targets, Host headers
+    and listener flags): the host, without brackets, and the port's text, None when there is
+    none. An unbracketed name with more than one colon is a bare IPv6 address, all host.
+    Raises HostError for an unclosed bracket or anything but `:port` after one."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise HostError(f"{text!r}: unclosed '[' in an IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise HostError(f"{text!r}: expected ':PORT' after ']'")
+        return host, rest[1:] if rest else None
+    if text.count(":") > 1:
+        return text, None
+    host, colon, port = text.partition(":")
+    return host, port if colon else None
+
+
+def parse_port(text: str, lowest: int = 1) -> int:
+    """A port number written in ASCII digits, from `lowest` to 65535; HostError otherwise."""
+    if not (text.isascii() and text.isdigit()) or not lowest <= int(text) <= 65535:
+        raise HostError(f"{text!r}: expected a port from {lowest} to 65535")
+    return int(text)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TypedDict, TypeVar
 
 import yaml
-from publicsuffixlist import PublicSuffixList
 
 from .errors import PolicyError, Problem
 from .hosts import HostError, Name, normalize_host
@@ -33,6 +32,7 @@ from .model import (
 )
 from .paths import PathPattern
 from .source import position, read_nodes
+from .suffixes import is_icann_suffix, is_public_suffix
 
 SUPPORTED_VERSION = 1
 DEFAULT_ACCOUNT = "default"
@@ -102,16 +102,6 @@ def builtin_presets() -> dict[str, tuple[Rule, ...]]:
             raise PolicyError(reader.problems)
         presets[name] = tuple(rules)
     return presets
-
-
-@functools.cache
-def _public_suffixes() -> PublicSuffixList:
-    return PublicSuffixList()
-
-
-@functools.cache
-def _icann_suffixes() -> PublicSuffixList:
-    return PublicSuffixList(only_icann=True)
 
 
 class _Options(TypedDict, total=False):
@@ -400,11 +390,11 @@ class _Reader:
             return None
         if not wildcard:
             return host.text
-        if _icann_suffixes().is_public(host.text):
+        if is_icann_suffix(host.text):
             self.problem(node, f"host {text!r} covers every name under the public suffix "
                                f"{host.text!r}; expected a wildcard under a registered domain")
             return None
-        if _public_suffixes().is_public(host.text):
+        if is_public_suffix(host.text):
             self.warn(node, f"host {text!r}: the Public Suffix List marks {host.text!r} as a "
                             "shared suffix, so names under it belong to different owners")
         return "*." + host.text

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from agent_egress.audit import KEYS
+from agent_egress.auditevent import KEYS
 
 
 def event(**fields):

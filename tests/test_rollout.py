@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from support.proxy import RunningProxy
 
-from agent_egress.audit import KEYS
+from agent_egress.auditevent import KEYS
 
 UID = os.getuid()
 

@@ -7,7 +7,6 @@ toolchains' own reports, so the presets say what this machine is configured to u
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import shutil
@@ -18,9 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from publicsuffixlist import PublicSuffixList
-
 from agent_egress.rules import HostError, Name, normalize_host
+from agent_egress.rules.suffixes import is_icann_suffix
 
 SCHEME_PORTS = {"http": 80, "https": 443, "ssh": 22, "git": 9418, "ftp": 21}
 # Schemes that name something on this machine: nothing to allow through the proxy.
@@ -213,7 +211,7 @@ def host_target(text: str) -> tuple[str, bool]:
         if not wildcard:
             return host.text, False
         # The policy loader refuses these; a preset that does not load helps nobody.
-        if _icann_suffixes().is_public(host.text):
+        if is_icann_suffix(host.text):
             raise ValueError(f"{text!r} covers a whole public suffix")
         return f"*.{host.text}", False
     if wildcard:
@@ -229,6 +227,4 @@ def redact(url: str) -> str:
     return re.sub(r"[?#].*", "", re.sub(r"//[^/@]*@", "//", url.strip()))[:100]
 
 
-@functools.cache
-def _icann_suffixes() -> PublicSuffixList:
-    return PublicSuffixList(only_icann=True)
+

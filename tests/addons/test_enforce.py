@@ -82,7 +82,8 @@ def test_plain_http_allowed_and_audited_key_by_key(proxy, web):
         "port": web.port, "ip": "127.0.0.1", "method": "GET", "path": "/page", "qtype": None,
         "decision": "allow", "rule": rule_line(proxy, "host: web.test"),
         "reason": f"allowed by rule: host web.test ports {web.port}", "mode": "enforce",
-        "bytes_up": 0, "bytes_down": len(done.stdout),
+        "bytes_up": 0, "bytes_down": len(done.stdout), "rule_id": None, "op": None,
+        "ancestry": None, "credential": None, "approval": None,
     }
     assert "secret" not in proxy.audit_log.read_text()
 

@@ -13,6 +13,7 @@ from mitmproxy.test import tflow
 
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.audit import AuditLog
+from agent_egress.gate import Gate
 from agent_egress.metrics import Metrics
 from agent_egress.runtime import PolicyHolder, Runtime
 from agent_egress.upstream import SystemResolver
@@ -21,7 +22,7 @@ from agent_egress.upstream import SystemResolver
 @pytest.fixture
 def enforcer(tmp_path):
     audit = AuditLog(tmp_path / "audit.jsonl")
-    yield Enforcer(Runtime(PolicyHolder(None), audit, SystemResolver(), None, Metrics()))
+    yield Enforcer(Gate(Runtime(PolicyHolder(None), audit, SystemResolver(), None, Metrics())))
     audit.close()
 
 

@@ -1,0 +1,84 @@
+"""Who is on the other end of a proxy connection: the kernel's word on the socket's owner (uid,
+user), the source address, and in the background the process that holds the socket."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .identity import Process, SocketOwners, find_process, user_name
+from .rules import Address, Identity, Name, host_text, normalize_host
+
+if TYPE_CHECKING:
+    from .connections import Tunnel
+
+MAX_PENDING_LOOKUPS = 16
+
+
+@dataclass(eq=False)
+class Client:
+    """A client connection as the gate knows it."""
+
+    address: str  # ip:port, as the audit log spells it
+    identity: Identity
+    original: tuple[Address, int] | None = None  # transparent mode: where the client dialled
+    process: Future[Process | None] | None = None
+    tunnel: Tunnel | None = None  # the connection it asked for (CONNECT, transparent)
+    pinned: dict[tuple[str, int], Address] = field(default_factory=dict)  # (name, port) -> ip
+
+    def known_process(self) -> Process | None:
+        """The process, if the background lookup has found it by now."""
+        process = self.process
+        return process.result() if process is not None and process.done() else None
+
+    def forget_process(self) -> None:
+        """The socket is gone: a lookup not started yet would find nothing."""
+        if self.process is not None and self.process.cancel():
+            self.process = None
+
+
+class ClientIdentifier:
+    def __init__(self, owners: SocketOwners | None) -> None:
+        self.owners = owners
+        # One thread: scanning /proc is slow, and best effort is enough for who-ran-what.
+        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="process-lookup")
+        self._pending = 0
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
+
+    def identify(self, peername: tuple[str, int], sockname: tuple[str, int],
+                 transparent: bool = False) -> Client:
+        """For a transparent connection `sockname` is where the client dialled (mitmproxy put
+        SO_ORIGINAL_DST there)."""
+        peer_ip, peer_port = peername[:2]
+        source = _address(peer_ip)
+        client = Client(f"{host_text(source)}:{peer_port}", Identity(source=source))
+        if transparent:
+            client.original = (_address(sockname[0]), sockname[1])
+        if self.owners is None:
+            return client
+        owner = self.owners.owner(peername[:2], sockname[:2])  # None for a remote client
+        # Once NAT has moved a redirected client's port, its addresses may be those of
+        # another socket: this proxy's own connection upstream, say (never redirected).
+        if transparent and (owner is None or owner.inode and owner.uid == os.geteuid()):
+            owner = self.owners.sole_owner_towards(peer_ip, sockname[:2])
+        if owner is not None:
+            client.identity = Identity(uid=owner.uid, user=user_name(owner.uid), source=source)
+            if owner.inode and self._pending < MAX_PENDING_LOOKUPS:
+                self._pending += 1
+                client.process = self._lookups.submit(find_process, owner.inode, owner.uid)
+                client.process.add_done_callback(self._lookup_done)
+        return client
+
+    def _lookup_done(self, _: Future[Process | None]) -> None:
+        self._pending -= 1
+
+
+def _address(text: str) -> Address:
+    host = normalize_host(text)
+    if isinstance(host, Name):
+        raise ValueError(f"not an address: {text!r}")
+    return host

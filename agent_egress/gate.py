@@ -1,0 +1,323 @@
+"""The gate: every decision and every audit event pass through here.
+
+One sequence, written once, for every path that lets traffic through — the mitmproxy hooks,
+the fast path for allowed tunnels, transparent raw TCP and the resolver:
+
+    identity -> account -> decision (timed for metrics) -> refusal while the audit log is
+    failing -> one audit event
+
+Checks that refine a decision (the SNI, the Host header, the pinned address) hand the gate a
+reason; only the gate (and the pure engine in rules/) turns a reason into a denial, and only
+the gate writes audit events. Nothing here knows mitmproxy or dnslib: the adapters in addons/
+and dns/ translate their hooks and packets into these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from .auditevent import AuditEvent, timestamp
+from .checks import host_header_refusal, host_or_none
+from .clients import Client, ClientIdentifier
+from .connections import Exchange, Tunnel
+from .pinning import Refusal, pin
+from .rules import (
+    AccountChoice,
+    Address,
+    Decision,
+    Host,
+    Identity,
+    Mode,
+    Name,
+    Policy,
+    Query,
+    Result,
+    Stage,
+    host_text,
+)
+from .runtime import Runtime
+from .upstream import ResolveError
+
+log = logging.getLogger(__name__)
+
+UNRECORDED = ("the audit log cannot be written (disk full?); denying until it can "
+              "(--on-audit-failure=deny)")
+ACCOUNT_MEMO = 4096
+
+
+class Gate:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.clients = ClientIdentifier(runtime.owners)
+        self._accounts: dict[Identity, AccountChoice] = {}
+        self._accounts_policy: Policy | None = None
+        self._held: list[AuditEvent] | None = None
+        # CONNECTs the fast path decided and then handed to mitmproxy, by client address
+        self._handed_over: dict[tuple[str, int], tuple[str, int, Tunnel]] = {}
+
+    def close(self) -> None:
+        self.clients.close()
+
+    @property
+    def policy(self) -> Policy:
+        return self.runtime.policies.current
+
+    # Who
+
+    def client(self, peername: tuple[str, int], sockname: tuple[str, int],
+               transparent: bool = False) -> Client:
+        return self.clients.identify(peername, sockname, transparent)
+
+    def account(self, policy: Policy, identity: Identity) -> AccountChoice:
+        """The account of `identity` under `policy`, worked out once per policy."""
+        if policy is not self._accounts_policy or len(self._accounts) >= ACCOUNT_MEMO:
+            self._accounts.clear()
+            self._accounts_policy = policy
+        choice = self._accounts.get(identity)
+        if choice is None:
+            choice = self._accounts[identity] = policy.account_for(identity)
+        return choice
+
+    # Decisions
+
+    def decide(self, policy: Policy, identity: Identity, host: str, port: int | None,
+               stage: Stage, method: str | None = None, path: str | None = None) -> Decision:
+        """The policy's decision for `identity` reaching `host`, refused while the audit log
+        fails."""
+        choice = self.account(policy, identity)
+        if choice.account is None:
+            return Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
+        metrics = self.runtime.metrics
+        started = time.perf_counter()
+        decision = policy.decide(Query(choice.account, host, port, stage, method, path))
+        metrics.decision_seconds.observe(time.perf_counter() - started)
+        return self._recordable(decision)
+
+    def refuse(self, decision: Decision, reason: str, rule: str | None = None) -> Decision:
+        """A denial for the same account and mode as `decision`, for `reason`."""
+        return Decision(Result.DENY, rule, reason, decision.account, decision.mode)
+
+    def refuse_client(self, reason: str) -> Decision:
+        """A denial before any account is known (proxy authentication failed)."""
+        return Decision(Result.DENY, None, reason, "", Mode.ENFORCE)
+
+    def _recordable(self, decision: Decision) -> Decision:
+        """With --on-audit-failure=deny (the default), nothing passes while the audit log
+        cannot be written: traffic nobody can review is traffic nobody allowed."""
+        if decision.passes and self.runtime.audit.failing and \
+                self.runtime.on_audit_failure == "deny":
+            return self.refuse(decision, UNRECORDED)
+        return decision
+
+    async def pinned(self, client: Client, decision: Decision, host: Host, port: int,
+                     original: Address | None = None) -> tuple[Decision, Address | None]:
+        """The address to dial for an allowed `decision`, or the denial when there is none.
+        A name this client already reaches on `port` keeps its address (rechecked), so that
+        requests kept alive on one upstream connection were each decided on it. Raises
+        ResolveError."""
+        policy = self.policy
+        key = (host_text(host), port)
+        outcome: Address | Decision | Refusal
+        known = client.pinned.get(key)
+        if known is not None and original in (None, known):
+            checked = policy.decide_address(decision.account, key[0], known, port)
+            outcome = known if checked.passes else checked
+        else:
+            outcome = await pin(self.runtime.resolver, policy, decision.account, host, port,
+                                original)
+        if isinstance(outcome, str):
+            return self.refuse(decision, outcome), None
+        if isinstance(outcome, Decision):
+            return outcome, None
+        client.pinned[key] = outcome
+        return decision, outcome
+
+    async def connection(self, client: Client, host_raw: str, port: int,
+                         proxy_user: str | None = None,
+                         original: Address | None = None) -> Tunnel:
+        """The decision for a connection to `host_raw`:`port` (a CONNECT, or the SNI of a
+        transparent connection to `original`), its upstream address resolved and checked."""
+        policy = self.policy
+        decision = self.decide(policy, _with_proxy_user(client.identity, proxy_user), host_raw,
+                               port, Stage.CONNECT)
+        host = host_or_none(host_raw)
+        ip, unresolved = None, False
+        if decision.passes and host is not None:
+            try:
+                decision, ip = await self.pinned(client, decision, host, port, original)
+            except ResolveError as e:
+                decision, unresolved = self.refuse(decision, str(e), decision.rule), True
+        return Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip,
+                      unresolved=unresolved)
+
+    def raw_tcp(self, client: Client, address: Address, port: int) -> Tunnel:
+        """Raw TCP (SSH, databases) names no host: it may reach an address only if the resolver
+        gave this account that address, in time, for a name it may reach on this port."""
+        policy = self.policy
+        choice = self.account(policy, client.identity)
+        if choice.account is None:
+            return Tunnel(address, port, self.refuse_client(choice.reason), None)
+        name = self.runtime.memory.name_for(choice.account, address)
+        if name is None:
+            mode = policy.accounts()[choice.account].mode
+            decision = Decision(Result.DENY, None, f"raw TCP to {host_text(address)}:{port}: "
+                                "the resolver gave this account that address for no allowed "
+                                "name", choice.account, mode)
+            return Tunnel(address, port, decision, None)
+        decision = self.decide(policy, client.identity, name, port, Stage.CONNECT)
+        if decision.inspect:
+            decision = self.refuse(decision, f"{name}:{port} may only be reached by requests "
+                                   "the proxy can inspect, not by raw TCP", decision.rule)
+        return Tunnel(host_or_none(name) or address, port, decision,
+                      address if decision.passes else None)
+
+    # Connections: opened, refused after the fact, closed
+
+    def open(self, client: Client, tunnel: Tunnel) -> Tunnel:
+        """`tunnel` is the client's connection now: counted if allowed, recorded at once if
+        denied (an allowed one is recorded when it closes, with its bytes)."""
+        client.tunnel = tunnel
+        if tunnel.decision.passes:
+            tunnel.active = True
+            self.runtime.metrics.active_connections.labels(tunnel.decision.account).inc()
+        else:
+            self.record_connection(client, tunnel)
+        return tunnel
+
+    def refuse_tunnel(self, client: Client, tunnel: Tunnel, reason: str) -> None:
+        """An allowed connection turned out not to be what was decided (its SNI, or raw TCP
+        where requests must be inspected): denied and recorded now."""
+        tunnel.decision = self.refuse(tunnel.decision, reason)
+        self.record_connection(client, tunnel)
+
+    def finish(self, client: Client) -> None:
+        """The client has gone: counts its connection's bytes and records it."""
+        client.forget_process()
+        tunnel = client.tunnel
+        if tunnel is None:
+            return
+        client.tunnel = None
+        metrics, account = self.runtime.metrics, tunnel.decision.account
+        if tunnel.active:
+            metrics.active_connections.labels(account).dec()
+        metrics.bytes.labels(account or "none", "up").inc(tunnel.bytes_up)
+        metrics.bytes.labels(account or "none", "down").inc(tunnel.bytes_down)
+        if tunnel.decision.passes:  # denials were recorded when they happened
+            self.record_connection(client, tunnel, bytes_up=tunnel.bytes_up,
+                                   bytes_down=tunnel.bytes_down,
+                                   duration_ms=tunnel.duration_ms())
+
+    def hand_over(self, peer: tuple[str, int], host_raw: str, port: int,
+                  tunnel: Tunnel) -> None:
+        """The fast path decided this CONNECT and gives it to mitmproxy, which takes the
+        decision rather than resolving the name again."""
+        self._handed_over[peer] = (host_raw, port, tunnel)
+
+    def handed_over(self, peer: tuple[str, int], host_raw: str, port: int) -> Tunnel | None:
+        decided = self._handed_over.pop(peer, None)
+        if decided is None or decided[:2] != (host_raw, port):
+            return None
+        return decided[2]
+
+    def forget(self, peer: tuple[str, int]) -> None:
+        self._handed_over.pop(peer, None)
+
+    # Requests: plain HTTP, inspected HTTPS
+
+    async def request(self, client: Client, host_raw: str, port: int, method: str, path: str,
+                      host_header: str | None,
+                      proxy_user: str | None = None
+                      ) -> tuple[Decision, Host, Address | None, bool]:
+        """The decision for one request to `host_raw`:`port` (on the client's connection, if
+        it has one), its Host header checked, and the address to dial for it; last, whether
+        it was refused because the name could not be resolved (the client gets a 502)."""
+        policy = self.policy
+        tunnel = client.tunnel
+        host = host_or_none(host_raw)
+        identity = _with_proxy_user(client.identity, proxy_user)
+        if host is None:
+            decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST)
+            return decision, Name(host_raw, ()), None, False
+        decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST, method, path)
+        if client.original is None and decision.account and \
+                (reason := host_header_refusal(host_header, host)):
+            decision = self.refuse(decision, reason)
+        if tunnel is not None or not decision.passes:
+            return decision, host, tunnel.ip if tunnel is not None else None, False
+        original = client.original[0] if client.original else None
+        try:
+            decision, ip = await self.pinned(client, decision, host, port, original)
+        except ResolveError as e:
+            return self.refuse(decision, str(e), decision.rule), host, None, True
+        return decision, host, ip, False
+
+    def begin_exchange(self, client: Client, decision: Decision, host: Host, port: int,
+                       ip: Address | None) -> Exchange:
+        if client.tunnel is None:
+            self.runtime.metrics.active_connections.labels(decision.account).inc()
+        return Exchange(decision, host, port, ip)
+
+    def end_exchange(self, client: Client, exchange: Exchange, method: str, path: str,
+                     bytes_up: int | None, bytes_down: int | None) -> None:
+        tunnel = client.tunnel
+        if tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
+            tunnel.bytes_up += bytes_up or 0
+            tunnel.bytes_down += bytes_down or 0
+        else:
+            metrics, account = self.runtime.metrics, exchange.decision.account
+            metrics.active_connections.labels(account).dec()
+            metrics.bytes.labels(account, "up").inc(bytes_up or 0)
+            metrics.bytes.labels(account, "down").inc(bytes_down or 0)
+        self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
+                    exchange.ip, method=method, path=path, bytes_up=bytes_up,
+                    bytes_down=bytes_down, duration_ms=exchange.duration_ms())
+
+    # The record
+
+    def record_connection(self, client: Client, tunnel: Tunnel, *, bytes_up: int | None = None,
+                          bytes_down: int | None = None,
+                          duration_ms: int | None = None) -> None:
+        self.record(Stage.CONNECT, client, tunnel.decision, tunnel.host, tunnel.port, tunnel.ip,
+                    bytes_up=bytes_up, bytes_down=bytes_down, duration_ms=duration_ms)
+
+    def record(self, stage: Stage, client: Client, decision: Decision, host: Host | str,
+               port: int | None, ip: Address | None, *, policy: Policy | None = None,
+               reason: str | None = None, method: str | None = None, path: str | None = None,
+               qtype: str | None = None, bytes_up: int | None = None,
+               bytes_down: int | None = None, duration_ms: float | None = None) -> None:
+        """Counts the decision and writes its one audit event (`reason` overrides the
+        decision's, to add what happened after it)."""
+        self.runtime.metrics.count(decision, stage)
+        process = client.known_process()
+        identity = client.identity
+        event = AuditEvent(
+            ts=timestamp(), event=stage, account=decision.account or None,
+            client=client.address, uid=identity.uid, user=identity.user,
+            pid=process.pid if process else None, exe=process.exe if process else None,
+            cmdline=process.cmdline if process else None, host=str(host), port=port,
+            ip=str(ip) if ip is not None else None, method=method, path=path, qtype=qtype,
+            decision=decision.result, rule=decision.rule, reason=reason or decision.reason,
+            mode=decision.mode if decision.account else None,
+            policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
+            duration_ms=duration_ms)
+        if self._held is None:
+            self.runtime.audit.record(event)
+        else:
+            self._held.append(event)
+
+    def begin_batch(self) -> None:
+        """Until end_batch, events are held, to be queued together (a batch of DNS queries:
+        the audit thread then wakes once per batch, not once per query)."""
+        self._held = []
+
+    def end_batch(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self.runtime.audit.record_all(held)
+
+
+def _with_proxy_user(identity: Identity, proxy_user: str | None) -> Identity:
+    return identity if proxy_user is None else replace(identity, proxy_user=proxy_user)
+
