@@ -215,13 +215,15 @@ class Enforcer:
             host_raw, port = request.host, request.port
         decision, host, ip, unresolved = await self.gate.request(
             client, host_raw, port, request.method, request.path, request.host_header,
-            _proxy_user(flow))
+            request.authority, _proxy_user(flow))
         if not decision.passes:
             self.gate.record(Stage.REQUEST, client, decision, host, port, ip,
                              method=request.method, path=request.path)
             flow.response = denial(decision, f"{host_text(host)}:{port}",
                                    UNRESOLVED_STATUS if unresolved else 403)
             return
+        if not request.is_http2 and not request.is_http3:
+            request.authority = ""  # the origin gets origin-form: only Host names the host
         flow.metadata[_EXCHANGE] = self.gate.begin_exchange(client, decision, host, port, ip)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

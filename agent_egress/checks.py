@@ -4,7 +4,15 @@ refusal, or None; the gate turns a reason into a denial."""
 
 from __future__ import annotations
 
-from .rules import Host, HostError, Name, host_text, normalize_host, split_host_port
+from .rules import (
+    Host,
+    HostError,
+    Name,
+    host_text,
+    normalize_host,
+    parse_port,
+    split_host_port,
+)
 
 
 def sni_refusal(sni: str | None, host: Host, port: int) -> str | None:
@@ -24,17 +32,39 @@ def sni_refusal(sni: str | None, host: Host, port: int) -> str | None:
     return None
 
 
-def host_header_refusal(header: str | None, host: Host) -> str | None:
-    """A request's Host header, where there is one, must name the destination."""
+def host_header_refusal(header: str | None, host: Host, port: int) -> str | None:
+    """A request's Host header, where there is one, must name the destination, and its port,
+    where it gives one, the destination's port."""
     if header is None:
         return None
     try:
         named = normalize_host(host_header_name(header))
     except HostError as e:
         return f"invalid Host header: {e}"
-    if named == host:
+    if named != host:
+        return f"Host header {header} does not match the destination {host_text(host)}"
+    _, given = split_host_port(header)
+    if given is not None and int(given) != port:
+        return f"Host header {header} names another port than the destination's, {port}"
+    return None
+
+
+def target_refusal(authority: str, host: Host, port: int) -> str | None:
+    """An absolute-form request target (`GET http://name/…`) must name the destination, port
+    included: an origin prefers the target's authority to the Host header (RFC 9112 3.2.2),
+    so another name there would reach another virtual host on the same address."""
+    if not authority:
         return None
-    return f"Host header {header} does not match the destination {host_text(host)}"
+    try:
+        name, given = split_host_port(authority)
+        named = normalize_host(name)
+        given_port = port if given is None else parse_port(given)
+    except HostError as e:
+        return f"invalid request target authority {authority}: {e}"
+    if named != host or given_port != port:
+        return (f"request target {authority} does not match the destination "
+                f"{host_text(host)}:{port}")
+    return None
 
 
 def host_header_name(header: str) -> str:

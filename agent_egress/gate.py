@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 
 from .auditevent import AuditEvent, timestamp
-from .checks import host_header_refusal, host_or_none
+from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
 from .pinning import Refusal, pin
@@ -227,12 +227,13 @@ class Gate:
     # Requests: plain HTTP, inspected HTTPS
 
     async def request(self, client: Client, host_raw: str, port: int, method: str, path: str,
-                      host_header: str | None,
+                      host_header: str | None, authority: str = "",
                       proxy_user: str | None = None
                       ) -> tuple[Decision, Host, Address | None, bool]:
         """The decision for one request to `host_raw`:`port` (on the client's connection, if
-        it has one), its Host header checked, and the address to dial for it; last, whether
-        it was refused because the name could not be resolved (the client gets a 502)."""
+        it has one), its Host header and absolute-form target (`authority`) checked, and the
+        address to dial for it; last, whether it was refused because the name could not be
+        resolved (the client gets a 502)."""
         policy = self.policy
         tunnel = client.tunnel
         host = host_or_none(host_raw)
@@ -241,8 +242,10 @@ class Gate:
             decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST)
             return decision, Name(host_raw, ()), None, False
         decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST, method, path)
-        if client.original is None and decision.account and \
-                (reason := host_header_refusal(host_header, host)):
+        reason = target_refusal(authority, host, port)
+        if client.original is None:
+            reason = reason or host_header_refusal(host_header, host, port)
+        if reason and decision.account:
             decision = self.refuse(decision, reason)
         if tunnel is not None or not decision.passes:
             return decision, host, tunnel.ip if tunnel is not None else None, False
