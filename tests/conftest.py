@@ -113,3 +113,15 @@ def package_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
     origin = Origin(package_index_handler(root))
     yield origin
     origin.stop()
+
+
+# Fixtures that start real processes or servers: a test using any of them is end to end.
+_END_TO_END_FIXTURES = frozenset({"cli", "dns", "web", "secure", "git_origin", "package_index"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks the end-to-end tests `e2e`, so that `scripts/test -m "not e2e"` runs the fast,
+    in-process rest."""
+    for item in items:
+        if _END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -59,11 +59,19 @@ def test_a_full_audit_disk(cli, tmp_path, dns, web, on_failure):
         errors = next(float(line.split()[-1]) for line in metrics.splitlines()
                       if line.startswith("agent_egress_audit_write_errors_total"))
         assert errors > 0
+        # the resolver follows the same rule: no DNS, and nothing forwarded, while unrecorded
+        asked = len(dns.zone.queries)
+        lookup = subprocess.run(["dig", "@127.0.0.1", "-p", str(proxy.dns_port), "+time=5",
+                                 "+tries=1", "web.test"],
+                                capture_output=True, text=True, timeout=30).stdout
         if on_failure == "deny":
             assert answers[0].startswith("hello") and refused
             assert all(a.startswith("hello") for a in answers[:answers.index(refused[0])])
+            assert "NXDOMAIN" in lookup and "the audit log cannot be written" in lookup
+            assert len(dns.zone.queries) == asked
         else:
             assert all(a.startswith("hello") for a in answers) and not refused
+            assert "NXDOMAIN" not in lookup
         assert proxy.process.poll() is None
     finally:
         proxy.stop()
