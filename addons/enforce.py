@@ -122,6 +122,8 @@ class Enforcer:
         if tunnel is None:
             tunnel = await self.gate.connection(client, request.host, request.port,
                                                 _proxy_user(flow))
+        if not tunnel.decision.passes:
+            await self.gate.attribute(client)
         self.gate.open(client, tunnel)
         if not tunnel.decision.passes:
             flow.response = denial(tunnel.decision, tunnel.destination,
@@ -217,6 +219,7 @@ class Enforcer:
             client, host_raw, port, request.method, request.path, request.host_header,
             request.authority, _proxy_user(flow))
         if not decision.passes:
+            await self.gate.attribute(client)
             self.gate.record(Stage.REQUEST, client, decision, host, port, ip,
                              method=request.method, path=request.path)
             flow.response = denial(decision, f"{host_text(host)}:{port}",

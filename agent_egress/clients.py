@@ -4,17 +4,19 @@ user), the source address, and in the background the process that holds the sock
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .identity import Process, SocketOwners, find_process, user_name
+from .identity import Process, SocketOwner, SocketOwners, find_process, user_name
 from .rules import Address, Identity, Name, host_text, normalize_host
 
 if TYPE_CHECKING:
     from .connections import Tunnel
 
 MAX_PENDING_LOOKUPS = 16
+KNOWN_SOCKETS = 1024  # lookups kept by socket: a client asks again on the same socket
 
 
 @dataclass(eq=False)
@@ -31,12 +33,9 @@ class Client:
     def known_process(self) -> Process | None:
         """The process, if the background lookup has found it by now."""
         process = self.process
-        return process.result() if process is not None and process.done() else None
-
-    def forget_process(self) -> None:
-        """The socket is gone: a lookup not started yet would find nothing."""
-        if self.process is not None and self.process.cancel():
-            self.process = None
+        if process is None or not process.done() or process.cancelled():
+            return None
+        return process.result()
 
 
 class ClientIdentifier:
@@ -45,6 +44,7 @@ class ClientIdentifier:
         # One thread: scanning /proc is slow, and best effort is enough for who-ran-what.
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="process-lookup")
         self._pending = 0
+        self._by_socket: OrderedDict[int, Future[Process | None]] = OrderedDict()
 
     def close(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)
@@ -67,11 +67,26 @@ class ClientIdentifier:
             owner = self.owners.sole_owner_towards(peer_ip, sockname[:2])
         if owner is not None:
             client.identity = Identity(uid=owner.uid, user=user_name(owner.uid), source=source)
-            if owner.inode and self._pending < MAX_PENDING_LOOKUPS:
-                self._pending += 1
-                client.process = self._lookups.submit(find_process, owner.inode, owner.uid)
-                client.process.add_done_callback(self._lookup_done)
+            client.process = self.process_of(owner)
         return client
+
+    def process_of(self, owner: SocketOwner) -> Future[Process | None] | None:
+        """The process holding `owner`'s socket, looked up in the background (once per
+        socket); None when unknown or too many lookups are waiting."""
+        if not owner.inode:
+            return None
+        known = self._by_socket.get(owner.inode)
+        if known is not None:
+            return known
+        if self._pending >= MAX_PENDING_LOOKUPS:
+            return None
+        self._pending += 1
+        lookup = self._lookups.submit(find_process, owner.inode, owner.uid)
+        lookup.add_done_callback(self._lookup_done)
+        self._by_socket[owner.inode] = lookup
+        if len(self._by_socket) > KNOWN_SOCKETS:
+            self._by_socket.popitem(last=False)
+        return lookup
 
     def _lookup_done(self, _: Future[Process | None]) -> None:
         self._pending -= 1

@@ -14,6 +14,8 @@ and dns/ translate their hooks and packets into these calls.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 from dataclasses import replace
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 UNRECORDED = ("the audit log cannot be written (disk full?); denying until it can "
               "(--on-audit-failure=deny)")
 ACCOUNT_MEMO = 4096
+ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's process
 
 
 class Gate:
@@ -194,7 +197,6 @@ class Gate:
 
     def finish(self, client: Client) -> None:
         """The client has gone: counts its connection's bytes and records it."""
-        client.forget_process()
         tunnel = client.tunnel
         if tunnel is None:
             return
@@ -278,6 +280,20 @@ class Gate:
                     bytes_down=bytes_down, duration_ms=exchange.duration_ms())
 
     # The record
+
+    async def attribute(self, client: Client) -> None:
+        """Waits (a bounded time) until the client's process is known, so that the event about
+        to be written names it: the client is still waiting for its answer, so its process
+        still exists. Denials and DNS queries wait; allowed connections are recorded when they
+        close, long after the lookup."""
+        lookup = client.process
+        if lookup is None or lookup.done():
+            return
+        try:
+            async with asyncio.timeout(ATTRIBUTION_WAIT):
+                await asyncio.wrap_future(lookup)
+        except (TimeoutError, concurrent.futures.CancelledError):
+            pass
 
     def record_connection(self, client: Client, tunnel: Tunnel, *, bytes_up: int | None = None,
                           bytes_down: int | None = None,

@@ -194,9 +194,27 @@ class PolicyResolver:
 
     def _decide(self, packet: bytes, asked: _Asked, client: tuple[str, int],
                 server: tuple[str, int], protocol: int, started: float) -> Reply:
-        question, qtype, host = asked.question, asked.qtype, asked.host  # class IN only
+        who = self._client(client, server, protocol)  # class IN only
+        if who.process is not None and not who.process.done():
+            return self._attributed(packet, asked, who, protocol, started)
+        return self._answer(packet, asked, who, protocol, started)
+
+    async def _attributed(self, packet: bytes, asked: _Asked, who: Client, protocol: int,
+                          started: float) -> bytes | None:
+        """The answer once the client's process is known (or a bounded wait is over): the
+        first query on a socket waits for it, so that its audit line names the process."""
+        await self.gate.attribute(who)
+        try:
+            reply = self._answer(packet, asked, who, protocol, started)
+        except Exception:
+            log.exception("resolver failed on a query for %r", asked.question.name)
+            return error_reply(packet, SERVFAIL, asked.question)
+        return reply if reply is None or isinstance(reply, bytes) else await reply
+
+    def _answer(self, packet: bytes, asked: _Asked, who: Client, protocol: int,
+                started: float) -> Reply:
+        question, qtype, host = asked.question, asked.qtype, asked.host
         policy = self.runtime.policies.current
-        who = self._client(client, server, protocol)
         decision = self.gate.decide(policy, who.identity, question.name, None, Stage.DNS)
         event = _Event(self.gate, policy, who, host or question.name, qtype, started)
         if host is not None and decision.account:
@@ -295,7 +313,8 @@ class PolicyResolver:
                 self._identities.clear()
             self._identities[(uid, client[0])] = identity
         client_host = f"[{client[0]}]" if ":" in client[0] else client[0]
-        return Client(f"{client_host}:{client[1]}", identity)
+        process = None if owner is None else self.gate.clients.process_of(owner)
+        return Client(f"{client_host}:{client[1]}", identity, process=process)
 
     def _owner(self, owners: SocketOwners, client: tuple[str, int], server: tuple[str, int],
                protocol: int) -> SocketOwner | None:
