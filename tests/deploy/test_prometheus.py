@@ -6,7 +6,6 @@ scraping a running agent-egress fires the denial alert once the proxy and the re
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -15,26 +14,22 @@ from urllib.parse import urlsplit
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.prometheus import DEPLOY, alert_rules, api, firing, get, load, wait_for
+from support.prometheus import (
+    DEPLOY,
+    METRICS,
+    PROMETHEUS_METRICS,
+    alert_rules,
+    api,
+    firing,
+    get,
+    load,
+    metric_names,
+    wait_for,
+)
 from support.proxy import RunningProxy
 
 UID = os.getuid()
 
-# DESIGN.md "Metrics" (plus agent_egress_build_info) with their labels: what alerts may use.
-METRICS: dict[str, set[str]] = {
-    "agent_egress_decisions_total": {"account", "stage", "decision"},
-    "agent_egress_decision_seconds": set(),
-    "agent_egress_policy_reloads_total": {"result"},
-    "agent_egress_policy_loaded_timestamp_seconds": set(),
-    "agent_egress_audit_events_total": set(),
-    "agent_egress_audit_write_errors_total": set(),
-    "agent_egress_active_connections": {"account"},
-    "agent_egress_bytes_total": {"account", "direction"},
-    "agent_egress_dns_suspicious_total": {"account", "signal"},
-    "agent_egress_exposed_listeners": {"account"},
-    "agent_egress_build_info": {"version"},
-}
-PROMETHEUS_METRICS = {"up"}  # what Prometheus records about the scrape itself
 LABEL_VALUES = {
     "stage": {"dns", "connect", "request"},
     "decision": {"allow", "deny", "would_deny"},
@@ -43,22 +38,6 @@ LABEL_VALUES = {
 }
 FORBIDDEN_LABELS = {"host", "ip", "client", "address", "destination", "path", "url"}
 SEVERITIES = {"critical", "warning", "info"}
-PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
-                "group_right", "offset", "bool"}
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects: identifiers outside strings, label matchers,
-    ranges and groupings that are neither functions, aggregations nor keywords."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    names = set()
-    for match in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", expr):
-        if match.group() in PROMQL_WORDS or expr[match.end():].lstrip().startswith("("):
-            continue
-        names.add(match.group())
-    return names
 
 
 def unknown_metrics(document: Any) -> set[str]:

@@ -4,6 +4,7 @@ deploy/prometheus with fast intervals, each server on its own loopback port and 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
@@ -14,10 +15,44 @@ from typing import Any
 from urllib.parse import urlencode
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.proxy import Process
 
 DEPLOY = Path(__file__).parents[2] / "deploy" / "prometheus"
+
+# DESIGN.md "Metrics" (plus agent_egress_build_info) with their labels, as agent-egress exposes them
+# today: what alerts and the dashboard may use.
+METRICS: dict[str, set[str]] = {
+    "agent_egress_decisions_total": {"account", "stage", "decision"},
+    "agent_egress_decision_seconds": set(),
+    "agent_egress_policy_reloads_total": {"result"},
+    "agent_egress_policy_loaded_timestamp_seconds": set(),
+    "agent_egress_audit_events_total": set(),
+    "agent_egress_audit_write_errors_total": set(),
+    "agent_egress_active_connections": {"account"},
+    "agent_egress_bytes_total": {"account", "direction"},
+    "agent_egress_dns_suspicious_total": {"account", "signal"},
+    "agent_egress_exposed_listeners": {"account"},
+    "agent_egress_build_info": {"version"},
+}
+PROMETHEUS_METRICS = {"up"}  # what Prometheus records about the scrape itself
+PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
+                "group_right", "offset", "bool"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects: identifiers outside strings, label matchers,
+    ranges and groupings that are neither functions, aggregations nor keywords."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", expr):
+        if match.group() in PROMQL_WORDS or expr[match.end():].lstrip().startswith("("):
+            continue
+        names.add(match.group())
+    return names
 
 
 def load(name: str) -> Any:
@@ -52,6 +87,17 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def exposed_metrics(metrics_url: str) -> set[str]:
+    """The series names a /metrics page declares (from its TYPE lines, so also the families that
+    have no series yet), as Prometheus stores them."""
+    names = set()
+    for family in text_string_to_metric_families(get(metrics_url)):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
+                    "summary": ["", "_count", "_sum"]}.get(family.type, [""])
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
 
 
 def binary(name: str) -> str:
