@@ -5,43 +5,31 @@ scraping a running agent-egress fires the denial alert once the proxy and the re
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
-import socket
 import subprocess
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.proxy import Process, RunningProxy
+from support.prometheus import (
+    DEPLOY,
+    METRICS,
+    PROMETHEUS_METRICS,
+    alert_rules,
+    api,
+    firing,
+    get,
+    load,
+    metric_names,
+    wait_for,
+)
+from support.proxy import RunningProxy
 
-ROOT = Path(__file__).parents[2]
-DEPLOY = ROOT / "deploy" / "prometheus"
 UID = os.getuid()
 
-# DESIGN.md "Metrics" (plus agent_egress_build_info) with their labels: what alerts may use.
-METRICS: dict[str, set[str]] = {
-    "agent_egress_decisions_total": {"account", "stage", "decision"},
-    "agent_egress_decision_seconds": set(),
-    "agent_egress_policy_reloads_total": {"result"},
-    "agent_egress_policy_loaded_timestamp_seconds": set(),
-    "agent_egress_audit_events_total": set(),
-    "agent_egress_audit_write_errors_total": set(),
-    "agent_egress_active_connections": {"account"},
-    "agent_egress_bytes_total": {"account", "direction"},
-    "agent_egress_dns_suspicious_total": {"account", "signal"},
-    "agent_egress_exposed_listeners": {"account"},
-    "agent_egress_build_info": {"version"},
-}
-PROMETHEUS_METRICS = {"up"}  # what Prometheus records about the scrape itself
 LABEL_VALUES = {
     "stage": {"dns", "connect", "request"},
     "decision": {"allow", "deny", "would_deny"},
@@ -50,30 +38,6 @@ LABEL_VALUES = {
 }
 FORBIDDEN_LABELS = {"host", "ip", "client", "address", "destination", "path", "url"}
 SEVERITIES = {"critical", "warning", "info"}
-PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
-                "group_right", "offset", "bool"}
-
-
-def load(name: str) -> Any:
-    return yaml.safe_load((DEPLOY / name).read_text())
-
-
-def alert_rules(document: Any) -> list[dict[str, Any]]:
-    return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects: identifiers outside strings, label matchers,
-    ranges and groupings that are neither functions, aggregations nor keywords."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    names = set()
-    for match in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", expr):
-        if match.group() in PROMQL_WORDS or expr[match.end():].lstrip().startswith("("):
-            continue
-        names.add(match.group())
-    return names
 
 
 def unknown_metrics(document: Any) -> set[str]:
@@ -196,26 +160,6 @@ def deny_at_every_stage(proxy: RunningProxy, port: int) -> None:
     assert "status: NXDOMAIN" in dig(proxy, "other.test")
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60,
-             log: Callable[[], str] = str) -> Any:
-    """Polls `probe` until it returns something true; `log` says what happened if it never
-    does."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{log()}")
-        time.sleep(0.25)
-
-
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body: bytes = response.read()
-    return body.decode()
-
-
 def scrape(proxy: RunningProxy) -> dict[str, list[Any]]:
     """Families by their exposed name (counters with `_total`), each with its samples."""
     families: dict[str, list[Any]] = {}
@@ -256,72 +200,6 @@ def test_metrics_are_exposed_with_bounded_labels(agent_egress, web):
             ("request", "allow")} <= decisions
     signals = {s.labels["signal"] for s in families["agent_egress_dns_suspicious_total"]}
     assert "long_label" in signals
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def prometheus_config(directory: Path, target: str) -> Path:
-    """The example configuration scraping `target` every second, with the rules as they are
-    but for their `for:` durations, set to 0s."""
-    rules = load("alerts.yml")
-    for rule in alert_rules(rules):
-        if "for" in rule:
-            rule["for"] = "0s"
-    (directory / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
-    config = load("prometheus.yml")
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [target]}]
-    path = directory / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-@pytest.fixture
-def start_prometheus(tmp_path) -> Iterator[Callable[[str], tuple[str, Process]]]:
-    """Starts Prometheus scraping a target; returns its URL and process, stopped afterwards."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus is not installed; scripts/bootstrap --test installs it"
-    started: list[Process] = []
-
-    def start(target: str) -> tuple[str, Process]:
-        directory = tmp_path / "prometheus"
-        directory.mkdir()
-        config = prometheus_config(directory, target)
-        for attempt in range(3):  # the free port may be taken before Prometheus binds it
-            port = free_port()
-            process = Process([binary, f"--config.file={config}",
-                               f"--storage.tsdb.path={directory / f'data{attempt}'}",
-                               f"--web.listen-address=127.0.0.1:{port}"])
-            started.append(process)
-            try:
-                process.wait_for("Server is ready to receive web requests")
-            except RuntimeError:
-                if "address already in use" not in process.log() or attempt == 2:
-                    raise
-                process.stop()
-                continue
-            return f"http://127.0.0.1:{port}", process
-        raise AssertionError("unreachable")
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-def api(prometheus: str, path: str, **params: str) -> Any:
-    body = json.loads(get(f"{prometheus}/api/v1/{path}?{urlencode(params)}"))
-    assert body["status"] == "success", body
-    return body["data"]
-
-
-def firing(prometheus: str, alertname: str) -> list[dict[str, Any]]:
-    return [alert for alert in api(prometheus, "alerts")["alerts"]
-            if alert["labels"]["alertname"] == alertname and alert["state"] == "firing"]
 
 
 def test_prometheus_scrapes_agent_egress_and_fires_the_denial_alert(agent_egress, web,
