@@ -80,12 +80,18 @@ CASES = [
      "(requests are inspected)"),
     ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/items?q=1", ALLOW, 19,
      "allowed by rule: host api.other.test ports 443 methods GET,HEAD paths /v1/*"),
-    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/../admin", DENY, None,
-     f"no rule matched for api.other.test:443 GET /admin (rule {F}:19 allows only paths "
-     "/v1/*, not /admin)"),
-    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/%2e%2e/admin", DENY, None,
-     f"no rule matched for api.other.test:443 GET /admin (rule {F}:19 allows only paths "
-     "/v1/*, not /admin)"),
+    ("codex", REQUEST, "api.other.test", 443, "GET", "/v2/items", DENY, None,
+     f"no rule matched for api.other.test:443 GET /v2/items (rule {F}:19 allows only paths "
+     "/v1/*, not /v2/items)"),
+    # a path an origin could read otherwise is refused by the rule that looks at paths
+    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/../admin", DENY, 19,
+     "path /v1/../admin has a dot-segment once decoded ('..'), which origins resolve "
+     f"differently: refused, as rule {F}:19 looks at paths (an origin could serve another "
+     "path than the one decided)"),
+    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/%2e%2e/admin", DENY, 19,
+     "path /v1/%2e%2e/admin has a dot-segment once decoded ('..'), which origins resolve "
+     f"differently: refused, as rule {F}:19 looks at paths (an origin could serve another "
+     "path than the one decided)"),
     ("codex", REQUEST, "api.other.test", 443, "POST", "/v1/items", DENY, None,
      f"no rule matched for api.other.test:443 POST /v1/items (rule {F}:19 allows only "
      "methods GET, HEAD, not POST)"),
@@ -99,11 +105,13 @@ CASES = [
     ("codex", CONNECT, "::ffff:192.0.2.10", 22, None, None, ALLOW, 25,
      "allowed by rule: cidr 192.0.2.10/32 ports 22"),
     ("codex", CONNECT, "192.0.2.11", 22, None, None, DENY, None,
-     "no rule matched for 192.0.2.11:22"),
+     "no rule matched for 192.0.2.11:22; a destination given as an IP address needs a cidr "
+     "rule, in every mode"),
     ("codex", CONNECT, "[2001:db8::1]", 443, None, None, ALLOW, 27,
      "allowed by rule: cidr 2001:db8::/32 ports 80,443"),
     ("codex", CONNECT, "0x7f.1", 443, None, None, DENY, None,
-     "no rule matched for 127.0.0.1:443"),
+     "no rule matched for 127.0.0.1:443; a destination given as an IP address needs a cidr "
+     "rule, in every mode"),
     # odd hosts are denied with a reason, never matched
     ("codex", CONNECT, "a..example.test", 443, None, None, DENY, None,
      "invalid host: 'a..example.test' has an empty label"),
