@@ -89,8 +89,7 @@ def ambiguous_path(raw_path: str) -> str | None:
     for segment in folded.split("/"):
         core = segment.split(";", 1)[0].rstrip(" ")
         if core and not core.strip("."):
-            shown = "'..'" if core == ".." else f"{segment!r}"
-            return f"has a dot-segment once decoded ({shown}), which origins resolve " \
+            return f"has a dot-segment once decoded ('{core}'), which origins resolve " \
                    "differently"
     return None
 
