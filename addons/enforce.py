@@ -366,7 +366,8 @@ class Enforcer:
         gave this account that address, in time, for a name it may reach on this port."""
         policy = self.runtime.policies.current
         choice = policy.account_for(state.identity)
-        name = self.runtime.memory.name_for(choice.account, address) if choice.account else None
+        names = self.runtime.memory.names_for(choice.account, address) if choice.account else []
+        name = names[0] if names else None
         if choice.account is None:
             decision = Decision(Result.DENY, None, choice.reason, "", Mode.ENFORCE)
         elif name is None:
@@ -374,13 +375,19 @@ class Enforcer:
             decision = Decision(Result.DENY, None, f"raw TCP to {host_text(address)}:{port}: the "
                                 "resolver gave this account that address for no allowed name",
                                 choice.account, mode)
-        else:
-            decision = self.runtime.metrics.decide(
-                policy, Query(choice.account, name, port, Stage.CONNECT))
-            if decision.inspect:
-                decision = Decision(Result.DENY, decision.rule, f"{name}:{port} may only be "
-                                    "reached by requests the proxy can inspect, not by raw TCP",
-                                    decision.account, decision.mode)
+        else:  # the first name (most recently resolved first) that allows it, else the first
+            tried: list[tuple[str, Decision]] = []
+            for candidate in names:
+                checked = self.runtime.metrics.decide(
+                    policy, Query(choice.account, candidate, port, Stage.CONNECT))
+                if checked.inspect:
+                    checked = Decision(Result.DENY, checked.rule, f"{candidate}:{port} may only "
+                                       "be reached by requests the proxy can inspect, not by "
+                                       "raw TCP", checked.account, checked.mode)
+                tried.append((candidate, checked))
+                if checked.passes:
+                    break
+            name, decision = tried[-1] if tried[-1][1].passes else tried[0]
         host = normalize_host(name) if name else address
         return Tunnel(host, port, decision, address if decision.passes else None)
 
