@@ -69,8 +69,8 @@ from .wire import (
     Question,
     error_reply,
     parse_query,
-    truncated,
     records_offset,
+    truncated,
     ttl_offsets,
 )
 
