@@ -312,8 +312,9 @@ def _request_refusal(rule: Rule, method: str | None, path: RequestPath) -> str |
             return f"allows only paths {', '.join(p.text for p in rule.paths)}, " \
                    f"not {path.normalized}"
     if rule.read_only:
-        write = _write_operation(method, path.normalized, path.raw) or \
-            _write_operation(method, path.slashed, path.raw)
+        write = _write_operation(method, path.normalized, path.raw) or (
+            path.slashed is not path.normalized
+            and _write_operation(method, path.slashed, path.raw))
         if write:
             return f"is read-only and this is {write}"
     return None

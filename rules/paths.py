@@ -143,7 +143,8 @@ class RequestPath:
     def __init__(self, raw: str) -> None:
         self.raw = raw
         self.normalized = normalize_path(raw)
-        self.slashed = self.normalized.replace("%2F", "/")
+        normalized = self.normalized
+        self.slashed = normalized.replace("%2F", "/") if "%2F" in normalized else normalized
         self._checked = False
         self._ambiguity: str | None = None
 
@@ -183,9 +184,15 @@ def paths_match(patterns: Iterable[PathPattern], path: RequestPath) -> bool | No
     """Whether some pattern matches `path` read as sent, and some (the same or another) with
     `%2F` read as `/`; None when the two readings disagree, so that no rule decides on one
     of them while the origin acts on the other."""
-    patterns = tuple(patterns)
-    as_sent = any(p.regex.fullmatch(path.normalized) for p in patterns)
-    decoded = any(p.slashed.fullmatch(path.slashed) for p in patterns)
+    as_sent = decoded = False
+    plain = path.slashed is path.normalized  # no %2F in the path
+    for pattern in patterns:
+        matched = pattern.regex.fullmatch(path.normalized) is not None
+        as_sent = as_sent or matched
+        if plain and pattern.slashed is pattern.regex:  # no %2F on either side
+            decoded = decoded or matched
+        elif not decoded:
+            decoded = pattern.slashed.fullmatch(path.slashed) is not None
     return as_sent if as_sent == decoded else None
 
 
