@@ -398,12 +398,17 @@ def _check(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"agent-egress: {e}", file=sys.stderr)
         return EXIT_USAGE
-    decision = policy.decide(Query(args.account, target.host, target.port, Stage.CONNECT))
-    stage = Stage.CONNECT
     method = args.method.upper() if args.method else None
+    # Plain HTTP is decided request by request, as the proxy does (no CONNECT to decide on).
+    plain_request = not target.tls and target.path is not None
+    stage = Stage.REQUEST if plain_request else Stage.CONNECT
+    decision = policy.decide(Query(args.account, target.host, target.port, stage,
+                                   (method or "GET") if plain_request else None,
+                                   target.path if plain_request else None))
     # A request is visible to the proxy for plain HTTP, and for HTTPS the rule inspects.
     sees_request = not target.tls or decision.inspect
-    if decision.passes and sees_request and (target.path is not None or method):
+    if stage is Stage.CONNECT and decision.passes and sees_request and (
+            target.path is not None or method):
         stage = Stage.REQUEST
         decision = policy.decide(Query(args.account, target.host, target.port, stage,
                                        method or "GET", target.path or "/"))

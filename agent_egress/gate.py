@@ -162,17 +162,25 @@ class Gate:
         choice = self.account(policy, client.identity)
         if choice.account is None:
             return Tunnel(address, port, self.refuse_client(choice.reason), None)
-        name = self.runtime.memory.name_for(choice.account, address)
-        if name is None:
+        names = self.runtime.memory.names_for(choice.account, address)
+        if not names:
             mode = policy.accounts()[choice.account].mode
             decision = Decision(Result.DENY, None, f"raw TCP to {host_text(address)}:{port}: "
                                 "the resolver gave this account that address for no allowed "
                                 "name", choice.account, mode)
             return Tunnel(address, port, decision, None)
-        decision = self.decide(policy, client.identity, name, port, Stage.CONNECT)
-        if decision.inspect:
-            decision = self.refuse(decision, f"{name}:{port} may only be reached by requests "
-                                   "the proxy can inspect, not by raw TCP", decision.rule)
+        # the first name (most recently resolved first) that allows it, else the first's denial
+        tried: list[tuple[str, Decision]] = []
+        for name in names:
+            decision = self.decide(policy, client.identity, name, port, Stage.CONNECT)
+            if decision.inspect:
+                decision = self.refuse(decision, f"{name}:{port} may only be reached by "
+                                       "requests the proxy can inspect, not by raw TCP",
+                                       decision.rule)
+            tried.append((name, decision))
+            if decision.passes:
+                break
+        name, decision = tried[-1] if tried[-1][1].passes else tried[0]
         return Tunnel(host_or_none(name) or address, port, decision,
                       address if decision.passes else None)
 

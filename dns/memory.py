@@ -1,8 +1,10 @@
-"""Which addresses the resolver gave each account, for which allowed name, until when.
+"""Which addresses the resolver gave each account, for which allowed names, until when.
 
 Transparent mode lets a raw connection through only to an address that this account was given
-for a name it may reach; this is that record. Bounded: the oldest entries go first, and
-expired ones leave as new ones arrive."""
+for a name it may reach; this is that record. One address may be shared by several names (a
+CDN, virtual hosts), so every name is kept, most recently given first. Bounded: the oldest
+addresses go first, expired entries leave as new ones arrive, and an address keeps at most
+MAX_NAMES_PER_ADDRESS names."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from agent_egress.rules import Address
 
 GRACE_SECONDS = 60.0
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 100_000  # (account, address, name) triples
+MAX_NAMES_PER_ADDRESS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,35 +26,56 @@ class Remembered:
 
 
 class AnswerMemory:
-    def __init__(self, max_entries: int = MAX_ENTRIES, grace: float = GRACE_SECONDS) -> None:
+    def __init__(self, max_entries: int = MAX_ENTRIES, grace: float = GRACE_SECONDS,
+                 max_names: int = MAX_NAMES_PER_ADDRESS) -> None:
         self.max_entries = max_entries
         self.grace = grace
-        self._entries: OrderedDict[tuple[str, Address], Remembered] = OrderedDict()
+        self.max_names = max_names
+        # (account, address) -> name -> until; both in the order last given, oldest first
+        self._entries: OrderedDict[tuple[str, Address], OrderedDict[str, float]] = OrderedDict()
+        self._count = 0
 
     def remember(self, account: str, name: str, address: Address, ttl: int,
                  now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         key = (account, address)
-        self._entries.pop(key, None)
-        self._entries[key] = Remembered(name, now + ttl + self.grace)
+        names = self._entries.pop(key, None)
+        if names is None:
+            names = OrderedDict()
+        self._count -= len(names)
+        names.pop(name, None)
+        names[name] = now + ttl + self.grace
+        for old, until in list(names.items()):
+            if until <= now or len(names) > self.max_names:
+                del names[old]
+        self._entries[key] = names
+        self._count += len(names)
         self._evict(now)
 
-    def name_for(self, account: str, address: Address, now: float | None = None) -> str | None:
-        """The allowed name this account was given `address` for, if still current."""
+    def names_for(self, account: str, address: Address, now: float | None = None) -> list[str]:
+        """The allowed names this account was given `address` for and may still use, the most
+        recently given first."""
         now = time.monotonic() if now is None else now
-        entry = self._entries.get((account, address))
-        if entry is None or entry.until <= now:
-            return None
-        return entry.name
+        names = self._entries.get((account, address))
+        if not names:
+            return []
+        return [name for name, until in reversed(names.items()) if until > now]
+
+    def name_for(self, account: str, address: Address, now: float | None = None) -> str | None:
+        """The allowed name this account was last given `address` for, if still current."""
+        names = self.names_for(account, address, now)
+        return names[0] if names else None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def _evict(self, now: float) -> None:
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        while self._count > self.max_entries:
+            _, names = self._entries.popitem(last=False)
+            self._count -= len(names)
         while self._entries:
-            key, oldest = next(iter(self._entries.items()))
-            if oldest.until > now:
+            key, names = next(iter(self._entries.items()))
+            if max(names.values(), default=now) > now:
                 break
             del self._entries[key]
+            self._count -= len(names)

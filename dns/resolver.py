@@ -66,6 +66,7 @@ from .wire import (
     Question,
     error_reply,
     parse_query,
+    records_offset,
     truncated,
     ttl_offsets,
 )
@@ -241,9 +242,16 @@ class PolicyResolver:
     async def _forward(self, packet: bytes, question: Question, decision: Decision,
                        policy: Policy, key: tuple[object, ...], event: _Event,
                        protocol: int) -> bytes | None:
+        name = _forwarded_name(question)
+        if name is None:  # the policy never allows these; should one pass, it is not forwarded
+            refused = self.gate.refuse(decision, f"{question.name!r} is not the name that was "
+                                       "decided (an IP address, or another spelling): not "
+                                       "forwarded")
+            event.write(refused)
+            return _denial(packet, question, refused, EDE_BLOCKED)
         try:
             upstream = DNSRecord(DNSHeader(id=secrets.randbits(16), rd=1),
-                                 q=DNSQuestion(question.name, question.qtype, question.qclass))
+                                 q=DNSQuestion(name, question.qtype, question.qclass))
             upstream.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD,
                                   flags="do" if question.dnssec_ok else ""))
             answer = DNSRecord.parse(await self.upstream.exchange(upstream.pack()))
@@ -253,8 +261,12 @@ class PolicyResolver:
         except Exception:
             log.exception("forwarding %r failed", question.name)
             return error_reply(packet, SERVFAIL, question)
-        record, removed = self._filtered(answer, decision.account, question, policy)
-        notes = f"removed internal answers: {', '.join(removed)}" if removed else ""
+        record, removed, outside = self._filtered(answer, decision.account, question, name,
+                                                  policy)
+        notes = "; ".join(
+            [f"removed internal answers: {', '.join(removed)}"] * bool(removed)
+            + [f"removed records outside the question's name chain: {_listed(outside)}"]
+            * bool(outside))
         event.write(decision, notes)
         entry = _cache_entry(record, notes)
         reply = entry.reply(time.monotonic(), packet, question, protocol)
@@ -265,31 +277,50 @@ class PolicyResolver:
             self._cache.popitem(last=False)
         return reply
 
-    def _filtered(self, answer: DNSRecord, account: str, question: Question,
-                  policy: Policy) -> tuple[DNSRecord, list[str]]:
-        """The answer for the client: internal addresses the account may not reach removed,
-        the rest remembered for transparent mode."""
+    def _filtered(self, answer: DNSRecord, account: str, question: Question, name: str,
+                  policy: Policy) -> tuple[DNSRecord, list[str], list[str]]:
+        """The answer for the client: only records on the question's name chain (`name` and
+        the CNAME targets reached from it), without internal addresses the account may not
+        reach, the rest remembered for transparent mode; in the authority section only what
+        a negative answer needs (the zone's SOA, and for DNSSEC its denial records); nothing
+        in the additional section but the OPT record. Returns the addresses removed and the
+        records dropped as outside the chain."""
         removed: list[str] = []
-        name = question.name
-
-        def keep(rr: RR) -> bool:
-            if rr.rtype not in ADDRESS_TYPES:
-                return bool(rr.rtype != QTYPE.OPT)
-            address = ip_address(str(rr.rdata))
-            if policy.decide_address(account, name, address, None).passes:
-                self.memory.remember(account, name.lower().rstrip("."), address, rr.ttl)
-                return True
-            removed.append(str(address))
-            return False
-
+        chain = _name_chain(name, answer.rr)
+        kept: list[RR] = []
+        outside: list[str] = []
+        for rr in answer.rr:
+            if rr.rtype == QTYPE.OPT:
+                continue
+            owner = _owner(rr)
+            if owner not in chain and not (
+                    rr.rtype == QTYPE.DNAME and any(_at_or_below(n, owner) for n in chain)):
+                outside.append(f"{owner or '.'} {QTYPE.get(rr.rtype, rr.rtype)}")
+                continue
+            if rr.rtype in ADDRESS_TYPES:
+                address = ip_address(str(rr.rdata))
+                if not policy.decide_address(account, name, address, None).passes:
+                    removed.append(str(address))
+                    continue
+                self.memory.remember(account, name, address, rr.ttl)
+            kept.append(rr)
+        negative = answer.header.rcode == RCODE.NXDOMAIN or not any(
+            rr.rtype == question.qtype or question.qtype == QTYPE.ANY for rr in kept)
+        zones = [_owner(rr) for rr in answer.auth if rr.rtype == QTYPE.SOA
+                 and any(_at_or_below(n, _owner(rr)) for n in chain)][:1] if negative else []
+        proofs = (QTYPE.SOA, QTYPE.NSEC, QTYPE.NSEC3, QTYPE.RRSIG) if question.dnssec_ok \
+            else (QTYPE.SOA,)
+        auth = [rr for rr in answer.auth if rr.rtype in proofs and zones
+                and _at_or_below(_owner(rr), zones[0])]
         header = DNSHeader(id=0, qr=1, ra=1, rd=1, rcode=answer.header.rcode,
                            ad=answer.header.ad)
-        record = DNSRecord(header, rr=[rr for rr in answer.rr if keep(rr)],
-                           auth=[rr for rr in answer.auth if keep(rr)],
-                           ar=[rr for rr in answer.ar if keep(rr)])
+        # Packed with the question as forwarded: compression pointers into it then point into
+        # the client's question, which is the same name but for letter case.
+        record = DNSRecord(header, q=DNSQuestion(name, question.qtype, question.qclass),
+                           rr=kept, auth=auth)
         if question.edns:  # a client that sent no OPT record must not get one (RFC 6891)
             record.add_ar(EDNS0(udp_len=UPSTREAM_PAYLOAD))
-        return record, removed
+        return record, removed, outside
 
     def _client(self, client: tuple[str, int], server: tuple[str, int],
                 protocol: int) -> Client:
@@ -364,6 +395,41 @@ def _name_or_none(text: str) -> Name | None:
     return host if isinstance(host, Name) else None
 
 
+def _forwarded_name(question: Question) -> str | None:
+    """The name to ask upstream: exactly the name the policy decided on (the question's in
+    canonical form), or None when that differs from what the client asked beyond letter case,
+    as for an IP address (`127.1`) or a name in another spelling; then nothing is forwarded."""
+    host = _name_or_none(question.name)
+    if host is None or host.text != question.name.lower():
+        return None
+    return host.text
+
+
+def _owner(rr: RR) -> str:
+    return str(rr.rname).lower().rstrip(".")
+
+
+def _at_or_below(name: str, zone: str) -> bool:
+    return not zone or name == zone or name.endswith("." + zone)
+
+
+def _name_chain(name: str, records: list[RR]) -> set[str]:
+    """`name` and every name a CNAME leads to from it, in however many steps."""
+    chain = {name}
+    for _ in range(len(records)):
+        targets = {str(rr.rdata.label).lower().rstrip(".") for rr in records
+                   if rr.rtype == QTYPE.CNAME and _owner(rr) in chain}
+        if targets <= chain:
+            break
+        chain |= targets
+    return chain
+
+
+def _listed(items: list[str], most: int = 5) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def _cache_entry(record: DNSRecord, notes: str) -> _Cached:
     records = [rr for rr in (*record.rr, *record.auth, *record.ar) if rr.rtype != QTYPE.OPT]
     ttls = [rr.ttl for rr in records]
@@ -373,12 +439,13 @@ def _cache_entry(record: DNSRecord, notes: str) -> _Cached:
         soa = [rr for rr in record.auth if rr.rtype == QTYPE.SOA]
         lifetime = min(soa[0].ttl, soa[0].rdata.times[-1]) if soa else NEGATIVE_TTL
     packed = bytes(record.pack())
-    offsets = [offset - HEADER.size for offset in ttl_offsets(packed)]
+    start = records_offset(packed)
+    offsets = [offset - start for offset in ttl_offsets(packed)]
     if len(offsets) != len(ttls):
         raise ValueError("packed answer does not have the records it was packed from")
     _, flags, _, *counts = HEADER.unpack_from(packed)
     flags &= ~RD
-    body = packed[HEADER.size:]
+    body = packed[start:]
     head, head_rd = (HEADER.pack(0, f, 1, *counts)[2:] for f in (flags, flags | RD))
     return _Cached(head, head_rd, body, offsets, ttls, time.monotonic(), min(lifetime, MAX_TTL),
                    notes, body)
@@ -414,9 +481,10 @@ def _upstream_failure(packet: bytes, question: Question) -> bytes:
 
 
 def _with_question(packed: bytes, packet: bytes, question: Question) -> bytes:
-    """`packed` (an answer packed without its question) as the reply to `packet`: the client's
-    id, RD bit and question, spelled as the client spelled it."""
+    """`packed` (an answer packed without its question, or with the same question spelled
+    otherwise) as the reply to `packet`: the client's id, RD bit and question, spelled as the
+    client spelled it."""
     _, flags, _, *counts = HEADER.unpack_from(packed)
     flags = (flags & ~RD) | (question.flags & RD)
     return packet[:2] + HEADER.pack(0, flags, 1, *counts)[2:] + question.question \
-        + packed[HEADER.size:]
+        + packed[records_offset(packed):]

@@ -4,6 +4,7 @@ a general parser and, being strict, turns every malformed packet into a clear rc
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ class Question:
     id, is the same Question."""
 
     flags: int
-    name: str  # as asked, without the trailing dot; "" for the root
+    name: str  # as asked, without the trailing dot, odd bytes escaped; "" for the root
     qtype: int
     qclass: int
     question: bytes  # the question section as the client sent it (case preserved)
@@ -76,9 +77,23 @@ def parse_query(packet: bytes) -> Question:
         end = name_end + 10 + rdlength
         if end > len(packet):
             raise Malformed(FORMERR, "truncated additional record")
-    name = ".".join(label.decode("latin-1") for label in labels)
+    name = ".".join(_label_text(label) for label in labels)
     return Question(flags, name, qtype, qclass, packet[HEADER.size:offset + 4], edns,
                     udp_payload, dnssec_ok)
+
+
+def _label_text(label: bytes) -> str:
+    """A label as text that names it alone: printable ASCII as it is, and every other byte,
+    a dot inside the label and a backslash as `\\DDD` (the zone-file escape). The name is
+    then no valid host name, so it is denied, never decided as one spelling (`ß` as
+    `xn--zca`) while the upstream reads another (`ss`), nor as two labels when it is one."""
+    if _PLAIN_LABEL.fullmatch(label):
+        return label.decode("ascii")
+    return "".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else f"\\{b:03d}"
+                   for b in label)
+
+
+_PLAIN_LABEL = re.compile(rb"[!-\-/-\[\]-~]*")  # printable ASCII but '.' and '\'
 
 
 def _read_name(packet: bytes, offset: int) -> tuple[list[bytes], int]:
@@ -130,6 +145,18 @@ def ttl_offsets(message: bytes) -> list[int]:
             found.append(offset + 4)
         offset += 10 + rdlength
     return found
+
+
+def records_offset(message: bytes) -> int:
+    """Where the records of a packed message (one we packed ourselves) start: after its
+    header and question. An answer packed with the question it answers is spliced after the
+    client's own spelling of that question, of the same length, so that its compression
+    pointers stay right."""
+    _, _, qdcount, *_ = HEADER.unpack_from(message)
+    offset = HEADER.size
+    for _ in range(qdcount):
+        offset = _skip_name(message, offset) + 4
+    return offset
 
 
 def _skip_name(message: bytes, offset: int) -> int:

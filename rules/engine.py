@@ -11,7 +11,7 @@ from .hosts import Address, Host, HostError, Name, host_text, normalize_host
 from .index import DestinationIndex
 from .loader import DEFAULT_ACCOUNT, gc_paused, load_policy
 from .model import READ_METHODS, Account, Mode, PolicyDocument, Result, Rule, Stage
-from .paths import normalize_path
+from .paths import RequestPath, normalize_path, paths_match, shown_path
 
 NO_RULE = "no rule matched"
 
@@ -195,15 +195,23 @@ class Policy:
             host = normalize_host(query.host)
         except HostError as e:
             return Decision(Result.DENY, None, f"invalid host: {e}", account.name, account.mode)
+        if query.stage is Stage.DNS and not isinstance(host, Name):
+            return Decision(Result.DENY, None, f"{host_text(host)} is an IP address, not a name: "
+                            "it is never looked up upstream", account.name, account.mode)
         now = (query.now or time.time()) if rules.expiring else 0.0
-        path = normalize_path(query.path) if query.path is not None else None
+        path = RequestPath(query.path) if query.path is not None else None
 
         found = rules.index.candidates(host)
         for grant in found:
-            if grant.denies and _active(grant.rule, now) and _deny_applies(grant.rule, query, path):
-                return grant.decision
+            if grant.denies and _active(grant.rule, now):
+                applies = _deny_applies(grant.rule, query, path)
+                if applies is True:
+                    return grant.decision
+                if applies is not False:  # the rule looks at paths and this one is ambiguous
+                    return _ambiguous(grant.rule, applies, account)
 
         near_miss: str | None = None
+        ambiguous: Decision | None = None
         needs_inspection: Decision | None = None
         for grant in found:
             if grant.denies:
@@ -216,20 +224,29 @@ class Policy:
                 near_miss = near_miss or f"rule {rule.source} allows only {rule.describe()}"
                 continue
             if query.stage is Stage.REQUEST:
-                refusal = _request_refusal(rule, query.method, path, query.path)
+                refusal = _request_refusal(rule, query.method, path or RequestPath("/"))
                 if refusal is None:
                     return grant.decision
-                near_miss = near_miss or f"rule {rule.source} {refusal}"
+                if isinstance(refusal, _Ambiguity):
+                    ambiguous = ambiguous or _ambiguous(rule, refusal, account)
+                else:
+                    near_miss = near_miss or f"rule {rule.source} {refusal}"
             elif query.stage is Stage.CONNECT and grant.inspected is not None:
                 needs_inspection = needs_inspection or grant.inspected
             else:
                 return grant.decision
+        if ambiguous is not None:  # no rule that ignores paths allowed it either
+            return ambiguous
         if needs_inspection is not None:
             return needs_inspection
 
         reason = f"{NO_RULE} for {_destination(host, query)}"
         if near_miss:
             reason += f" ({near_miss})"
+        if not isinstance(host, Name):  # an address check: learning does not open it
+            return Decision(Result.DENY, None, f"{reason}; a destination given as an IP "
+                            "address needs a cidr rule, in every mode", account.name,
+                            account.mode, hint=_hint(account.name, host, query))
         result = Result.WOULD_DENY if account.mode is Mode.LEARN else Result.DENY
         return Decision(result, None, reason, account.name, account.mode,
                         hint=_hint(account.name, host, query))
@@ -247,9 +264,15 @@ def _active(rule: Rule, now: float) -> bool:
     return rule.expires is None or now < rule.expires
 
 
-def _deny_applies(rule: Rule, query: Query, path: str | None) -> bool:
+class _Ambiguity(str):
+    """Why a rule that looks at paths cannot decide on this one: an origin could read it as
+    another path."""
+
+
+def _deny_applies(rule: Rule, query: Query, path: RequestPath | None) -> bool | _Ambiguity:
     """A deny rule with ports, methods or paths denies only what it names; at the DNS stage
-    only a rule that denies the name outright applies."""
+    only a rule that denies the name outright applies. A path it cannot read unambiguously is
+    neither denied by it nor let past it: the caller refuses it."""
     if query.stage is Stage.DNS:
         return rule.ports is None and not rule.inspects
     if rule.ports is not None and query.port not in rule.ports:
@@ -258,23 +281,61 @@ def _deny_applies(rule: Rule, query: Query, path: str | None) -> bool:
         return True
     if query.stage is not Stage.REQUEST:
         return False
-    return _request_refusal(rule, query.method, path, None) is None
+    if rule.methods is not None and (query.method or "GET").upper() not in rule.methods:
+        return False
+    if rule.paths is None:
+        return True
+    read = path or RequestPath("/")
+    ambiguity = _path_ambiguity(read)
+    if ambiguity is not None:
+        return ambiguity
+    matched = paths_match(rule.paths, read)
+    return _slash_ambiguity(read) if matched is None else matched
 
 
-def _request_refusal(rule: Rule, method: str | None, path: str | None,
-                     raw_path: str | None) -> str | None:
-    """Why `rule` does not allow this request, or None when it does."""
+def _request_refusal(rule: Rule, method: str | None, path: RequestPath) -> str | None:
+    """Why `rule` does not allow this request, or None when it does; an _Ambiguity when the
+    rule looks at paths and this path could reach the origin as another."""
     method = (method or "GET").upper()
-    path = path or "/"
     if rule.methods is not None and method not in rule.methods:
         return f"allows only methods {', '.join(sorted(rule.methods))}, not {method}"
-    if rule.paths is not None and not any(p.matches(path) for p in rule.paths):
-        return f"allows only paths {', '.join(p.text for p in rule.paths)}, not {path}"
+    if rule.paths is None and not rule.read_only:
+        return None
+    ambiguity = _path_ambiguity(path)
+    if ambiguity is not None:
+        return ambiguity
+    if rule.paths is not None:
+        matched = paths_match(rule.paths, path)
+        if matched is None:
+            return _slash_ambiguity(path)
+        if not matched:
+            return f"allows only paths {', '.join(p.text for p in rule.paths)}, " \
+                   f"not {path.normalized}"
     if rule.read_only:
-        write = _write_operation(method, path, raw_path or "")
+        write = _write_operation(method, path.normalized, path.raw) or (
+            path.slashed is not path.normalized
+            and _write_operation(method, path.slashed, path.raw))
         if write:
             return f"is read-only and this is {write}"
     return None
+
+
+def _path_ambiguity(path: RequestPath) -> _Ambiguity | None:
+    why = path.ambiguity
+    return None if why is None else _Ambiguity(f"path {shown_path(path.raw)} {why}")
+
+
+def _slash_ambiguity(path: RequestPath) -> _Ambiguity:
+    return _Ambiguity(f"path {shown_path(path.raw)} reads as {shown_path(path.slashed)} where "
+                      "the origin decodes %2F, and the rule's paths match only one of the two")
+
+
+def _ambiguous(rule: Rule, why: str, account: Account) -> Decision:
+    return Decision(Result.DENY, rule.source, f"{why}: refused, as rule {rule.source} looks "
+                    "at paths (an origin could serve another path than the one decided)",
+                    account.name, account.mode,
+                    hint="send the path as the origin is to read it: no encoded '/' next to "
+                         "dot-segments, no '\\', '%5C', dot-segments or double encoding")
 
 
 def _write_operation(method: str, path: str, raw_path: str) -> str | None:

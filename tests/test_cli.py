@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from support.proxy import RunningProxy
 
 EXAMPLE = str(Path(__file__).parents[1] / "deploy" / "policy.yaml")
 
@@ -26,7 +28,9 @@ def test_validate_example(cli):
     ("https://github.com/org/repo.git/git-receive-pack", "POST", 1, "deny", None),
     ("gist.github.com", None, 1, "deny", f"{EXAMPLE}:32"),
     ("https://api.example.test/v1/items?page=2", None, 0, "allow", f"{EXAMPLE}:23"),
-    ("https://api.example.test/v1/../admin", None, 1, "deny", None),
+    ("https://api.example.test/v1/../admin", None, 1, "deny", f"{EXAMPLE}:23"),
+    ("https://api.example.test/v1/..%2Fadmin", None, 1, "deny", f"{EXAMPLE}:23"),
+    ("https://api.example.test/v1/@scope%2Fname", None, 0, "allow", f"{EXAMPLE}:23"),
     ("http://allowed.mirror.example.test@evil.test/", None, 1, "deny", None),
     ("pkg.mirror.example.test:443", None, 0, "allow", f"{EXAMPLE}:21"),
     ("[::ffff:192.0.2.10]:5432", None, 0, "allow", f"{EXAMPLE}:29"),
@@ -62,6 +66,60 @@ def test_check_in_learning_mode_passes_with_would_deny(cli, tmp_path):
                "https://new.example.test/")
     assert done.returncode == 0
     assert json.loads(done.stdout)["decision"] == "would_deny"
+
+
+LEARNING = """version: 1
+accounts:
+  codex:
+    match: {uids: [1001]}
+    mode: learn
+    allow:
+      - cidr: 192.0.2.0/24
+        ports: [5432]
+"""
+
+
+@pytest.mark.parametrize("target, exit_code, decision", [
+    # Issue 13 row 4: IP literals need a cidr rule in learning mode too, public or internal
+    ("203.0.113.7", 1, "deny"), ("203.0.113.7:8443", 1, "deny"),
+    ("https://203.0.113.7/v1/x", 1, "deny"), ("http://3405803783/", 1, "deny"),
+    ("[2001:db8::7]:443", 1, "deny"), ("127.0.0.1:5432", 1, "deny"),
+    ("http://169.254.169.254/latest/meta-data/", 1, "deny"), ("0x7f.1:22", 1, "deny"),
+    ("192.0.2.10:5432", 0, "allow"), ("192.0.2.10:443", 1, "deny"),
+    ("new.example.test", 0, "would_deny"),
+])
+def test_check_in_learning_mode_denies_ip_literals_without_a_cidr_rule(cli, tmp_path, target,
+                                                                        exit_code, decision):
+    policy = tmp_path / "learn.yaml"
+    policy.write_text(LEARNING)
+    done = run(cli, "check", "--policy", str(policy), "--account", "codex", "--json", target)
+    result = json.loads(done.stdout)
+    assert (done.returncode, result["decision"]) == (exit_code, decision), result
+    if decision == "deny":
+        assert result["reason"].endswith("a destination given as an IP address needs a cidr "
+                                         "rule, in every mode")
+        assert result["hint"].startswith("to allow it, add {cidr: ")
+
+
+def test_check_agrees_with_the_live_proxy_on_literal_addresses(cli, tmp_path, web):
+    """A learning account's request to an internal address literal: the proxy refuses it, and
+    `check` says so with the same reason (it used to say would_deny, exit 0)."""
+    policy = LEARNING.replace("uids: [1001]", f"uids: [{os.getuid()}]")
+    running = RunningProxy(cli, tmp_path, policy)
+    try:
+        for spelling in ("127.0.0.1", "2130706433", "[::ffff:127.0.0.1]"):
+            target = f"http://{spelling}:{web.port}/x"
+            served = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", running.url,
+                                     "-D", "-", target], capture_output=True, text=True,
+                                    timeout=30)
+            checked = run(cli, "check", "--policy", str(running.policy_file), "--account",
+                          "codex", "--json", target)
+            verdict = json.loads(checked.stdout)
+            assert served.stdout.startswith("HTTP/1.1 403"), served.stdout
+            assert (checked.returncode, verdict["decision"]) == (1, "deny")
+            assert f"reason:      {verdict['reason']}" in served.stdout
+    finally:
+        running.stop()
 
 
 @pytest.mark.parametrize("args, message", [

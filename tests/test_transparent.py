@@ -72,6 +72,10 @@ accounts:
         ports: [443]
       - host: ssh.test
         ports: [22]
+      - host: mirror.test
+        ports: [443]
+      - host: lure.test
+        ports: [22]
     deny:
       - host: denied.test
 """
@@ -187,6 +191,29 @@ def test_raw_tcp_reaches_only_addresses_resolved_for_an_allowed_name(namespace, 
     assert (event["ip"], event["port"], event["decision"]) == (SSH, 22, "allow")
     foreign = as_agent(namespace, agent, PROBE_PYTHON, "-c", ssh_probe(FOREIGN))
     assert "echo" not in foreign.stdout
+
+
+def test_raw_tcp_to_an_address_that_two_allowed_names_share(namespace, agent, proxy):
+    """Issue 13 row 13: mirror.test (allowed on 443 only) shares ssh.test's address; once
+    it was resolved after ssh.test, raw TCP on 22 used to be judged as mirror.test's alone."""
+    for name in ("ssh.test", "mirror.test"):
+        assert as_agent(namespace, agent, "dig", "+short", name).stdout.split() == [SSH]
+    allowed = as_agent(namespace, agent, PROBE_PYTHON, "-c", ssh_probe(SSH))
+    assert allowed.stdout.strip() == "b'echo: SSH-2.0-probe\\r\\n'", allowed.stderr
+
+
+def test_raw_tcp_never_reaches_an_address_from_outside_the_answers_name_chain(namespace, agent,
+                                                                             proxy):
+    """Issue 13 row 12: lure.test's server adds `other.test A` (the foreign address) to its
+    answer. The client must not get it, and the proxy must not take it as lure.test's."""
+    resolved = as_agent(namespace, agent, "dig", "+short", "lure.test")
+    assert resolved.stdout.split() == [SSH]
+    foreign = as_agent(namespace, agent, PROBE_PYTHON, "-c", ssh_probe(FOREIGN))
+    assert "echo" not in foreign.stdout
+    events = proxy.wait_for_events(lambda e: e["event"] == "connect" and e["port"] == 22
+                                   and e["host"] == FOREIGN)
+    assert events and all(e["decision"] == "deny" and "for no allowed name" in e["reason"]
+                          for e in events)
 
 
 def test_a_listener_on_a_public_address_is_unreachable_and_counted(namespace, agent, proxy):

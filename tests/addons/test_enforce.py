@@ -208,11 +208,19 @@ def test_inspected_https_checks_method_and_path(proxy, secure, cli):
     ok = curl(proxy, "--cacert", proxy_ca, f"https://inspect.test:{secure.port}/v1/items",
               check=True)
     assert ok.stdout == f"hello from inspect.test:{secure.port} GET /v1/items\n"
-    denied = curl(proxy, "--cacert", proxy_ca, f"https://inspect.test:{secure.port}/v1/../admin",
-                  "--path-as-is")
-    assert f"reason:      no rule matched for inspect.test:{secure.port} GET /admin (rule " \
-           f"{rule_line(proxy, 'host: inspect.test')} allows only paths /v1/*, not /admin)" \
+    denied = curl(proxy, "--cacert", proxy_ca, f"https://inspect.test:{secure.port}/v2/items")
+    assert f"reason:      no rule matched for inspect.test:{secure.port} GET /v2/items (rule " \
+           f"{rule_line(proxy, 'host: inspect.test')} allows only paths /v1/*, not /v2/items)" \
            in denied.stdout
+    # Issue 13 row 2: what an origin could decode into another path is refused, not decided
+    for path in ["/v1/../admin", "/v1/..%2Fadmin", "/v1/x/..%2F..%2Fadmin", "/v1/..;/admin",
+                 "/v1/..%5Cadmin", "/v1/%252e%252e/admin", "/v1/%c0%ae%c0%ae/admin"]:
+        refused = curl(proxy, "--cacert", proxy_ca, "--path-as-is",
+                       f"https://inspect.test:{secure.port}{path}")
+        assert f"reason:      path {path} " in refused.stdout, (path, refused.stdout)
+        assert f"refused, as rule {rule_line(proxy, 'host: inspect.test')} looks at paths" \
+               in refused.stdout
+        assert "hello from" not in refused.stdout
     posted = curl(proxy, "--cacert", proxy_ca, "-d", "x=1",
                   f"https://inspect.test:{secure.port}/v1/items")
     assert "allows only methods GET, not POST" in posted.stdout

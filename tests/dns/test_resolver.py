@@ -7,6 +7,7 @@ import os
 import pwd
 import re
 import socket
+import struct
 import subprocess
 import time
 
@@ -14,6 +15,7 @@ import pytest
 from dnslib import RCODE, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import dnsserver
 from support.proxy import RunningProxy
 
 UID = os.getuid()
@@ -249,3 +251,143 @@ def test_a_broken_upstream_gives_servfail_within_the_timeout(cli, tmp_path, kind
 def test_qtype_names_in_events(resolver):
     dig(resolver, "-t", "MX", "web.test")
     assert resolver.wait_for_events(lambda e: e["qtype"] == "MX" and e["host"] == "web.test")
+
+
+# Issue 13 rows 10-12: what is forwarded is what was decided, and only the question's name
+# chain comes back. The upstream here records every question byte for byte and adds records
+# that no client should get.
+
+HOSTILE_RECORDS = {
+    "xn--zca.tunnel.test": ["203.0.113.5"], "ss.tunnel.test": ["203.0.113.6"],
+    "web.test": ["203.0.113.7"], "bailiwick.test": ["203.0.113.8"], "chain.test": [],
+    "final.test": ["203.0.113.9"], "nodata.test": [],
+    "127.0.0.2": ["203.0.113.66"], "2130706434": ["203.0.113.66"], "127.1": ["203.0.113.66"],
+    "0x7f000002": ["203.0.113.66"], "127.0.0.1": ["203.0.113.66"],
+}
+HOSTILE_EXTRAS = {
+    "bailiwick.test": [
+        "answer evil.test. 60 A 203.0.113.66",
+        "answer www.bailiwick.test. 60 A 203.0.113.67",
+        "authority bailiwick.test. 60 NS ns.evil.test.",
+        "authority evil.test. 60 SOA ns.evil.test. host.evil.test. 1 2 3 4 30",
+        "additional ns.evil.test. 60 A 203.0.113.68",
+    ],
+    "chain.test": [
+        "answer chain.test. 60 CNAME target.test.",
+        "answer target.test. 60 CNAME final.test.",
+        "answer unrelated.test. 60 A 203.0.113.69",
+        "answer final.test. 60 A 203.0.113.9",
+        "answer unrelated.test. 60 CNAME final.test.",
+        "authority test. 60 NS ns.evil.test.",
+    ],
+    "nodata.test": [
+        "authority evil.test. 60 SOA ns.evil.test. host.evil.test. 1 2 3 4 30",
+        "authority nodata.test. 60 SOA ns.nodata.test. host.nodata.test. 1 2 3 4 30",
+        "authority nodata.test. 60 NS ns.evil.test.",
+        "additional ns.evil.test. 60 A 203.0.113.68",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(cli, tmp_path_factory):
+    """A learning account (so that nothing is held back by `no rule matched`) with a cidr
+    rule for loopback, in front of the hostile upstream."""
+    upstream = dnsserver.TestDNS(dnsserver.Zone(HOSTILE_RECORDS, HOSTILE_EXTRAS))
+    running = RunningProxy(cli, tmp_path_factory.mktemp("hostile"), f"""version: 1
+accounts:
+  tester:
+    match: {{uids: [{UID}]}}
+    mode: learn
+    allow:
+      - host: "*.tunnel.test"
+      - host: web.test
+      - cidr: 127.0.0.0/8
+""", "--upstream-dns", upstream.address)
+    yield running, upstream.zone
+    running.stop()
+    upstream.stop()
+
+
+def query_packet(labels: list[bytes], qtype: int = 1) -> bytes:
+    name = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    return struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + name + struct.pack(
+        "!HH", qtype, 1)
+
+
+def test_the_name_forwarded_upstream_is_byte_for_byte_the_name_decided(hostile):
+    """Row 10: a Latin-1 `ß` label was decided as xn--zca and forwarded as `ss` (dnslib's
+    IDNA 2003); a label holding a dot was decided as two labels. Both are refused now, and a
+    name in capitals is forwarded as decided, in lower case."""
+    running, zone = hostile
+    for labels in ([b"\xdf", b"tunnel", b"test"], [b"x.web", b"tunnel", b"test"],
+                   [b"\xc3\x9f", b"tunnel", b"test"]):
+        reply = raw_udp(running.dns_port, query_packet(labels))
+        assert reply is not None and reply[3] & 0x0F == RCODE.NXDOMAIN, labels
+    assert answers(dig(running, "XN--ZCA.Tunnel.TEST")) == ["203.0.113.5"]
+    events = running.wait_for_events(lambda e: e["event"] == "dns" and "tunnel" in e["host"],
+                                     timeout=10)
+    assert {e["host"]: e["decision"] for e in events} == {
+        "\\223.tunnel.test": "deny", "x\\046web.tunnel.test": "deny",
+        "\\195\\159.tunnel.test": "deny", "xn--zca.tunnel.test": "allow"}
+    asked = [labels for labels in zone.wire_names if labels[-2:] == (b"tunnel", b"test")]
+    assert asked == [(b"xn--zca", b"tunnel", b"test")]
+
+
+@pytest.mark.parametrize("name", ["127.0.0.2", "2130706434", "0x7f000002", "127.1",
+                                  "127.0.0.1", "0x7F000002."])
+def test_ip_shaped_names_are_never_forwarded(hostile, name):
+    """Row 11: whatever a cidr rule or learning mode allows, an IP address is no name to ask
+    anyone about."""
+    running, zone = hostile
+    output = dig(running, name)
+    assert status(output) == "NXDOMAIN" and answers(output) == []
+    assert "is an IP address, not a name: it is never looked up upstream" in output
+    assert not any(asked == name.lower().rstrip(".") for asked, _ in zone.queries)
+
+
+def sections(output: str) -> dict[str, list[str]]:
+    """dig's answer, authority and additional sections as `owner TYPE data` lines."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in output.splitlines():
+        heading = re.match(r";; (\w+) SECTION:", line)
+        if heading:
+            current = found.setdefault(heading.group(1), [])
+        elif not line.strip() or line.startswith(";"):
+            current = None if not line.strip() else current
+        elif current is not None:
+            owner, _ttl, _class, rtype, *data = line.split()
+            current.append(" ".join([owner, rtype, *data]))
+    found.pop("QUESTION", None)
+    return found
+
+
+def test_records_outside_the_name_chain_are_stripped(hostile):
+    """Row 12: only the question's name and its CNAME targets come back; no NS, no glue."""
+    running, _ = hostile
+    output = dig(running, "bailiwick.test")
+    assert sections(output) == {"ANSWER": ["bailiwick.test. A 203.0.113.8"]}
+    (event,) = running.wait_for_events(lambda e: e["host"] == "bailiwick.test")
+    assert event["reason"].endswith("removed records outside the question's name chain: "
+                                    "evil.test A, www.bailiwick.test A")
+
+
+def test_a_cname_chain_is_kept_and_nothing_beside_it(hostile):
+    """Also when answered from the cache to a question in other letter case: the names in
+    the answer were once packed with compression pointers that missed the question."""
+    running, _ = hostile
+    for asked in ["chain.test", "CHAIN.Test", "chain.test"]:
+        output = dig(running, "+tcp", asked)
+        assert [line.lower() for line in sections(output)["ANSWER"]] == [
+            "chain.test. cname target.test.", "target.test. cname final.test.",
+            "final.test. a 203.0.113.9"], output
+        assert sections(output).keys() == {"ANSWER"}
+
+
+def test_a_negative_answer_keeps_only_its_zones_soa(hostile):
+    running, _ = hostile
+    output = dig(running, "nodata.test")
+    assert status(output) == "NOERROR"
+    assert sections(output) == {"AUTHORITY": [
+        "nodata.test. SOA ns.nodata.test. host.nodata.test. 1 2 3 4 30"]}

@@ -60,3 +60,16 @@ def test_no_answer_without_an_id_or_to_a_response(packet):
     with pytest.raises(ValueError) as raised:
         parse_query(packet)
     assert not isinstance(raised.value, Malformed)
+
+
+@pytest.mark.parametrize("labels, name", [
+    ([b"WWW", b"x-y_z", b"test"], "WWW.x-y_z.test"),
+    ([b"\xdf", b"tunnel", b"test"], "\\223.tunnel.test"),  # Latin-1 sharp s: no A-label
+    ([b"\xc3\x9f", b"test"], "\\195\\159.test"),  # UTF-8 bytes, not an A-label either
+    ([b"a.b", b"test"], "a\\046b.test"),  # one label with a dot is not two labels
+    ([b"a\\b"], "a\\092b"), ([b"a b"], "a\\032b"), ([b"\x00"], "\\000"),
+])
+def test_odd_label_bytes_are_escaped_so_no_other_name_is_read(labels, name):
+    packet = header() + b"".join(bytes([len(label)]) + label for label in labels) \
+        + b"\x00\x00\x01\x00\x01"
+    assert parse_query(packet).name == name

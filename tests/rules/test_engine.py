@@ -80,12 +80,18 @@ CASES = [
      "(requests are inspected)"),
     ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/items?q=1", ALLOW, 19,
      "allowed by rule: host api.other.test ports 443 methods GET,HEAD paths /v1/*"),
-    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/../admin", DENY, None,
-     f"no rule matched for api.other.test:443 GET /admin (rule {F}:19 allows only paths "
-     "/v1/*, not /admin)"),
-    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/%2e%2e/admin", DENY, None,
-     f"no rule matched for api.other.test:443 GET /admin (rule {F}:19 allows only paths "
-     "/v1/*, not /admin)"),
+    ("codex", REQUEST, "api.other.test", 443, "GET", "/v2/items", DENY, None,
+     f"no rule matched for api.other.test:443 GET /v2/items (rule {F}:19 allows only paths "
+     "/v1/*, not /v2/items)"),
+    # a path an origin could read otherwise is refused by the rule that looks at paths
+    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/../admin", DENY, 19,
+     "path /v1/../admin has a dot-segment once decoded ('..'), which origins resolve "
+     f"differently: refused, as rule {F}:19 looks at paths (an origin could serve another "
+     "path than the one decided)"),
+    ("codex", REQUEST, "api.other.test", 443, "GET", "/v1/%2e%2e/admin", DENY, 19,
+     "path /v1/%2e%2e/admin has a dot-segment once decoded ('..'), which origins resolve "
+     f"differently: refused, as rule {F}:19 looks at paths (an origin could serve another "
+     "path than the one decided)"),
     ("codex", REQUEST, "api.other.test", 443, "POST", "/v1/items", DENY, None,
      f"no rule matched for api.other.test:443 POST /v1/items (rule {F}:19 allows only "
      "methods GET, HEAD, not POST)"),
@@ -99,11 +105,13 @@ CASES = [
     ("codex", CONNECT, "::ffff:192.0.2.10", 22, None, None, ALLOW, 25,
      "allowed by rule: cidr 192.0.2.10/32 ports 22"),
     ("codex", CONNECT, "192.0.2.11", 22, None, None, DENY, None,
-     "no rule matched for 192.0.2.11:22"),
+     "no rule matched for 192.0.2.11:22; a destination given as an IP address needs a cidr "
+     "rule, in every mode"),
     ("codex", CONNECT, "[2001:db8::1]", 443, None, None, ALLOW, 27,
      "allowed by rule: cidr 2001:db8::/32 ports 80,443"),
     ("codex", CONNECT, "0x7f.1", 443, None, None, DENY, None,
-     "no rule matched for 127.0.0.1:443"),
+     "no rule matched for 127.0.0.1:443; a destination given as an IP address needs a cidr "
+     "rule, in every mode"),
     # odd hosts are denied with a reason, never matched
     ("codex", CONNECT, "a..example.test", 443, None, None, DENY, None,
      "invalid host: 'a..example.test' has an empty label"),
@@ -211,3 +219,116 @@ def test_every_spelling_of_a_denied_address_is_denied(policy, address):
 @pytest.mark.parametrize("spelling", spellings_of(0xC000020A))
 def test_every_spelling_of_an_allowed_address_matches_its_cidr_rule(policy, spelling):
     assert policy.decide(Query("codex", spelling, 22, CONNECT)).rule == f"{F}:25"
+
+
+HARDENING = Path(__file__).parent / "fixtures" / "hardening.yaml"
+H = str(HARDENING)
+AMBIGUOUS = "refused, as rule {H}:{line} looks at paths (an origin could serve another path " \
+            "than the one decided)"
+DOTS = "has a dot-segment once decoded ('..'), which origins resolve differently"
+LITERAL = "a destination given as an IP address needs a cidr rule, in every mode"
+
+HARDENING_CASES = [
+    # (account, stage, host, port, method, path, result, rule line, reason)
+    # Issue 13 row 2: a path an origin decodes differently is refused by the rule that looks
+    # at paths, in learning mode too, whatever the spelling
+    *[("learner", REQUEST, "api.paths.test", 443, "GET", path, DENY, 7, f"path {path} {why}: "
+       + AMBIGUOUS.format(H=H, line=7)) for path, why in [
+        ("/v1/..%2Fadmin", DOTS), ("/v1/x/..%2F..%2Fadmin", DOTS), ("/v1/..%2fadmin", DOTS),
+        ("/v1/%2e%2e/admin", DOTS), ("/v1/%2e%2e%2Fadmin", DOTS), ("/v1/..;/admin", DOTS),
+        ("/v1/..%5cadmin", "encodes a backslash (%5C), which some origins read as '/'"),
+        ("/v1/..\\admin", "has a backslash, which some origins read as '/'"),
+        ("/v1/%c0%ae%c0%ae/admin",
+         "decodes to invalid or overlong UTF-8 (as %C0%AE is an overlong '.')"),
+        ("/v1/%252e%252e/admin", "is double-encoded (%25 followed by hex digits)"),
+        ("/v1/admin%00.json", "encodes NUL (%00)"),
+    ]],
+    ("learner", REQUEST, "api.paths.test", 443, "GET", "/v1%2Fx", DENY, 7,
+     "path /v1%2Fx reads as /v1/x where the origin decodes %2F, and the rule's paths match "
+     "only one of the two: " + AMBIGUOUS.format(H=H, line=7)),
+    ("learner", REQUEST, "api.paths.test", 443, "GET", "/v1/a%20b", ALLOW, 7,
+     "allowed by rule: host api.paths.test ports 80,443 paths /v1/*"),
+    ("learner", REQUEST, "api.paths.test", 443, "GET", "/v1/@scope%2fname?x=/../y", ALLOW, 7,
+     "allowed by rule: host api.paths.test ports 80,443 paths /v1/*"),
+    ("learner", REQUEST, "api.paths.test", 443, "GET", "/v2/x", WOULD_DENY, None,
+     f"no rule matched for api.paths.test:443 GET /v2/x (rule {H}:7 allows only paths /v1/*, "
+     "not /v2/x)"),
+    ("enforcer", REQUEST, "api.paths.test", 443, "GET", "/v1/..%2Fadmin", DENY, 23,
+     f"path /v1/..%2Fadmin {DOTS}: " + AMBIGUOUS.format(H=H, line=23)),
+    # npm-style scoped names: %2F stays %2F in the rule, and both readings must agree
+    ("learner", REQUEST, "registry.paths.test", 443, "GET", "/@scope%2fname/-/n-1.0.tgz",
+     ALLOW, 9, "allowed by rule: host registry.paths.test ports 80,443 paths "
+     "/@scope%2Fname*,/plain/*"),
+    ("learner", REQUEST, "registry.paths.test", 443, "GET", "/@scope/name", DENY, 9,
+     "path /@scope/name reads as /@scope/name where the origin decodes %2F, and the rule's "
+     "paths match only one of the two: " + AMBIGUOUS.format(H=H, line=9)),
+    # read-only rules look at paths too
+    ("learner", REQUEST, "repo.paths.test", 443, "GET", "/o/r.git/..%2F..%2Fx", DENY, 11,
+     f"path /o/r.git/..%2F..%2Fx {DOTS}: " + AMBIGUOUS.format(H=H, line=11)),
+    ("learner", REQUEST, "repo.paths.test", 443, "GET",
+     "/o/r.git/info/refs?service=git-upload-pack", ALLOW, 11,
+     "allowed by rule: host repo.paths.test ports 80,443 access read-only"),
+    # rules without path constraints are unaffected...
+    ("learner", REQUEST, "open.paths.test", 443, "GET", "/v1/..%2Fadmin", ALLOW, 13,
+     "allowed by rule: host open.paths.test ports 80,443"),
+    # ...but a deny rule with paths is not passed by an ambiguous path, or by %2F
+    ("learner", REQUEST, "guarded.paths.test", 443, "GET", "/x/..%2Fadmin/users", DENY, 18,
+     f"path /x/..%2Fadmin/users {DOTS}: " + AMBIGUOUS.format(H=H, line=18)),
+    ("learner", REQUEST, "guarded.paths.test", 443, "GET", "/admin%2Fusers", DENY, 18,
+     "path /admin%2Fusers reads as /admin/users where the origin decodes %2F, and the rule's "
+     "paths match only one of the two: " + AMBIGUOUS.format(H=H, line=18)),
+    ("learner", REQUEST, "guarded.paths.test", 443, "GET", "/admin/users", DENY, 18,
+     "denied by rule: host guarded.paths.test paths /admin/*"),
+    ("learner", REQUEST, "guarded.paths.test", 443, "GET", "/public%2Fx", ALLOW, 14,
+     "allowed by rule: host guarded.paths.test ports 80,443"),
+    # Issue 13 row 4: IP literals need a cidr rule in learning mode too, public or internal
+    *[("learner", stage, literal, port, method, path, DENY, None,
+       f"no rule matched for {shown}:{port}{' GET /' if path else ''}; {LITERAL}")
+      for literal, shown in [("203.0.113.7", "203.0.113.7"), ("127.0.0.1", "127.0.0.1"),
+                             ("2130706433", "127.0.0.1"), ("[2001:db8::1]", "[2001:db8::1]"),
+                             ("169.254.169.254", "169.254.169.254")]
+      for stage, port, method, path in [(CONNECT, 443, None, None), (REQUEST, 80, "GET", "/")]],
+    ("learner", CONNECT, "198.51.100.7", 443, None, None, DENY, None,
+     f"no rule matched for 198.51.100.7:443 (rule {H}:15 allows only cidr 198.51.100.0/24 "
+     f"ports 5432); {LITERAL}"),
+    ("learner", CONNECT, "198.51.100.7", 5432, None, None, ALLOW, 15,
+     "allowed by rule: cidr 198.51.100.0/24 ports 5432"),
+    ("learner", CONNECT, "unknown.paths.test", 443, None, None, WOULD_DENY, None,
+     "no rule matched for unknown.paths.test:443"),
+    ("enforcer", CONNECT, "10.1.2.3", 443, None, None, ALLOW, 25,
+     "allowed by rule: cidr 10.1.0.0/16 ports 80,443"),
+    # Issue 13 row 11: an IP-shaped name is never a DNS question to forward, even one that a
+    # cidr rule allows as a destination
+    *[(account, DNS, name, None, None, None, DENY, None,
+       f"{address} is an IP address, not a name: it is never looked up upstream")
+      for account in ("learner", "enforcer")
+      for name, address in [("127.0.0.2", "127.0.0.2"), ("2130706434", "127.0.0.2"),
+                            ("0x7f000002", "127.0.0.2"), ("127.1", "127.0.0.1"),
+                            ("10.1.2.3", "10.1.2.3"), ("::1", "[::1]")]],
+]
+
+
+@pytest.fixture(scope="module")
+def hardening() -> Policy:
+    return Policy.load(HARDENING)
+
+
+@pytest.mark.parametrize("account, stage, host, port, method, path, result, line, reason",
+                         HARDENING_CASES)
+def test_decisions_on_what_an_origin_or_upstream_could_read_otherwise(
+        hardening, account, stage, host, port, method, path, result, line, reason):
+    decision = hardening.decide(Query(account, host, port, stage, method, path))
+    assert (decision.result, decision.rule, decision.reason) == (
+        result, f"{H}:{line}" if line else None, reason)
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1), st.sampled_from([22, 443, 5432]),
+       st.sampled_from(["learner", "enforcer"]))
+def test_a_literal_that_passes_passes_the_address_check_too(hardening, value, port, account):
+    """What `check` says for an IP literal is what the proxy does: decide, then the address
+    check on the same address, never disagree."""
+    address = ip_address(value)
+    decision = hardening.decide(Query(account, str(address), port, CONNECT))
+    if decision.passes:
+        assert decision.result is ALLOW
+        assert hardening.decide_address(account, str(address), address, port).passes

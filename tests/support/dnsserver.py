@@ -13,9 +13,16 @@ from dnslib.server import DNSLogger, DNSServer
 
 
 class Zone:
-    def __init__(self, records: dict[str, list[str]]) -> None:
+    """`records` maps names to addresses. `extras` maps a name to records in zone-file form,
+    each after the section it goes in ("answer www.test. 60 A 192.0.2.1", "authority ...",
+    "additional ..."), added to every answer for that name: a hostile or careless server."""
+
+    def __init__(self, records: dict[str, list[str]],
+                 extras: dict[str, list[str]] | None = None) -> None:
         self.records = {name.lower().rstrip("."): list(v) for name, v in records.items()}
+        self.extras = {name.lower().rstrip("."): list(v) for name, v in (extras or {}).items()}
         self.queries: list[tuple[str, str]] = []
+        self.wire_names: list[tuple[bytes, ...]] = []  # each question's labels, byte for byte
         self._lock = threading.Lock()
 
     def resolve(self, request: DNSRecord, handler: object) -> DNSRecord:
@@ -24,6 +31,12 @@ class Zone:
         qtype = QTYPE[request.q.qtype]
         with self._lock:
             self.queries.append((name, qtype))
+            self.wire_names.append(tuple(request.q.qname.label))
+        for line in self.extras.get(name, ()):
+            section, text = line.split(None, 1)
+            add = {"answer": reply.add_answer, "authority": reply.add_auth,
+                   "additional": reply.add_ar}[section]
+            add(*RR.fromZone(text))
         addresses = self.records.get(name)
         if addresses is None and "." in name:  # "*.example.test" stands for any name below
             parent = name.split(".", 1)[1]

@@ -21,7 +21,9 @@ SSH = "203.0.113.22"
 FOREIGN = "203.0.113.99"
 NAMESERVER = "203.0.113.53"
 NAMES = {"web.test": ORIGIN, "secure.test": ORIGIN, "denied.test": ORIGIN, "ssh.test": SSH,
-         "other.test": FOREIGN}
+         "other.test": FOREIGN, "mirror.test": SSH, "lure.test": SSH}
+# lure.test's server also answers for a name nobody asked about, at the foreign address
+EXTRAS = {"lure.test": [f"answer other.test. 60 A {FOREIGN}"]}
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -38,7 +40,7 @@ class _UdpEcho(socketserver.BaseRequestHandler):
 
 def main() -> None:
     ca = TestCA(Path(sys.argv[1]), list(NAMES))
-    servers = [TestDNS(Zone({name: [address] for name, address in NAMES.items()}),
+    servers = [TestDNS(Zone({name: [address] for name, address in NAMES.items()}, EXTRAS),
                        NAMESERVER, 53)]
     origins = [Origin(host=ORIGIN, port=80), Origin(tls=ca.server_context(), host=ORIGIN,
                                                      port=443),
