@@ -90,9 +90,12 @@ class Client:
             n += 1
             time.sleep(PAUSE)
 
-    def longest(self, start: float, end: float) -> float:
-        """The longest wait of a request under way at some point in [start, end]."""
-        return max((d for s, d in self.samples if s <= end and s + d >= start), default=0.0)
+    def longest(self, start: float, end: float, within: bool = False) -> float:
+        """The longest wait of a request under way at some point in [start, end] (`within`:
+        of one that began and ended in it)."""
+        return max((d for s, d in self.samples
+                    if (start <= s and s + d <= end if within else s <= end and s + d >= start)),
+                   default=0.0)
 
     def typical(self, start: float, end: float) -> float:
         waits = [d for s, d in self.samples if start <= s <= end]
@@ -211,7 +214,7 @@ def main() -> int:
     for client in clients:
         during = [client.longest(s, e) for s, e in reloads]
         rows.append([client.name, ms(client.typical(quiet_start, quiet_end)),
-                     ms(client.longest(quiet_start, quiet_end)),
+                     ms(client.longest(quiet_start, quiet_end, within=True)),
                      " / ".join(f"{d * 1000:,.0f}" for d in during) + " ms",
                      f"{client.failures} of {len(client.samples):,}"])
     print(table(["", "median wait, quiet", "longest, quiet", "longest during each reload",
