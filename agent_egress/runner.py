@@ -28,12 +28,13 @@ from .addons.proxyauth import ProxyAuthenticator
 from .audit import AuditLog
 from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
+from .filetrust import untrusted_reason
 from .gate import Gate
 from .identity import SocketOwners
 from .metrics import Metrics
 from .nftables import governed_accounts
 from .rules import Policy, parse_port, split_host_port
-from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime
+from .runtime import EMBEDDED_POLICY, PolicyHolder, Runtime, UntrustedPolicy
 from .upstream import DnsServers, SystemResolver, parse_server, system_dns_servers
 from .workerpool import WithWorkers, WorkerPool, bind_shared
 
@@ -97,7 +98,8 @@ def check_listener(address: tuple[str, int], proxy_auth: Path | None) -> None:
 
 def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
     """Refuses to start when an account the policy governs could rewrite the policy or the CA
-    key (it would widen its own allowlist); returns warnings for what is merely loose."""
+    key (it would widen its own allowlist), or anything on the way to them; returns warnings
+    for what is merely loose."""
     governed = governed_accounts(policy)
     warnings = []
     if os.getuid() in governed:
@@ -106,15 +108,12 @@ def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
                         "and the CA key; run agent-egress as its own user")
     for path in paths:
         try:
+            reason = untrusted_reason(path, governed)
             st = path.stat()
         except OSError:
             continue
-        if st.st_uid in governed:
-            raise StartupError(f"{path} belongs to uid {st.st_uid}, which account "
-                               f"{governed[st.st_uid]} governs: that account could rewrite it")
-        sticky_dir = path.is_dir() and st.st_mode & stat.S_ISVTX
-        if st.st_mode & stat.S_IWOTH and not sticky_dir:
-            raise StartupError(f"{path} is writable by every user, governed accounts included")
+        if reason is not None:
+            raise StartupError(reason)
         if st.st_mode & stat.S_IWGRP:
             warnings.append(f"{path} is writable by its group (gid {st.st_gid}); make sure no "
                             "governed account is in it")
@@ -231,7 +230,10 @@ async def serve(config: RunConfig) -> int:
     servers = _upstream_servers(config)
     raise_open_file_limit()
     confdir = prepare_state_dir(config.state_dir)
-    policies = PolicyHolder(config.policy)
+    try:
+        policies = PolicyHolder(config.policy)
+    except UntrustedPolicy as e:
+        raise StartupError(str(e)) from None
     guarded = [config.state_dir, confdir / f"{CA_BASENAME}-ca.pem"]
     if config.policy is not None:
         guarded += [config.policy, config.policy.resolve().parent]
@@ -244,7 +246,8 @@ async def serve(config: RunConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _both, policies.reload, pool.signal, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGHUP, _both, policies.request_reload, pool.signal,
+                            signal.SIGHUP)
     loop.add_signal_handler(signal.SIGUSR1, _both, audit.reopen, pool.signal, signal.SIGUSR1)
     watcher = asyncio.create_task(policies.watch())
     gate = Gate(runtime)

@@ -4,6 +4,7 @@ reload), the audit log, the upstream resolver and the socket-owner lookup."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -14,9 +15,12 @@ from pathlib import Path
 
 from .audit import AuditLog
 from .dns.memory import AnswerMemory
+from .filetrust import read_checked
 from .identity import SocketOwners
 from .metrics import Metrics
-from .rules import Policy, PolicyError, parse_policy
+from .nftables import governed_accounts
+from .rules import Policy, PolicyError, Problem, parse_policy
+from .rules.loader import gc_paused
 from .upstream import DnsServers, SystemResolver
 
 log = logging.getLogger(__name__)
@@ -30,45 +34,90 @@ def embedded_policy() -> Policy:
     return Policy(parse_policy(data, EMBEDDED_POLICY))
 
 
+class UntrustedPolicy(ValueError):
+    """A policy file that an account it governs could have written: not to be put in force."""
+
+
 class PolicyHolder:
     """The policy in force. Readers take `current` once per decision and use that snapshot;
-    a reload replaces the reference only when the new file is valid."""
+    a reload replaces the reference only when the new file is valid and no governed account
+    could have written it (the file, a link or a directory on its way: see filetrust.py).
+
+    In the running proxy, reloads (`request_reload`, `watch`) read, parse and index the file in
+    a worker thread, so that the event loop keeps answering during the seconds a large policy
+    takes; the loop only swaps the reference and runs `on_change`. `reload` does it all in the
+    caller's thread, for callers without a loop."""
 
     def __init__(self, path: Path | None,
                  on_change: Callable[[Policy], None] | None = None) -> None:
         self.path = path
-        self.current = Policy.load(path) if path else embedded_policy()
+        self.current = _load(path, None) if path else embedded_policy()
         self.on_change = on_change
         self.loaded_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._stamp = self._file_stamp()
+        self._lock: asyncio.Lock | None = None
+        self._queued = False
+        self._tasks: set[asyncio.Task[bool]] = set()
 
     def reload(self) -> bool:
+        """Reloads in this thread (blocking it for as long as the file takes)."""
         if self.path is None:
             return True
         self._stamp = self._file_stamp()
-        try:
-            policy = Policy.load(self.path)
-        except PolicyError as e:
-            self.reloads_failed += 1
-            log.error("policy reload refused, keeping policy %s in force:\n%s",
-                      self.current.digest, e)
-            return False
-        self.current = policy
-        self.loaded_at = time.time()
-        self.reloads_ok += 1
-        if self.on_change is not None:
-            self.on_change(policy)
-        log.info("policy reloaded from %s: %s", self.path, policy.digest)
-        return True
+        return self._apply(_attempt(self.path, self.current))
+
+    async def reload_off_loop(self) -> bool:
+        """Reloads with the file read, parsed and indexed in a worker thread; reloads run one
+        at a time, in the order asked."""
+        if self.path is None:
+            return True
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            self._queued = False
+            self._stamp = self._file_stamp()
+            outcome = await asyncio.to_thread(_attempt, self.path, self.current)
+            retired = [self.current]
+            applied = self._apply(outcome)
+            del outcome
+            if applied:
+                # a 100,000-rule policy takes a moment to free: let a thread drop it
+                await asyncio.to_thread(retired.clear)
+            return applied
+
+    def request_reload(self) -> None:
+        """For a signal handler on the event loop: starts a reload off the loop, unless one
+        not yet begun is waiting already (it will read the file as it is then)."""
+        if self._queued:
+            return
+        self._queued = True
+        task = asyncio.get_running_loop().create_task(self.reload_off_loop())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def watch(self, interval: float = 1.0) -> None:
         """Reloads when the file changes (also when it is replaced by a rename)."""
         while True:
             await asyncio.sleep(interval)
             if self.path is not None and self._file_stamp() != self._stamp:
-                self.reload()
+                await self.reload_off_loop()
+
+    def _apply(self, outcome: Policy | PolicyError | UntrustedPolicy) -> bool:
+        if not isinstance(outcome, Policy):
+            self.reloads_failed += 1
+            log.error("policy reload refused, keeping policy %s in force:%s%s",
+                      self.current.digest, "\n" if isinstance(outcome, PolicyError) else " ",
+                      outcome)
+            return False
+        self.current = outcome
+        self.loaded_at = time.time()
+        self.reloads_ok += 1
+        if self.on_change is not None:
+            self.on_change(outcome)
+        log.info("policy reloaded from %s: %s", self.path, outcome.digest)
+        return True
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         if self.path is None:
@@ -78,6 +127,46 @@ class PolicyHolder:
         except OSError:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _attempt(path: Path, current: Policy) -> Policy | PolicyError | UntrustedPolicy:
+    """The new policy, or why not; safe to run in any thread (touches no state)."""
+    try:
+        return _load(path, current)
+    except (PolicyError, UntrustedPolicy) as e:
+        return e
+
+
+def _load(path: Path, current: Policy | None) -> Policy:
+    """Reads the file through a checked chain (see filetrust.py), then parses it. The
+    accounts that may not have written it are those the policy in force governs and those
+    the new one does; the proxy's own uid aside (it owns its files: start-up warns)."""
+    file = str(path)
+    try:
+        data, chain = read_checked(path)
+    except OSError as e:
+        raise PolicyError([Problem(file, 1, 1, f"cannot read the policy: "
+                                               f"{e.strerror or e}")]) from None
+    if current is not None and (reason := chain.untrusted_reason(_governed(current))):
+        raise UntrustedPolicy(reason)
+    with gc_paused():
+        policy = Policy(parse_policy(data, file))
+        # The objects just built (a million for 100,000 rules) are all in the youngest
+        # generation: its first collection once the collector is back, on whichever thread,
+        # would hold the GIL for a few hundred milliseconds walking them. Freezing, then
+        # unfreezing, moves every tracked object to the oldest generation without a walk:
+        # where a long-lived policy ends up anyway.
+        gc.freeze()
+    gc.unfreeze()
+    if reason := chain.untrusted_reason(_governed(policy)):
+        raise UntrustedPolicy(reason)
+    return policy
+
+
+def _governed(policy: Policy) -> dict[int, str]:
+    governed = governed_accounts(policy)
+    governed.pop(os.getuid(), None)
+    return governed
 
 
 @dataclass

@@ -42,7 +42,7 @@ async def serve_worker(config: RunConfig, listener: socket.socket,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, policies.reload)
+    loop.add_signal_handler(signal.SIGHUP, policies.request_reload)
     loop.add_signal_handler(signal.SIGUSR1, audit.reopen)
     watcher = asyncio.create_task(policies.watch())
     listening = Listening()
