@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
 from .rules import (
+    Address,
     Decision,
     HostError,
     Name,
@@ -26,8 +27,10 @@ from .rules import (
     host_text,
     load_policy,
     normalize_host,
+    parse_policy,
 )
-from .target import parse_target
+from .target import Target, parse_target
+from .terminal import counted, printable
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
@@ -35,6 +38,8 @@ DEFAULT_PROXY_PORT = 8080
 DEFAULT_DNS_PORT = 5353
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_TRANSPARENT_PORT = 8081
+DEFAULT_PORTS = (80, 443)  # what a rule without ports allows
+RESOLVE_SECONDS = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--account", required=True, metavar="A")
     check.add_argument("--method", metavar="M", help="HTTP method (default GET for URLs)")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
+                       help="also resolve the name with this DNS server, as the proxy would, "
+                            "and check its addresses (internal ones need a cidr rule); "
+                            "repeatable")
     check.add_argument("target", metavar="TARGET")
     check.set_defaults(command=_check)
 
@@ -139,11 +148,19 @@ def _parser() -> argparse.ArgumentParser:
 
     grant = commands.add_parser(
         "grant", help="add a time-limited allow rule",
-        description="Adds an allow rule for TARGET (a URL or host[:port]) that expires after "
-                    "DURATION (e.g. 30m, 2h, 1d). A running agent-egress picks it up at once.")
+        description="Adds an allow rule for TARGET (a URL or host[:port]; a bare host gets "
+                    "ports 80 and 443, as a rule without ports) that expires after DURATION "
+                    "(e.g. 30m, 2h, 1d). A running agent-egress picks it up at once. Exit 1, "
+                    "writing nothing, when the access would still be refused (a deny rule "
+                    "wins, or the name resolves to an internal address without a cidr rule), "
+                    "decided as `check` decides.")
     grant.add_argument("--policy", required=True, metavar="F", type=Path)
     grant.add_argument("--account", required=True, metavar="A")
-    grant.add_argument("--for", required=True, metavar="DURATION", dest="duration")
+    grant.add_argument("--for", required=True, metavar="DURATION", dest="duration",
+                       help="how long the rule lasts, more than zero: 30m, 2h, 1d12h")
+    grant.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
+                       help="the DNS server the proxy resolves with (default: the system's "
+                            "resolver); repeatable")
     grant.add_argument("target", metavar="TARGET")
     grant.set_defaults(command=_grant)
 
@@ -258,21 +275,23 @@ def _learn(args: argparse.Namespace) -> int:
     learned = learn(policy, read_events(args.logs), args.account, window)
     accounts = sorted(set(learned.proposals) | set(learned.flags))
     if not accounts:
-        print(f"# nothing to propose ({learned.events} events read)")
+        print(f"# nothing to propose ({counted(learned.events, 'event')} read)")
     for account in accounts:
         proposals = learned.proposals.get(account, [])
-        print(f"# account {account}: {len(proposals)} proposals from {learned.events} events")
+        print(printable(f"# account {account}: {counted(len(proposals), 'proposal')} from "
+                        f"{counted(learned.events, 'event')}"))
         for proposal in proposals:
             covers = f"; covers {', '.join(proposal.covers)}" if len(proposal.covers) > 1 \
                 or proposal.rule.preset else ""
-            print(f"- {proposal.rule.flow()}  # {proposal.evidence.describe()}{covers}")
+            print(printable(f"- {proposal.rule.flow()}  # {proposal.evidence.describe()}"
+                            f"{covers}"))
         for flag in learned.flags.get(account, []):
-            print(f"# flagged, not proposed: {flag.destination}: {flag.why} "
-                  f"({flag.evidence.describe()})")
+            print(printable(f"# flagged, not proposed: {flag.destination}: {flag.why} "
+                            f"({flag.evidence.describe()})"))
     if window is not None:
         for account, rule, description in stale_rules(policy, learned.used_rules, args.account):
-            print(f"# stale: account {account}: rule {rule} ({description}) was not used in "
-                  f"the last {args.stale}")
+            print(printable(f"# stale: account {account}: rule {rule} ({description}) was not "
+                            f"used in the last {args.stale}"))
     if args.apply:
         for account, proposals in learned.proposals.items():
             if proposals:
@@ -280,7 +299,7 @@ def _learn(args: argparse.Namespace) -> int:
                     replace(p.rule, comment=f"learned: {p.evidence.describe()}")
                     for p in proposals])
         applied = sum(len(p) for p in learned.proposals.values())
-        print(f"# applied {applied} rules to {args.policy}")
+        print(f"# applied {counted(applied, 'rule')} to {args.policy}")
     return 0
 
 
@@ -293,9 +312,9 @@ def _replay(args: argparse.Namespace) -> int:
     for change in replayed.changes:
         if change.account != account:
             account = change.account
-            print(f"account {account}")
-        print(f"  newly {change.newly + ':':9} {change.destination} ({change.events} events): "
-              f"{change.reason}")
+            print(printable(f"account {account}"))
+        print(printable(f"  newly {change.newly + ':':9} {change.destination} "
+                        f"({counted(change.events, 'event')}): {change.reason}"))
     denied = replayed.newly_denied
     allowed = sum(c.events for c in replayed.changes) - denied
     print(f"{denied} events would newly be denied and {allowed} newly allowed, of "
@@ -305,36 +324,70 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _grant(args: argparse.Namespace) -> int:
-    from .policyedit import NewRule, add_allow_rules, parse_duration
+    from .policyedit import NewRule, parse_duration, replace_policy, with_allow_rules
 
     try:
         duration = parse_duration(args.duration)
+    except ValueError as e:
+        print(f"agent-egress: --for: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         target = parse_target(args.target)
         host = normalize_host(target.host)
     except (ValueError, HostError) as e:
-        print(f"agent-egress: {e}", file=sys.stderr)
+        print(f"agent-egress: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     policy = Policy.load(args.policy)
     if args.account not in policy.accounts():
         print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
         return EXIT_USAGE
+    resolver = _resolver(args.upstream_dns)
+    if resolver is None:
+        return EXIT_USAGE
     now = datetime.now(UTC).replace(microsecond=0)
     until = (now + duration).isoformat().replace("+00:00", "Z")
     comment = f"granted {now.isoformat().replace('+00:00', 'Z')} for {args.duration}"
+    # A bare host is granted what a rule without ports allows: 80 and 443.
+    ports = [target.port] if target.port_given else None
     if isinstance(host, Name):
-        rule = NewRule(host=host.text, ports=[target.port], expires=until, comment=comment)
+        rule = NewRule(host=host.text, ports=ports, expires=until, comment=comment)
     else:
-        rule = NewRule(cidr=f"{host}/{host.max_prefixlen}", ports=[target.port], expires=until,
+        rule = NewRule(cidr=f"{host}/{host.max_prefixlen}", ports=ports, expires=until,
                        comment=comment)
-    add_allow_rules(args.policy, args.account, [rule])
-    print(f"agent-egress: account {args.account} may reach {host_text(host)}:{target.port} "
-          f"until {until} (rule added to {args.policy})")
+    text = with_allow_rules(args.policy, args.account, [rule])
+    granted = Policy(parse_policy(text.encode(), str(args.policy)))
+    # The grant must make a difference: decided as `check` decides, on the policy with it.
+    for port in ports or sorted(DEFAULT_PORTS):
+        at_port = replace(target, port=port)
+        decision, _stage = decide_target(granted, args.account, at_port, None, resolver)
+        if decision.result is Result.DENY:
+            print(printable(f"agent-egress: not granted: {args.account} would still be refused "
+                            f"{host_text(host)}:{port}: {decision.reason}"
+                            + (f" (rule {decision.rule})" if decision.rule else "")),
+                  file=sys.stderr)
+            if decision.hint:
+                print(printable(f"agent-egress: {decision.hint}"), file=sys.stderr)
+            return EXIT_DENIED
+    replace_policy(args.policy, text)
+    where = f"{host_text(host)}:{target.port}" if ports else \
+        f"{host_text(host)} on ports {', '.join(str(p) for p in sorted(DEFAULT_PORTS))}"
+    print(printable(f"agent-egress: account {args.account} may reach {where} until {until} "
+                    f"(rule added to {args.policy})"))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report import report
 
+    for path in args.logs:
+        if path == "-":
+            continue
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            print(f"agent-egress: {printable(path)}: cannot read: {e.strerror or e}",
+                  file=sys.stderr)
+            return EXIT_USAGE
     return report(args.logs, args.format)
 
 
@@ -395,24 +448,72 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         target = parse_target(args.target)
-    except ValueError as e:
-        print(f"agent-egress: {e}", file=sys.stderr)
+        normalize_host(target.host)
+    except (ValueError, HostError) as e:
+        print(f"agent-egress: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    decision = policy.decide(Query(args.account, target.host, target.port, Stage.CONNECT))
-    stage = Stage.CONNECT
+    resolver = _resolver(args.upstream_dns) if args.upstream_dns else None
+    if args.upstream_dns and resolver is None:
+        return EXIT_USAGE
     method = args.method.upper() if args.method else None
-    # A request is visible to the proxy for plain HTTP, and for HTTPS the rule inspects.
-    sees_request = not target.tls or decision.inspect
-    if decision.passes and sees_request and (target.path is not None or method):
-        stage = Stage.REQUEST
-        decision = policy.decide(Query(args.account, target.host, target.port, stage,
-                                       method or "GET", target.path or "/"))
+    decision, stage = decide_target(policy, args.account, target, method, resolver)
     if args.json:
         print(json.dumps(_as_json(decision, stage, target.host, target.port, method,
                                   target.path)))
     else:
         _print_decision(decision, stage)
     return EXIT_DENIED if decision.result is Result.DENY else 0
+
+
+Resolve = Callable[[str], list[Address]]
+
+
+def decide_target(policy: Policy, account: str, target: Target, method: str | None,
+                  resolve: Resolve | None) -> tuple[Decision, Stage]:
+    """What the proxy decides for `target`: the connection, then the request where the proxy
+    sees it, then (with `resolve`) every address the name resolves to, which must not be
+    internal without a cidr rule. `check` and `grant` decide by it."""
+    decision = policy.decide(Query(account, target.host, target.port, Stage.CONNECT))
+    stage = Stage.CONNECT
+    # A request is visible to the proxy for plain HTTP, and for HTTPS the rule inspects.
+    sees_request = not target.tls or decision.inspect
+    if decision.passes and sees_request and (target.path is not None or method):
+        stage = Stage.REQUEST
+        decision = policy.decide(Query(account, target.host, target.port, stage,
+                                       method or "GET", target.path or "/"))
+    host = normalize_host(target.host)
+    if decision.passes and resolve is not None:
+        addresses = [host] if not isinstance(host, Name) else resolve(host.text)
+        for address in addresses:
+            by_address = policy.decide_address(account, host_text(host), address, target.port)
+            if by_address.result is Result.DENY:
+                return by_address, Stage.CONNECT
+    return decision, stage
+
+
+def _resolver(servers: list[str]) -> Resolve | None:
+    """Resolves as the proxy does (--upstream-dns, else the system's resolver), at most
+    RESOLVE_SECONDS; a name that does not resolve has no addresses to check. None (after
+    saying why) for a server that is not an address."""
+    from .upstream import DnsServers, ResolveError, SystemResolver, parse_server
+
+    try:
+        upstream: DnsServers | SystemResolver = (
+            DnsServers([parse_server(s) for s in servers]) if servers else SystemResolver())
+    except ValueError as e:
+        print(f"agent-egress: --upstream-dns: {e}", file=sys.stderr)
+        return None
+
+    def resolve(name: str) -> list[Address]:
+        async def bounded() -> list[Address]:
+            async with asyncio.timeout(RESOLVE_SECONDS):
+                return await upstream.addresses(name)
+        try:
+            return asyncio.run(bounded())
+        except (ResolveError, TimeoutError):
+            return []
+
+    return resolve
 
 
 def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str | None,

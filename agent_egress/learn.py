@@ -28,6 +28,7 @@ from .rules import (
     builtin_presets,
     normalize_host,
 )
+from .terminal import counted
 
 SIBLINGS_FOR_WILDCARD = 3
 MAX_PROCESSES = 3
@@ -66,7 +67,7 @@ class Evidence:
     def describe(self) -> str:
         seen = f"{self.first} to {self.last}" if self.first != self.last else self.first
         who = f", by {', '.join(self.processes)}" if self.processes else ""
-        return f"{self.count} events, {seen}{who}"
+        return f"{counted(self.count, 'event')}, {seen}{who}"
 
 
 @dataclass(frozen=True)
