@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
+from .loginenv import SHELLS
 from .rules import (
     Address,
     Decision,
@@ -213,8 +214,46 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints the path of the CA certificate that clients must trust for HTTPS "
                     "that a rule inspects (methods, paths, access: read-only), creating it if "
                     "needed.")
-    ca.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir())
+    ca.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir(),
+                    help="the state directory `run` uses (default %(default)s)")
     ca.set_defaults(command=_ca)
+
+    env = commands.add_parser(
+        "env", help="print the environment a governed account's login needs",
+        description="Prints the environment a governed account's login needs: the proxy "
+                    "variables in both cases, no_proxy/NO_PROXY for loopback, the CA bundle "
+                    "variables of curl, git, pip, requests, Node, npm, cargo, Go and others "
+                    "(for HTTPS a rule inspects), and AGENT_EGRESS_CONTROL. Writes the bundle "
+                    "(the system's CAs and the proxy's) where every account can read it. For "
+                    "/etc/profile.d (sh), fish, or systemd's EnvironmentFile= (systemd).")
+    env.add_argument("--account", metavar="A",
+                     help="the account it is for; with --policy, it must be one of its accounts")
+    env.add_argument("--policy", metavar="F", type=Path,
+                     help="the policy the proxy runs, to check --account against")
+    env.add_argument("--shell", choices=SHELLS, default="sh",
+                     help="output syntax: sh (export lines), fish (set -gx) or systemd "
+                          "(NAME=value lines; default %(default)s)")
+    env.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
+                     help="the proxy's explicit listener (default %(default)s)")
+    env.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir(),
+                     help="the state directory `run` uses, where its CA is (default "
+                          "%(default)s)")
+    env.add_argument("--ca-bundle", metavar="FILE", type=Path,
+                     help="where to write the CA bundle (default STATE_DIR/ca-bundle.pem)")
+    env.add_argument("--control", metavar="PATH", type=Path,
+                     help="the control socket `run` listens on (default "
+                          "/run/agent-egress/control.sock as root, else under "
+                          "$XDG_RUNTIME_DIR)")
+    env.set_defaults(command=_env)
+
+    init = commands.add_parser(
+        "init", help="write the embedded default policy as a starter file",
+        description="Writes the embedded default policy (learning mode for every local "
+                    "client, source control allowed), with comments, as a starter file to "
+                    "edit: to FILE, never over an existing one, or to standard output.")
+    init.add_argument("file", metavar="FILE", nargs="?", type=Path,
+                      help="the file to create (default: standard output)")
+    init.set_defaults(command=_init)
     return parser
 
 
@@ -427,6 +466,73 @@ def _ca(args: argparse.Namespace) -> int:
 
     prepare_state_dir(args.state_dir)
     print(ca_certificate(args.state_dir))
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from .loginenv import (
+        CA_BUNDLE_NAME,
+        default_control_path,
+        render,
+        system_ca_file,
+        variables,
+        write_ca_bundle,
+    )
+    from .runner import StartupError, ca_certificate, parse_listen, prepare_state_dir
+
+    if args.policy is not None and args.account is not None \
+            and args.account not in Policy.load(args.policy).accounts():
+        print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        host, port = parse_listen(args.proxy, DEFAULT_PROXY_PORT)
+    except StartupError as e:
+        print(f"agent-egress: --proxy: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    proxy_ca = ca_certificate(args.state_dir)
+    if not proxy_ca.exists():
+        prepare_state_dir(args.state_dir)
+    bundle = args.ca_bundle or args.state_dir / CA_BUNDLE_NAME
+    system_cas = system_ca_file()
+    try:
+        write_ca_bundle(proxy_ca, bundle, system_cas)
+    except OSError as e:
+        print(f"agent-egress: cannot write the CA bundle {bundle}: {e.strerror or e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if system_cas is None:
+        print("agent-egress: warning: no system CA certificates found; the bundle holds only "
+              "the proxy's CA, so HTTPS that is not inspected fails for clients that read it",
+              file=sys.stderr)
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    comments = [f"agent-egress environment{f' for account {args.account}' if args.account else ''}"
+                f" (agent-egress env): proxy {url}",
+                f"CA bundle {bundle}: {system_cas or 'no system CAs'} and the proxy's CA "
+                f"{proxy_ca}"]
+    print(render(variables(url, bundle, args.control or default_control_path()), args.shell,
+                 comments), end="")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    text = resources.files(__package__).joinpath("default-policy.yaml").read_text()
+    if args.file is None:
+        print(text, end="")
+        return 0
+    try:
+        with open(args.file, "x") as f:  # never over an existing file
+            f.write(text)
+    except FileExistsError:
+        print(f"agent-egress: {args.file} exists; not overwriting it", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"agent-egress: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"agent-egress: wrote the default policy to {args.file}; edit it, check it with "
+          f"`agent-egress validate {args.file}`, run it with `agent-egress run --policy "
+          f"{args.file}`", file=sys.stderr)
     return 0
 
 

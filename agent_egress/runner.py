@@ -39,6 +39,7 @@ from .workerpool import WithWorkers, WorkerPool, bind_shared
 log = logging.getLogger(__name__)
 
 CA_BASENAME = "mitmproxy"
+STATE_DIR_MODE = 0o711
 
 
 class StartupError(Exception):
@@ -129,10 +130,13 @@ def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
 
 
 def prepare_state_dir(state_dir: Path) -> Path:
-    """Creates the state directory owner-only and the CA in it, once, under a lock: several
-    mitmproxy processes creating one CA at the same time race and crash."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(state_dir, 0o700)
+    """Creates the state directory and the CA in it, once, under a lock: several mitmproxy
+    processes creating one CA at the same time race and crash. Others may pass through the
+    directory but not list it: what is in it is owner-only (the CA's key, in an owner-only
+    directory of its own; the audit log) except the CA bundle that `agent-egress env` writes
+    for the governed accounts' clients."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+    os.chmod(state_dir, STATE_DIR_MODE)
     confdir = state_dir / "mitmproxy"
     confdir.mkdir(exist_ok=True, mode=0o700)
     os.chmod(confdir, 0o700)

@@ -150,7 +150,7 @@ def test_state_is_owner_only(start, web, cli):
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
 
-    assert mode(state) == 0o700 and mode(state / "mitmproxy") == 0o700
+    assert mode(state) == 0o711 and mode(state / "mitmproxy") == 0o700
     assert mode(state / "mitmproxy" / "mitmproxy-ca.pem") == 0o600
     assert wait_until(lambda: proxy.audit_log.exists())
     assert mode(proxy.audit_log) == 0o600
