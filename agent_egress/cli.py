@@ -66,22 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate", help="check a policy file", description="Checks a policy file. Exit 0 when "
         "it is valid (warnings go to stderr), 2 with FILE:LINE:COL: message per problem.")
-    validate.add_argument("file", metavar="F")
+    validate.add_argument("file", metavar="F", help="the policy file")
     validate.set_defaults(command=_validate)
 
     check = commands.add_parser(
         "check", help="show what the policy decides for a destination",
         description="Prints the decision, rule and reason for TARGET (a URL or host[:port]). "
                     "Exit 0 if the traffic would pass (allow, would_deny), 1 if denied.")
-    check.add_argument("--policy", required=True, metavar="F")
-    check.add_argument("--account", required=True, metavar="A")
+    check.add_argument("--policy", required=True, metavar="F", help="the policy file")
+    check.add_argument("--account", required=True, metavar="A",
+                       help="the account whose traffic it would be")
     check.add_argument("--method", metavar="M", help="HTTP method (default GET for URLs)")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
                        help="also resolve the name with this DNS server, as the proxy would, "
                             "and check its addresses (internal ones need a cidr rule); "
                             "repeatable")
-    check.add_argument("target", metavar="TARGET")
+    check.add_argument("target", metavar="TARGET",
+                       help="a URL (scheme://host[:port]/path) or host[:port]")
     check.set_defaults(command=_check)
 
     run = commands.add_parser(
@@ -90,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                     "learning mode for local clients, source control allowed) until SIGTERM or "
                     "SIGINT. SIGHUP or a change to the file reloads the policy; SIGUSR1 reopens "
                     "the audit log.")
-    run.add_argument("--policy", metavar="F", type=Path)
+    run.add_argument("--policy", metavar="F", type=Path,
+                     help="the policy file (default: the embedded default, which "
+                          "`agent-egress init` writes out)")
     run.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
                      help="explicit proxy listener, or 'off' (default %(default)s)")
     run.add_argument("--transparent", metavar="ADDR",
@@ -129,13 +133,15 @@ def _parser() -> argparse.ArgumentParser:
                     "audit logs ('-' is standard input), with the evidence for each; flags "
                     "rather than proposes what looks dangerous. --apply adds the proposals to "
                     "the policy file, keeping its comments and order.")
-    learn.add_argument("--policy", required=True, metavar="F", type=Path)
-    learn.add_argument("--account", metavar="A")
+    learn.add_argument("--policy", required=True, metavar="F", type=Path,
+                       help="the policy in force (and, with --apply, the file to edit)")
+    learn.add_argument("--account", metavar="A", help="only this account (default: all)")
     learn.add_argument("--apply", action="store_true", help="add the proposals to F")
     learn.add_argument("--stale", metavar="DURATION",
                        help="also list allow rules nothing used in the last DURATION of the "
                             "logs (e.g. 30d)")
-    learn.add_argument("logs", nargs="+", metavar="LOG")
+    learn.add_argument("logs", nargs="+", metavar="LOG",
+                       help="audit logs: plain, gzipped, or '-' for standard input")
     learn.set_defaults(command=_learn)
 
     replay = commands.add_parser(
@@ -143,8 +149,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluates the events in audit logs against a candidate policy and prints, "
                     "per account, what would newly be denied or allowed. Exit 1 if anything "
                     "would newly be denied.")
-    replay.add_argument("--policy", required=True, metavar="F", type=Path)
-    replay.add_argument("logs", nargs="+", metavar="LOG")
+    replay.add_argument("--policy", required=True, metavar="F", type=Path,
+                        help="the candidate policy")
+    replay.add_argument("logs", nargs="+", metavar="LOG",
+                        help="audit logs: plain, gzipped, or '-' for standard input")
     replay.set_defaults(command=_replay)
 
     grant = commands.add_parser(
@@ -155,14 +163,17 @@ def _parser() -> argparse.ArgumentParser:
                     "writing nothing, when the access would still be refused (a deny rule "
                     "wins, or the name resolves to an internal address without a cidr rule), "
                     "decided as `check` decides.")
-    grant.add_argument("--policy", required=True, metavar="F", type=Path)
-    grant.add_argument("--account", required=True, metavar="A")
+    grant.add_argument("--policy", required=True, metavar="F", type=Path,
+                       help="the policy file to add the rule to")
+    grant.add_argument("--account", required=True, metavar="A",
+                       help="the account the rule is for")
     grant.add_argument("--for", required=True, metavar="DURATION", dest="duration",
                        help="how long the rule lasts, more than zero: 30m, 2h, 1d12h")
     grant.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
                        help="the DNS server the proxy resolves with (default: the system's "
                             "resolver); repeatable")
-    grant.add_argument("target", metavar="TARGET")
+    grant.add_argument("target", metavar="TARGET",
+                       help="a URL (scheme://host[:port]/...) or host[:port]")
     grant.set_defaults(command=_grant)
 
     report = commands.add_parser(
@@ -171,8 +182,10 @@ def _parser() -> argparse.ArgumentParser:
                     "each account, every destination with its counts by decision, first and "
                     "last seen, and the processes that reached it. Unreadable lines are "
                     "reported with their line number and skipped.")
-    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    report.add_argument("logs", nargs="+", metavar="LOG")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="output format (default %(default)s)")
+    report.add_argument("logs", nargs="+", metavar="LOG",
+                        help="audit logs: plain, gzipped, or '-' for standard input")
     report.set_defaults(command=_report)
 
     discover = commands.add_parser(
@@ -194,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints an nftables ruleset (apply with `nft -f`) that, for each account's "
                     "uids, redirects TCP to the transparent listener and DNS to the resolver, "
                     "allows loopback only where cidr rules say, and rejects all other egress.")
-    nftables.add_argument("--policy", required=True, metavar="F", type=Path)
+    nftables.add_argument("--policy", required=True, metavar="F", type=Path,
+                          help="the policy whose accounts' traffic is redirected")
     nftables.add_argument("--account", metavar="A", help="only this account")
     nftables.add_argument("--transparent", metavar="ADDR",
                           default=f"127.0.0.1:{DEFAULT_TRANSPARENT_PORT}",
@@ -537,9 +551,11 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .policylint import lint
+
     document = load_policy(args.file)
-    for warning in document.warnings:
-        print(warning, file=sys.stderr)
+    for warning in (*document.warnings, *lint(document)):
+        print(printable(str(warning)), file=sys.stderr)
     rules = sum(len(a.allow) + len(a.deny) for a in document.accounts.values())
     print(f"{args.file}: valid ({len(document.accounts)} accounts, {rules} rules, "
           f"policy {document.digest})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -20,6 +21,7 @@ def test_validate_example(cli):
     done = run(cli, "validate", EXAMPLE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{EXAMPLE}: valid (2 accounts, 12 rules, policy ")
+    assert done.stderr == ""  # an example with warnings would teach ignoring them
 
 
 @pytest.mark.parametrize("target, method, exit_code, decision, rule", [
@@ -199,3 +201,20 @@ def test_report_of_a_missing_file_exits_2(cli, tmp_path):
     assert done.stderr == f"agent-egress: {tmp_path}/missing.jsonl: cannot read: No such file " \
                           "or directory\n"
     assert run(cli, "report", str(tmp_path)).returncode == 2
+
+
+def test_every_flag_of_every_command_has_help_text():
+    from agent_egress.cli import _parser
+
+    missing = []
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) >= {"run", "validate", "check", "learn", "replay", "grant",
+                                     "report", "discover", "nftables", "ca", "env", "init"}
+    for name, parser in commands.choices.items():
+        assert parser.description, name
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
