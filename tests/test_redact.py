@@ -3,11 +3,15 @@ with, and the ones an attacker (or an unlucky user) would write to get a secret 
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
+import sys
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from support.proxy import RunningProxy
 
 from agent_egress.identity import MAX_CMDLINE, describe_cmdline
 from agent_egress.redact import REDACTED, is_secret_name, redact_cmdline, redact_text
@@ -207,3 +211,42 @@ def test_a_cut_argument_is_dropped_not_kept_in_part():
     assert described.endswith(" [truncated]") and "ghp_" not in described
     assert describe_cmdline(b"curl\0-u\0a:hunter2\0") == f"curl -u a:{R}"
     assert describe_cmdline(b"tool\0v4lue\0", secrets=["v4lue"]) == f"tool {R}"
+
+
+CLIENT = """
+import socket, sys, time
+port, origin = int(sys.argv[1]), int(sys.argv[2])
+sock = socket.create_connection(("127.0.0.1", port))
+time.sleep(1)  # lets the proxy find this process before the request is decided
+sock.sendall(f"GET http://web.test:{origin}/redact HTTP/1.1\\r\\nHost: web.test:{origin}\\r\\n"
+             "Connection: close\\r\\n\\r\\n".encode())
+while sock.recv(65536):
+    pass
+"""
+
+
+@pytest.mark.e2e
+def test_the_audit_log_keeps_no_secret_of_a_client_command_line(cli, tmp_path, dns, web):
+    """A real client whose command line is full of secrets, through the real proxy: its event
+    names it, with every secret redacted."""
+    policy = (f"version: 1\naccounts:\n  tester:\n    match: {{uids: [{os.getuid()}]}}\n"
+              f"    allow:\n      - host: web.test\n        ports: [{web.port}]\n"
+              f"      - cidr: 127.0.0.1/32\n        ports: [{web.port}]\n")
+    proxy = RunningProxy(cli, tmp_path, policy, "--upstream-dns", dns.address)
+    secrets = ["hunter2", "ghp_" + "Q" * 36, "s3cr3t-key-value", "b4sic-pass"]
+    try:
+        subprocess.run([sys.executable, "-c", CLIENT, str(proxy.port), str(web.port),
+                        "--password", secrets[0], f"--token={secrets[1]}",
+                        f"AWS_SECRET_ACCESS_KEY={secrets[2]}",
+                        f"https://user:{secrets[3]}@web.test/?api_key={secrets[2]}",
+                        "-H", f"Authorization: Bearer {secrets[1]}"],
+                       check=True, timeout=30)
+        (event,) = proxy.wait_for_events(lambda e: e["path"] == "/redact")
+    finally:
+        proxy.stop()
+    assert event["pid"] is not None and "python" in os.path.basename(event["exe"])
+    assert event["cmdline"].endswith(
+        f"--password {R} --token={R} AWS_SECRET_ACCESS_KEY={R} https://{R}@web.test/?{R} -H "
+        f"Authorization: Bearer {R}")
+    log = proxy.audit_log.read_text()
+    assert not [s for s in secrets if s in log]
