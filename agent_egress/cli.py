@@ -8,13 +8,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__
+from .loginenv import SHELLS
 from .rules import (
+    Address,
     Decision,
     HostError,
     Name,
@@ -26,8 +28,10 @@ from .rules import (
     host_text,
     load_policy,
     normalize_host,
+    parse_policy,
 )
-from .target import parse_target
+from .target import Target, parse_target
+from .terminal import counted, printable
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
@@ -35,6 +39,8 @@ DEFAULT_PROXY_PORT = 8080
 DEFAULT_DNS_PORT = 5353
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_TRANSPARENT_PORT = 8081
+DEFAULT_PORTS = (80, 443)  # what a rule without ports allows
+RESOLVE_SECONDS = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,18 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate", help="check a policy file", description="Checks a policy file. Exit 0 when "
         "it is valid (warnings go to stderr), 2 with FILE:LINE:COL: message per problem.")
-    validate.add_argument("file", metavar="F")
+    validate.add_argument("file", metavar="F", help="the policy file")
     validate.set_defaults(command=_validate)
 
     check = commands.add_parser(
         "check", help="show what the policy decides for a destination",
         description="Prints the decision, rule and reason for TARGET (a URL or host[:port]). "
                     "Exit 0 if the traffic would pass (allow, would_deny), 1 if denied.")
-    check.add_argument("--policy", required=True, metavar="F")
-    check.add_argument("--account", required=True, metavar="A")
+    check.add_argument("--policy", required=True, metavar="F", help="the policy file")
+    check.add_argument("--account", required=True, metavar="A",
+                       help="the account whose traffic it would be")
     check.add_argument("--method", metavar="M", help="HTTP method (default GET for URLs)")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
-    check.add_argument("target", metavar="TARGET")
+    check.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
+                       help="also resolve the name with this DNS server, as the proxy would, "
+                            "and check its addresses (internal ones need a cidr rule); "
+                            "repeatable")
+    check.add_argument("target", metavar="TARGET",
+                       help="a URL (scheme://host[:port]/path) or host[:port]")
     check.set_defaults(command=_check)
 
     run = commands.add_parser(
@@ -80,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                     "learning mode for local clients, source control allowed) until SIGTERM or "
                     "SIGINT. SIGHUP or a change to the file reloads the policy; SIGUSR1 reopens "
                     "the audit log.")
-    run.add_argument("--policy", metavar="F", type=Path)
+    run.add_argument("--policy", metavar="F", type=Path,
+                     help="the policy file (default: the embedded default, which "
+                          "`agent-egress init` writes out)")
     run.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
                      help="explicit proxy listener, or 'off' (default %(default)s)")
     run.add_argument("--transparent", metavar="ADDR",
@@ -119,13 +133,15 @@ def _parser() -> argparse.ArgumentParser:
                     "audit logs ('-' is standard input), with the evidence for each; flags "
                     "rather than proposes what looks dangerous. --apply adds the proposals to "
                     "the policy file, keeping its comments and order.")
-    learn.add_argument("--policy", required=True, metavar="F", type=Path)
-    learn.add_argument("--account", metavar="A")
+    learn.add_argument("--policy", required=True, metavar="F", type=Path,
+                       help="the policy in force (and, with --apply, the file to edit)")
+    learn.add_argument("--account", metavar="A", help="only this account (default: all)")
     learn.add_argument("--apply", action="store_true", help="add the proposals to F")
     learn.add_argument("--stale", metavar="DURATION",
                        help="also list allow rules nothing used in the last DURATION of the "
                             "logs (e.g. 30d)")
-    learn.add_argument("logs", nargs="+", metavar="LOG")
+    learn.add_argument("logs", nargs="+", metavar="LOG",
+                       help="audit logs: plain, gzipped, or '-' for standard input")
     learn.set_defaults(command=_learn)
 
     replay = commands.add_parser(
@@ -133,18 +149,31 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluates the events in audit logs against a candidate policy and prints, "
                     "per account, what would newly be denied or allowed. Exit 1 if anything "
                     "would newly be denied.")
-    replay.add_argument("--policy", required=True, metavar="F", type=Path)
-    replay.add_argument("logs", nargs="+", metavar="LOG")
+    replay.add_argument("--policy", required=True, metavar="F", type=Path,
+                        help="the candidate policy")
+    replay.add_argument("logs", nargs="+", metavar="LOG",
+                        help="audit logs: plain, gzipped, or '-' for standard input")
     replay.set_defaults(command=_replay)
 
     grant = commands.add_parser(
         "grant", help="add a time-limited allow rule",
-        description="Adds an allow rule for TARGET (a URL or host[:port]) that expires after "
-                    "DURATION (e.g. 30m, 2h, 1d). A running agent-egress picks it up at once.")
-    grant.add_argument("--policy", required=True, metavar="F", type=Path)
-    grant.add_argument("--account", required=True, metavar="A")
-    grant.add_argument("--for", required=True, metavar="DURATION", dest="duration")
-    grant.add_argument("target", metavar="TARGET")
+        description="Adds an allow rule for TARGET (a URL or host[:port]; a bare host gets "
+                    "ports 80 and 443, as a rule without ports) that expires after DURATION "
+                    "(e.g. 30m, 2h, 1d). A running agent-egress picks it up at once. Exit 1, "
+                    "writing nothing, when the access would still be refused (a deny rule "
+                    "wins, or the name resolves to an internal address without a cidr rule), "
+                    "decided as `check` decides.")
+    grant.add_argument("--policy", required=True, metavar="F", type=Path,
+                       help="the policy file to add the rule to")
+    grant.add_argument("--account", required=True, metavar="A",
+                       help="the account the rule is for")
+    grant.add_argument("--for", required=True, metavar="DURATION", dest="duration",
+                       help="how long the rule lasts, more than zero: 30m, 2h, 1d12h")
+    grant.add_argument("--upstream-dns", metavar="ADDR", action="append", default=[],
+                       help="the DNS server the proxy resolves with (default: the system's "
+                            "resolver); repeatable")
+    grant.add_argument("target", metavar="TARGET",
+                       help="a URL (scheme://host[:port]/...) or host[:port]")
     grant.set_defaults(command=_grant)
 
     report = commands.add_parser(
@@ -153,8 +182,10 @@ def _parser() -> argparse.ArgumentParser:
                     "each account, every destination with its counts by decision, first and "
                     "last seen, and the processes that reached it. Unreadable lines are "
                     "reported with their line number and skipped.")
-    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    report.add_argument("logs", nargs="+", metavar="LOG")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="output format (default %(default)s)")
+    report.add_argument("logs", nargs="+", metavar="LOG",
+                        help="audit logs: plain, gzipped, or '-' for standard input")
     report.set_defaults(command=_report)
 
     discover = commands.add_parser(
@@ -176,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints an nftables ruleset (apply with `nft -f`) that, for each account's "
                     "uids, redirects TCP to the transparent listener and DNS to the resolver, "
                     "allows loopback only where cidr rules say, and rejects all other egress.")
-    nftables.add_argument("--policy", required=True, metavar="F", type=Path)
+    nftables.add_argument("--policy", required=True, metavar="F", type=Path,
+                          help="the policy whose accounts' traffic is redirected")
     nftables.add_argument("--account", metavar="A", help="only this account")
     nftables.add_argument("--transparent", metavar="ADDR",
                           default=f"127.0.0.1:{DEFAULT_TRANSPARENT_PORT}",
@@ -196,8 +228,46 @@ def _parser() -> argparse.ArgumentParser:
         description="Prints the path of the CA certificate that clients must trust for HTTPS "
                     "that a rule inspects (methods, paths, access: read-only), creating it if "
                     "needed.")
-    ca.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir())
+    ca.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir(),
+                    help="the state directory `run` uses (default %(default)s)")
     ca.set_defaults(command=_ca)
+
+    env = commands.add_parser(
+        "env", help="print the environment a governed account's login needs",
+        description="Prints the environment a governed account's login needs: the proxy "
+                    "variables in both cases, no_proxy/NO_PROXY for loopback, the CA bundle "
+                    "variables of curl, git, pip, requests, Node, npm, cargo, Go and others "
+                    "(for HTTPS a rule inspects), and AGENT_EGRESS_CONTROL. Writes the bundle "
+                    "(the system's CAs and the proxy's) where every account can read it. For "
+                    "/etc/profile.d (sh), fish, or systemd's EnvironmentFile= (systemd).")
+    env.add_argument("--account", metavar="A",
+                     help="the account it is for; with --policy, it must be one of its accounts")
+    env.add_argument("--policy", metavar="F", type=Path,
+                     help="the policy the proxy runs, to check --account against")
+    env.add_argument("--shell", choices=SHELLS, default="sh",
+                     help="output syntax: sh (export lines), fish (set -gx) or systemd "
+                          "(NAME=value lines; default %(default)s)")
+    env.add_argument("--proxy", metavar="ADDR", default=f"127.0.0.1:{DEFAULT_PROXY_PORT}",
+                     help="the proxy's explicit listener (default %(default)s)")
+    env.add_argument("--state-dir", metavar="D", type=Path, default=_default_state_dir(),
+                     help="the state directory `run` uses, where its CA is (default "
+                          "%(default)s)")
+    env.add_argument("--ca-bundle", metavar="FILE", type=Path,
+                     help="where to write the CA bundle (default STATE_DIR/ca-bundle.pem)")
+    env.add_argument("--control", metavar="PATH", type=Path,
+                     help="the control socket `run` listens on (default "
+                          "/run/agent-egress/control.sock as root, else under "
+                          "$XDG_RUNTIME_DIR)")
+    env.set_defaults(command=_env)
+
+    init = commands.add_parser(
+        "init", help="write the embedded default policy as a starter file",
+        description="Writes the embedded default policy (learning mode for every local "
+                    "client, source control allowed), with comments, as a starter file to "
+                    "edit: to FILE, never over an existing one, or to standard output.")
+    init.add_argument("file", metavar="FILE", nargs="?", type=Path,
+                      help="the file to create (default: standard output)")
+    init.set_defaults(command=_init)
     return parser
 
 
@@ -258,21 +328,23 @@ def _learn(args: argparse.Namespace) -> int:
     learned = learn(policy, read_events(args.logs), args.account, window)
     accounts = sorted(set(learned.proposals) | set(learned.flags))
     if not accounts:
-        print(f"# nothing to propose ({learned.events} events read)")
+        print(f"# nothing to propose ({counted(learned.events, 'event')} read)")
     for account in accounts:
         proposals = learned.proposals.get(account, [])
-        print(f"# account {account}: {len(proposals)} proposals from {learned.events} events")
+        print(printable(f"# account {account}: {counted(len(proposals), 'proposal')} from "
+                        f"{counted(learned.events, 'event')}"))
         for proposal in proposals:
             covers = f"; covers {', '.join(proposal.covers)}" if len(proposal.covers) > 1 \
                 or proposal.rule.preset else ""
-            print(f"- {proposal.rule.flow()}  # {proposal.evidence.describe()}{covers}")
+            print(printable(f"- {proposal.rule.flow()}  # {proposal.evidence.describe()}"
+                            f"{covers}"))
         for flag in learned.flags.get(account, []):
-            print(f"# flagged, not proposed: {flag.destination}: {flag.why} "
-                  f"({flag.evidence.describe()})")
+            print(printable(f"# flagged, not proposed: {flag.destination}: {flag.why} "
+                            f"({flag.evidence.describe()})"))
     if window is not None:
         for account, rule, description in stale_rules(policy, learned.used_rules, args.account):
-            print(f"# stale: account {account}: rule {rule} ({description}) was not used in "
-                  f"the last {args.stale}")
+            print(printable(f"# stale: account {account}: rule {rule} ({description}) was not "
+                            f"used in the last {args.stale}"))
     if args.apply:
         for account, proposals in learned.proposals.items():
             if proposals:
@@ -280,7 +352,7 @@ def _learn(args: argparse.Namespace) -> int:
                     replace(p.rule, comment=f"learned: {p.evidence.describe()}")
                     for p in proposals])
         applied = sum(len(p) for p in learned.proposals.values())
-        print(f"# applied {applied} rules to {args.policy}")
+        print(f"# applied {counted(applied, 'rule')} to {args.policy}")
     return 0
 
 
@@ -293,9 +365,9 @@ def _replay(args: argparse.Namespace) -> int:
     for change in replayed.changes:
         if change.account != account:
             account = change.account
-            print(f"account {account}")
-        print(f"  newly {change.newly + ':':9} {change.destination} ({change.events} events): "
-              f"{change.reason}")
+            print(printable(f"account {account}"))
+        print(printable(f"  newly {change.newly + ':':9} {change.destination} "
+                        f"({counted(change.events, 'event')}): {change.reason}"))
     denied = replayed.newly_denied
     allowed = sum(c.events for c in replayed.changes) - denied
     print(f"{denied} events would newly be denied and {allowed} newly allowed, of "
@@ -305,36 +377,70 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _grant(args: argparse.Namespace) -> int:
-    from .policyedit import NewRule, add_allow_rules, parse_duration
+    from .policyedit import NewRule, parse_duration, replace_policy, with_allow_rules
 
     try:
         duration = parse_duration(args.duration)
+    except ValueError as e:
+        print(f"agent-egress: --for: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         target = parse_target(args.target)
         host = normalize_host(target.host)
     except (ValueError, HostError) as e:
-        print(f"agent-egress: {e}", file=sys.stderr)
+        print(f"agent-egress: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     policy = Policy.load(args.policy)
     if args.account not in policy.accounts():
         print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
         return EXIT_USAGE
+    resolver = _resolver(args.upstream_dns)
+    if resolver is None:
+        return EXIT_USAGE
     now = datetime.now(UTC).replace(microsecond=0)
     until = (now + duration).isoformat().replace("+00:00", "Z")
     comment = f"granted {now.isoformat().replace('+00:00', 'Z')} for {args.duration}"
+    # A bare host is granted what a rule without ports allows: 80 and 443.
+    ports = [target.port] if target.port_given else None
     if isinstance(host, Name):
-        rule = NewRule(host=host.text, ports=[target.port], expires=until, comment=comment)
+        rule = NewRule(host=host.text, ports=ports, expires=until, comment=comment)
     else:
-        rule = NewRule(cidr=f"{host}/{host.max_prefixlen}", ports=[target.port], expires=until,
+        rule = NewRule(cidr=f"{host}/{host.max_prefixlen}", ports=ports, expires=until,
                        comment=comment)
-    add_allow_rules(args.policy, args.account, [rule])
-    print(f"agent-egress: account {args.account} may reach {host_text(host)}:{target.port} "
-          f"until {until} (rule added to {args.policy})")
+    text = with_allow_rules(args.policy, args.account, [rule])
+    granted = Policy(parse_policy(text.encode(), str(args.policy)))
+    # The grant must make a difference: decided as `check` decides, on the policy with it.
+    for port in ports or sorted(DEFAULT_PORTS):
+        at_port = replace(target, port=port)
+        decision, _stage = decide_target(granted, args.account, at_port, None, resolver)
+        if decision.result is Result.DENY:
+            print(printable(f"agent-egress: not granted: {args.account} would still be refused "
+                            f"{host_text(host)}:{port}: {decision.reason}"
+                            + (f" (rule {decision.rule})" if decision.rule else "")),
+                  file=sys.stderr)
+            if decision.hint:
+                print(printable(f"agent-egress: {decision.hint}"), file=sys.stderr)
+            return EXIT_DENIED
+    replace_policy(args.policy, text)
+    where = f"{host_text(host)}:{target.port}" if ports else \
+        f"{host_text(host)} on ports {', '.join(str(p) for p in sorted(DEFAULT_PORTS))}"
+    print(printable(f"agent-egress: account {args.account} may reach {where} until {until} "
+                    f"(rule added to {args.policy})"))
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report import report
 
+    for path in args.logs:
+        if path == "-":
+            continue
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            print(f"agent-egress: {printable(path)}: cannot read: {e.strerror or e}",
+                  file=sys.stderr)
+            return EXIT_USAGE
     return report(args.logs, args.format)
 
 
@@ -377,10 +483,79 @@ def _ca(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    from .loginenv import (
+        CA_BUNDLE_NAME,
+        default_control_path,
+        render,
+        system_ca_file,
+        variables,
+        write_ca_bundle,
+    )
+    from .runner import StartupError, ca_certificate, parse_listen, prepare_state_dir
+
+    if args.policy is not None and args.account is not None \
+            and args.account not in Policy.load(args.policy).accounts():
+        print(f"agent-egress: no account {args.account!r} in {args.policy}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        host, port = parse_listen(args.proxy, DEFAULT_PROXY_PORT)
+    except StartupError as e:
+        print(f"agent-egress: --proxy: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    proxy_ca = ca_certificate(args.state_dir)
+    if not proxy_ca.exists():
+        prepare_state_dir(args.state_dir)
+    bundle = args.ca_bundle or args.state_dir / CA_BUNDLE_NAME
+    system_cas = system_ca_file()
+    try:
+        write_ca_bundle(proxy_ca, bundle, system_cas)
+    except OSError as e:
+        print(f"agent-egress: cannot write the CA bundle {bundle}: {e.strerror or e}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if system_cas is None:
+        print("agent-egress: warning: no system CA certificates found; the bundle holds only "
+              "the proxy's CA, so HTTPS that is not inspected fails for clients that read it",
+              file=sys.stderr)
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    comments = [f"agent-egress environment{f' for account {args.account}' if args.account else ''}"
+                f" (agent-egress env): proxy {url}",
+                f"CA bundle {bundle}: {system_cas or 'no system CAs'} and the proxy's CA "
+                f"{proxy_ca}"]
+    print(render(variables(url, bundle, args.control or default_control_path()), args.shell,
+                 comments), end="")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    text = resources.files(__package__).joinpath("default-policy.yaml").read_text()
+    if args.file is None:
+        print(text, end="")
+        return 0
+    try:
+        with open(args.file, "x") as f:  # never over an existing file
+            f.write(text)
+    except FileExistsError:
+        print(f"agent-egress: {args.file} exists; not overwriting it", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"agent-egress: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"agent-egress: wrote the default policy to {args.file}; edit it, check it with "
+          f"`agent-egress validate {args.file}`, run it with `agent-egress run --policy "
+          f"{args.file}`", file=sys.stderr)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
+    from .policylint import lint
+
     document = load_policy(args.file)
-    for warning in document.warnings:
-        print(warning, file=sys.stderr)
+    for warning in (*document.warnings, *lint(document)):
+        print(printable(str(warning)), file=sys.stderr)
     rules = sum(len(a.allow) + len(a.deny) for a in document.accounts.values())
     print(f"{args.file}: valid ({len(document.accounts)} accounts, {rules} rules, "
           f"policy {document.digest})")
@@ -395,14 +570,35 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         target = parse_target(args.target)
-    except ValueError as e:
-        print(f"agent-egress: {e}", file=sys.stderr)
+        normalize_host(target.host)
+    except (ValueError, HostError) as e:
+        print(f"agent-egress: {printable(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
+    resolver = _resolver(args.upstream_dns) if args.upstream_dns else None
+    if args.upstream_dns and resolver is None:
         return EXIT_USAGE
     method = args.method.upper() if args.method else None
+    decision, stage = decide_target(policy, args.account, target, method, resolver)
+    if args.json:
+        print(json.dumps(_as_json(decision, stage, target.host, target.port, method,
+                                  target.path)))
+    else:
+        _print_decision(decision, stage)
+    return EXIT_DENIED if decision.result is Result.DENY else 0
+
+
+Resolve = Callable[[str], list[Address]]
+
+
+def decide_target(policy: Policy, account: str, target: Target, method: str | None,
+                  resolve: Resolve | None) -> tuple[Decision, Stage]:
+    """What the proxy decides for `target`: the connection, then the request where the proxy
+    sees it, then (with `resolve`) every address the name resolves to, which must not be
+    internal without a cidr rule. `check` and `grant` decide by it."""
     # Plain HTTP is decided request by request, as the proxy does (no CONNECT to decide on).
     plain_request = not target.tls and target.path is not None
     stage = Stage.REQUEST if plain_request else Stage.CONNECT
-    decision = policy.decide(Query(args.account, target.host, target.port, stage,
+    decision = policy.decide(Query(account, target.host, target.port, stage,
                                    (method or "GET") if plain_request else None,
                                    target.path if plain_request else None))
     # A request is visible to the proxy for plain HTTP, and for HTTPS the rule inspects.
@@ -410,14 +606,41 @@ def _check(args: argparse.Namespace) -> int:
     if stage is Stage.CONNECT and decision.passes and sees_request and (
             target.path is not None or method):
         stage = Stage.REQUEST
-        decision = policy.decide(Query(args.account, target.host, target.port, stage,
+        decision = policy.decide(Query(account, target.host, target.port, stage,
                                        method or "GET", target.path or "/"))
-    if args.json:
-        print(json.dumps(_as_json(decision, stage, target.host, target.port, method,
-                                  target.path)))
-    else:
-        _print_decision(decision, stage)
-    return EXIT_DENIED if decision.result is Result.DENY else 0
+    host = normalize_host(target.host)
+    if decision.passes and resolve is not None:
+        addresses = [host] if not isinstance(host, Name) else resolve(host.text)
+        for address in addresses:
+            by_address = policy.decide_address(account, host_text(host), address, target.port)
+            if by_address.result is Result.DENY:
+                return by_address, Stage.CONNECT
+    return decision, stage
+
+
+def _resolver(servers: list[str]) -> Resolve | None:
+    """Resolves as the proxy does (--upstream-dns, else the system's resolver), at most
+    RESOLVE_SECONDS; a name that does not resolve has no addresses to check. None (after
+    saying why) for a server that is not an address."""
+    from .upstream import DnsServers, ResolveError, SystemResolver, parse_server
+
+    try:
+        upstream: DnsServers | SystemResolver = (
+            DnsServers([parse_server(s) for s in servers]) if servers else SystemResolver())
+    except ValueError as e:
+        print(f"agent-egress: --upstream-dns: {e}", file=sys.stderr)
+        return None
+
+    def resolve(name: str) -> list[Address]:
+        async def bounded() -> list[Address]:
+            async with asyncio.timeout(RESOLVE_SECONDS):
+                return await upstream.addresses(name)
+        try:
+            return asyncio.run(bounded())
+        except (ResolveError, TimeoutError):
+            return []
+
+    return resolve
 
 
 def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str | None,

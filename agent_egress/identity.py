@@ -13,12 +13,14 @@ import functools
 import itertools
 import os
 import pwd
-import re
 import socket
 import struct
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from .redact import redact_cmdline
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -187,10 +189,11 @@ def user_name(uid: int) -> str | None:
         return None
 
 
-def find_process(inode: int, uid: int) -> Process | None:
+def find_process(inode: int, uid: int, secrets: Collection[str] = ()) -> Process | None:
     """The process holding socket `inode`, among `uid`'s processes. Reading another user's
-    /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing. Called from one
-    thread only."""
+    /proc/PID/fd needs root or CAP_SYS_PTRACE; without it this finds nothing. `secrets`: values
+    (configured credentials) hidden in its command line besides what redact.py finds by
+    itself. Called from one thread only."""
     if (known := _socket_owners.pop(inode, None)) is not None and known[1] == uid:
         return known[0]
     last = _last_process.get(uid)
@@ -205,7 +208,7 @@ def find_process(inode: int, uid: int) -> Process | None:
         except OSError:
             continue
         if inode in sockets:
-            process = _describe(int(name))
+            process = _describe(int(name), secrets)
             _last_process[uid] = process.pid
             # A client opening connections at once has its next ones' sockets open already:
             # this scan finds them, so their own lookups need not read /proc again.
@@ -236,44 +239,31 @@ _socket_owners: dict[int, tuple[Process, int]] = {}
 _MAX_SOCKET_OWNERS = 4096
 
 
-_URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@\s]*@)?(?P<rest>[^?#\s]*)"
-                          r"[?#]\S*")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
-_SECRET_ARGUMENT = re.compile(
-    r"(?i)((?:authorization|cookie|token|password|passwd|secret|api[-_]?key)[\s:=]+)\S+")
-_SECRET_FLAGS = frozenset({"-u", "--user", "--proxy-user", "-U", "--password", "--token",
-                           "-H", "--header", "--cookie", "-b"})
-
-
-def scrub_cmdline(argv: list[str]) -> str:
-    """A command line fit for the audit log: query strings, URL credentials and the values of
-    credential-bearing options removed, since commands carry tokens as often as requests do."""
-    out = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("[redacted]")
-            hide_next = False
-            continue
-        if arg in _SECRET_FLAGS:
-            hide_next = True
-            out.append(arg)
-            continue
-        arg = _URL_SECRETS.sub(r"\g<scheme>\g<rest>", arg)
-        arg = _USERINFO.sub(r"\g<scheme>", arg)
-        out.append(_SECRET_ARGUMENT.sub(r"\1[redacted]", arg))
-    return " ".join(out)
-
-
-def _describe(pid: int) -> Process:
+def _describe(pid: int, secrets: Collection[str] = ()) -> Process:
     try:
         exe: str | None = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = None
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read(4096).rstrip(b"\0").decode(errors="replace").split("\0")
-        cmdline: str | None = scrub_cmdline(argv)
+            data = f.read(MAX_CMDLINE + 1)
+        cmdline: str | None = describe_cmdline(data, secrets)
     except OSError:
         cmdline = None
     return Process(pid, exe, cmdline)
+
+
+MAX_CMDLINE = 4096
+
+
+def describe_cmdline(data: bytes, secrets: Collection[str] = ()) -> str:
+    """/proc/PID/cmdline as the audit log shows it: secrets redacted (redact.py). When it is
+    longer than MAX_CMDLINE, the argument cut in two is dropped, not kept in part: a token's
+    first half matches no token shape, and a configured secret's first half is not the
+    secret."""
+    truncated = len(data) > MAX_CMDLINE
+    argv = data[:MAX_CMDLINE].rstrip(b"\0").decode(errors="replace").split("\0")
+    if truncated:
+        argv = argv[:-1]
+    text = " ".join(redact_cmdline(argv, secrets))
+    return f"{text} [truncated]" if truncated else text

@@ -27,6 +27,7 @@ from .rules import (
 )
 from .rules.hosts import looks_encoded
 from .rules.suffixes import is_public_suffix
+from .terminal import counted
 
 SIBLINGS_FOR_WILDCARD = 3
 MAX_PROCESSES = 3
@@ -65,7 +66,7 @@ class Evidence:
     def describe(self) -> str:
         seen = f"{self.first} to {self.last}" if self.first != self.last else self.first
         who = f", by {', '.join(self.processes)}" if self.processes else ""
-        return f"{self.count} events, {seen}{who}"
+        return f"{counted(self.count, 'event')}, {seen}{who}"
 
 
 @dataclass(frozen=True)

@@ -44,17 +44,26 @@ class NewRule:
 
 
 def parse_duration(text: str) -> timedelta:
-    """`90m`, `2h`, `1d12h`, `30s`: raises ValueError for anything else."""
+    """`90m`, `2h`, `1d12h`, `30s`: raises ValueError for anything else, zero included."""
     match = _DURATION.fullmatch(text.strip())
     if not text.strip() or match is None or not any(match.groups()):
         raise ValueError(f"{text!r} is not a duration; expected e.g. 30m, 2h, 1d12h")
     days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    if not duration:
+        raise ValueError(f"{text!r} is no time at all; expected e.g. 30m, 2h, 1d12h")
+    return duration
 
 
 def add_allow_rules(path: Path, account: str, rules: Sequence[NewRule]) -> None:
     """Appends `rules` to accounts.ACCOUNT.allow in `path`; raises PolicyError (and leaves the
     file as it was) if the file cannot be read, lacks the account or would not validate."""
+    replace_policy(path, with_allow_rules(path, account, rules))
+
+
+def with_allow_rules(path: Path, account: str, rules: Sequence[NewRule]) -> str:
+    """The text `path` would have with `rules` added (validated), without writing it: a
+    caller can decide on the new policy first."""
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.width = 4096
@@ -72,15 +81,19 @@ def add_allow_rules(path: Path, account: str, rules: Sequence[NewRule]) -> None:
     allow = entry.get("allow")
     if not isinstance(allow, CommentedSeq):
         allow = entry["allow"] = CommentedSeq()
+    # A comment goes on its own line above its entry. The dump lays the file out anew with the
+    # indentation set above, which puts the entries of accounts.NAME.allow in column 6.
+    column = 6
     for rule in rules:
         allow.append(_entry(rule))
         if rule.comment:
-            allow[-1].yaml_add_eol_comment(rule.comment, list(allow[-1])[-1])
+            allow.yaml_set_comment_before_after_key(len(allow) - 1, before=rule.comment,
+                                                    indent=column)
     out = io.StringIO()
     yaml.dump(document, out)
     text = out.getvalue()
     parse_policy(text.encode(), file)  # raises PolicyError: the original stays as it is
-    _replace(path, text)
+    return text
 
 
 def _entry(rule: NewRule) -> CommentedMap:
@@ -100,7 +113,7 @@ def _entry(rule: NewRule) -> CommentedMap:
     return entry
 
 
-def _replace(path: Path, text: str) -> None:
+def replace_policy(path: Path, text: str) -> None:
     """Writes beside the original and renames over it: readers see the old file or the new
     one, never half of one (the proxy may be reloading it right now)."""
     mode = path.stat().st_mode & 0o777

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from .auditevent import AuditEvent
 from .auditread import read_events
 from .rules import Result
+from .terminal import printable
 
 MAX_PROCESSES = 5
 
@@ -84,28 +85,32 @@ def report(paths: list[str], fmt: str, out: TextIO = sys.stdout) -> int:
         for d in destinations:
             row = d.as_dict()
             row["processes"] = " ".join(d.processes)
-            writer.writerow([row[c] for c in columns])
+            writer.writerow([printable(str(row[c])) if isinstance(row[c], str) else row[c]
+                             for c in columns])
     else:
         _table(destinations, out)
     return 0
 
 
 def _table(destinations: list[Destination], out: TextIO) -> None:
+    """Every string a client could choose (names, processes, reasons quoting them) is escaped:
+    a governed account must not recolour or fake the lines an operator reads."""
     if not destinations:
         out.write("no destination events\n")
         return
-    width = max(len(d.name) for d in destinations)
+    width = max(len(printable(d.name)) for d in destinations)
     account = None
     for d in destinations:
         if d.account != account:
             account = d.account
             mine = [x for x in destinations if x.account == account]
-            out.write(f"{'' if d is destinations[0] else chr(10)}account {account}: "
+            out.write(f"{'' if d is destinations[0] else chr(10)}account {printable(account)}: "
                       f"{len(mine)} destinations, {sum(x.events for x in mine)} events\n")
             out.write(f"  {'DESTINATION':{width}}  {'EVENTS':>6}  {'ALLOW':>5}  {'DENY':>5}  "
                       f"{'WOULD':>5}  {'FIRST SEEN':24}  {'LAST SEEN':24}  PROCESSES\n")
-        out.write(f"  {d.name:{width}}  {d.events:>6}  {d.counts['allow']:>5}  "
-                  f"{d.counts['deny']:>5}  {d.counts['would_deny']:>5}  {d.first_seen:24}  "
-                  f"{d.last_seen:24}  {', '.join(d.processes) or '-'}\n")
+        processes = printable(", ".join(d.processes)) or "-"
+        out.write(f"  {printable(d.name):{width}}  {d.events:>6}  {d.counts['allow']:>5}  "
+                  f"{d.counts['deny']:>5}  {d.counts['would_deny']:>5}  "
+                  f"{printable(d.first_seen):24}  {printable(d.last_seen):24}  {processes}\n")
         if d.last_denial and d.counts["allow"] == 0:
-            out.write(f"  {'':{width}}  why: {d.last_denial}\n")
+            out.write(f"  {'':{width}}  why: {printable(d.last_denial)}\n")

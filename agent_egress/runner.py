@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import logging
@@ -15,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from ipaddress import ip_address
 from pathlib import Path
+from typing import IO
 
+from dnslib import DNSRecord
 from mitmproxy import certs, options
 from mitmproxy.addons import core, proxyserver, tlsconfig
 from mitmproxy.master import Master
@@ -41,6 +44,7 @@ from .workerpool import WithWorkers, WorkerPool, bind_shared
 log = logging.getLogger(__name__)
 
 CA_BASENAME = "mitmproxy"
+STATE_DIR_MODE = 0o711
 
 
 class StartupError(Exception):
@@ -121,10 +125,13 @@ def check_tamper(paths: list[Path], policy: Policy) -> list[str]:
 
 
 def prepare_state_dir(state_dir: Path) -> Path:
-    """Creates the state directory owner-only and the CA in it, once, under a lock: several
-    mitmproxy processes creating one CA at the same time race and crash."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(state_dir, 0o700)
+    """Creates the state directory and the CA in it, once, under a lock: several mitmproxy
+    processes creating one CA at the same time race and crash. Others may pass through the
+    directory but not list it: what is in it is owner-only (the CA's key, in an owner-only
+    directory of its own; the audit log) except the CA bundle that `agent-egress env` writes
+    for the governed accounts' clients."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+    os.chmod(state_dir, STATE_DIR_MODE)
     confdir = state_dir / "mitmproxy"
     confdir.mkdir(exist_ok=True, mode=0o700)
     os.chmod(confdir, 0o700)
@@ -159,6 +166,63 @@ class Listening:
             print(f"agent-egress: cannot listen: {'; '.join(errors)}", file=sys.stderr)
         if not self.addresses.done():
             self.addresses.set_result(None if errors else bound)
+
+
+def check_free(config: RunConfig) -> None:
+    """Refuses, in one line naming the flag, a listener address another process holds, before
+    anything starts (mitmproxy's own failure to bind is several lines of its internals)."""
+    listeners = [("--proxy", config.proxy, False, True), ("--dns", config.dns, True, True),
+                 ("--metrics", config.metrics, False, True),
+                 ("--transparent", config.transparent, False, False)]
+    for flag, address, udp, can_be_off in listeners:
+        if address is None or address[1] == 0:
+            continue
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,):
+            with socket.socket(family, kind) as probe:
+                # as the servers bind: a closed connection's TIME_WAIT is not a conflict
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as e:
+                    what = "address in use" if e.errno == errno.EADDRINUSE else e.strerror
+                    raise StartupError(f"{flag} {_format(*address)}: {what} (use {flag} ADDR"
+                                       f"{' or off' if can_be_off else ''})") from None
+
+
+def lock_instance(path: Path, what: str) -> IO[str]:
+    """Holds `path` locked for as long as this process runs: a second agent-egress on the same
+    state directory or audit log is refused (they would interleave one CA's files and one
+    log's lines). The kernel releases the lock when the process ends, however it ends."""
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise StartupError(f"another agent-egress ({holder}) runs with the {what}; stop it "
+                           "first, or give this one its own --state-dir and --audit-log") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+async def warn_unanswered(servers: list[tuple[str, int]], timeout: float = 2.0) -> None:
+    """Warns, at start, of an --upstream-dns server that does not answer: every name the proxy
+    resolves through it would fail, and the first sign would be clients' 502s."""
+    query = DNSRecord.question(".", "NS").pack()
+
+    async def probe(server: tuple[str, int]) -> None:
+        try:
+            await DnsServers([server], timeout=timeout).exchange(query)
+        except Exception:  # whatever kept it from answering, the warning is the same
+            log.warning("--upstream-dns %s does not answer (asked for the root's NS records, "
+                        "waited %s s): names the proxy resolves through it will fail",
+                        _format(*server), timeout)
+
+    await asyncio.gather(*(probe(server) for server in servers))
 
 
 def _format(host: str, port: int) -> str:
@@ -228,8 +292,13 @@ async def serve(config: RunConfig) -> int:
             raise StartupError(f"refusing to serve {what} on {address[0]}, which is not "
                                "loopback: it has no authentication")
     servers = _upstream_servers(config)
+    check_free(config)
     raise_open_file_limit()
     confdir = prepare_state_dir(config.state_dir)
+    locks = [lock_instance(config.state_dir / "run.lock", f"state directory {config.state_dir}")]
+    if config.audit_log is not None:
+        locks.append(lock_instance(config.audit_log.with_name(config.audit_log.name + ".lock"),
+                                   f"audit log {config.audit_log}"))
     try:
         policies = PolicyHolder(config.policy)
     except UntrustedPolicy as e:
@@ -248,8 +317,14 @@ async def serve(config: RunConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _both, policies.request_reload, pool.signal,
                             signal.SIGHUP)
-    loop.add_signal_handler(signal.SIGUSR1, _both, audit.reopen, pool.signal, signal.SIGUSR1)
+
+    def reopen_audit() -> None:
+        audit.reopen()
+        log.info("audit log reopened (SIGUSR1): %s", config.audit_log or "standard output")
+
+    loop.add_signal_handler(signal.SIGUSR1, _both, reopen_audit, pool.signal, signal.SIGUSR1)
     watcher = asyncio.create_task(policies.watch())
+    probes = asyncio.create_task(warn_unanswered(servers)) if servers else None
     gate = Gate(runtime)
     enforcer = Enforcer(gate)
     dns_server: DnsServer | None = None
@@ -318,6 +393,10 @@ async def serve(config: RunConfig) -> int:
         return 0
     finally:
         watcher.cancel()
+        if probes is not None:
+            probes.cancel()
+        for lock in locks:
+            lock.close()
         for sock in shared[1:]:
             sock.close()  # the workers' when start-up failed before them (twice is harmless)
         if metrics_server is not None:

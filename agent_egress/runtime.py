@@ -26,12 +26,14 @@ from .upstream import DnsServers, SystemResolver
 log = logging.getLogger(__name__)
 
 EMBEDDED_POLICY = "embedded default policy"
+EMBEDDED_EDITING = ("the embedded default policy has no file to edit: `agent-egress init "
+                    "policy.yaml` writes it to one; then run with --policy policy.yaml")
 
 
 def embedded_policy() -> Policy:
     """Learning mode for every local client, source-control presets allowed."""
     data = resources.files(__package__).joinpath("default-policy.yaml").read_bytes()
-    return Policy(parse_policy(data, EMBEDDED_POLICY))
+    return Policy(parse_policy(data, EMBEDDED_POLICY), editing=EMBEDDED_EDITING)
 
 
 class UntrustedPolicy(ValueError):

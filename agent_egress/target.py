@@ -16,6 +16,7 @@ class Target:
     port: int
     path: str | None  # None for host[:port]: a connection, not a request
     tls: bool
+    port_given: bool = True  # False for a bare host: 443 is assumed, 80 as likely
 
 
 def parse_target(text: str) -> Target:
@@ -33,7 +34,8 @@ def parse_target(text: str) -> Target:
         return Target(host, port, path, scheme in ("https", "wss"))
     if "/" in text:
         raise ValueError(f"{text!r}: expected a URL (scheme://host/path) or host[:port]")
-    return Target(*_host_port(text, 443), None, True)
+    host, port = _host_port(text, 0)
+    return Target(host, port or 443, None, True, port_given=port != 0)
 
 
 def _host_port(netloc: str, default: int) -> tuple[str, int]:

@@ -100,8 +100,11 @@ class Policy:
     """An immutable, indexed policy: the snapshot that the proxy and the resolver share and
     replace by reference on reload."""
 
-    def __init__(self, document: PolicyDocument) -> None:
+    def __init__(self, document: PolicyDocument, editing: str | None = None) -> None:
+        """`editing`: how a person gets a file to edit, for a policy that has none (the
+        embedded default); every hint says it."""
         self.document = document
+        self.editing = editing
         with gc_paused():
             self._accounts = {name: _AccountRules(a) for name, a in document.accounts.items()}
         self._by_uid: dict[int, str] = {}
@@ -181,9 +184,10 @@ class Policy:
                 return grant.decision
         return Decision(Result.DENY, None, f"{name} resolves to {address}, which is {kind}; "
                         "only a cidr rule can allow an internal address", account, mode,
-                        hint=f"if this is intended, add {{cidr: {address}/{address.max_prefixlen}"
-                             + (f", ports: [{port}]" if port is not None else "")
-                             + f"}} to accounts.{account}.allow")
+                        hint=self._editable(
+                            f"if this is intended, add {{cidr: {address}/{address.max_prefixlen}"
+                            + (f", ports: [{port}]" if port is not None else "")
+                            + f"}} to accounts.{account}.allow"))
 
     def decide(self, query: Query) -> Decision:
         rules = self._accounts.get(query.account)
@@ -249,7 +253,10 @@ class Policy:
                             account.mode, hint=_hint(account.name, host, query))
         result = Result.WOULD_DENY if account.mode is Mode.LEARN else Result.DENY
         return Decision(result, None, reason, account.name, account.mode,
-                        hint=_hint(account.name, host, query))
+                        hint=self._editable(_hint(account.name, host, query)))
+
+    def _editable(self, hint: str) -> str:
+        return f"{hint} ({self.editing})" if self.editing else hint
 
 
 def _port_matches(rule: Rule, port: int | None, deny: bool) -> bool:

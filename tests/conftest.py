@@ -96,8 +96,8 @@ def git_origin(git_repo: Path, test_ca: TestCA) -> Iterator[Origin]:
 
 
 @pytest.fixture(scope="session")
-def package_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
-    """A PEP 503 index serving one wheel, built here."""
+def package_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packages a PEP 503 index serves: one wheel, built here."""
     root = tmp_path_factory.mktemp("index")
     (root / "egress-probe").mkdir()
     wheel = root / "egress-probe" / "egress_probe-1.0-py3-none-any.whl"
@@ -110,7 +110,13 @@ def package_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
                                           "Root-Is-Purelib: true\nTag: py3-none-any\n")
         archive.writestr(f"{info}/RECORD", f"egress_probe.py,,\n{info}/METADATA,,\n"
                                            f"{info}/WHEEL,,\n{info}/RECORD,,\n")
-    origin = Origin(package_index_handler(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def package_index(package_root: Path) -> Iterator[Origin]:
+    """A PEP 503 index serving one wheel, over plain HTTP."""
+    origin = Origin(package_index_handler(package_root))
     yield origin
     origin.stop()
 

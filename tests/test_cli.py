@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,6 +23,7 @@ def test_validate_example(cli):
     done = run(cli, "validate", EXAMPLE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{EXAMPLE}: valid (2 accounts, 12 rules, policy ")
+    assert done.stderr == ""  # an example with warnings would teach ignoring them
 
 
 @pytest.mark.parametrize("target, method, exit_code, decision, rule", [
@@ -144,3 +147,132 @@ def test_check_with_a_broken_policy_exits_2(cli, tmp_path):
     assert done.stderr.strip() == f"{policy}:6:15: host '*.com' covers every name under the " \
                                   "public suffix 'com'; expected a wildcard under a registered " \
                                   "domain"
+
+
+@pytest.mark.parametrize("target", ["foo bar", "x\x1b[31m.test", "a..b", "x_-.test:0"])
+def test_check_with_a_malformed_target_exits_2(cli, target):
+    done = run(cli, "check", "--policy", EXAMPLE, "--account", "codex", target)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "\x1b" not in done.stderr and done.stderr.startswith("agent-egress: ")
+
+
+GRANT_POLICY = """\
+version: 1
+accounts:
+  codex:
+    match: {uids: [1001]}
+    allow:
+      - host: kept.test   # a comment that stays
+    deny:
+      - host: gist.github.com
+      - host: blocked.test
+        ports: [443]
+"""
+
+
+@pytest.fixture
+def grant_policy(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(GRANT_POLICY)
+    return policy
+
+
+def grant(cli, policy, *args):
+    return run(cli, "grant", "--policy", str(policy), "--account", "codex", *args)
+
+
+def check(cli, policy, target):
+    return json.loads(run(cli, "check", "--policy", str(policy), "--account", "codex", "--json",
+                          target).stdout)
+
+
+def test_grant_of_a_bare_host_allows_ports_80_and_443_until_it_expires(cli, grant_policy):
+    done = grant(cli, grant_policy, "--for", "2h", "new.example.test")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"agent-egress: account codex may reach new\.example\.test on ports 80, "
+                        r"443 until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(rule added to .*\)\n",
+                        done.stdout)
+    for target in ("new.example.test:80", "new.example.test:443", "http://new.example.test/x"):
+        assert check(cli, grant_policy, target)["decision"] == "allow"
+    assert check(cli, grant_policy, "new.example.test:8443")["decision"] == "deny"
+    text = grant_policy.read_text()
+    assert "# a comment that stays" in text
+    assert "ports" not in text.split("new.example.test")[1].split("deny:")[0]
+    assert re.search(r"# granted \S+ for 2h\n\s+- host: new\.example\.test\n\s+expires: ", text)
+
+
+def test_grant_with_a_port_allows_that_port_only(cli, grant_policy):
+    assert grant(cli, grant_policy, "--for", "30m", "new.example.test:8443").returncode == 0
+    assert check(cli, grant_policy, "new.example.test:8443")["decision"] == "allow"
+    assert check(cli, grant_policy, "new.example.test:443")["decision"] == "deny"
+
+
+@pytest.mark.parametrize("target, port", [("gist.github.com", 80), ("blocked.test", 443),
+                                          ("https://gist.github.com/x", 443)])
+def test_grant_that_a_deny_rule_overrides_exits_1_and_writes_nothing(cli, grant_policy, target,
+                                                                      port):
+    done = grant(cli, grant_policy, "--for", "1h", target)
+    host = target.split("/")[-2] if "/" in target else target
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"agent-egress: not granted: codex would still be refused "
+                                  f"{host}:{port}: denied by rule: host {host}")
+    assert grant_policy.read_text() == GRANT_POLICY
+
+
+def test_grant_of_a_name_that_resolves_internal_exits_1_naming_the_cidr_rule(cli, grant_policy,
+                                                                            dns):
+    done = grant(cli, grant_policy, "--for", "1h", "--upstream-dns", dns.address,
+                 "intranet.test:8080")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.splitlines() == [
+        "agent-egress: not granted: codex would still be refused intranet.test:8080: "
+        "intranet.test resolves to 10.1.2.3, which is private; only a cidr rule can allow an "
+        "internal address",
+        "agent-egress: if this is intended, add {cidr: 10.1.2.3/32, ports: [8080]} to "
+        "accounts.codex.allow",
+    ]
+    assert grant_policy.read_text() == GRANT_POLICY
+    # the system's resolver (/etc/hosts here) is asked when no server is given
+    done = grant(cli, grant_policy, "--for", "1h", "localhost:8080")
+    assert done.returncode == 1 and "which is loopback" in done.stderr
+    # with the cidr rule the proxy would need, the grant is given
+    grant_policy.write_text(GRANT_POLICY.replace(
+        "    deny:", "      - cidr: 10.1.2.3/32\n        ports: [8080]\n    deny:"))
+    done = grant(cli, grant_policy, "--for", "1h", "--upstream-dns", dns.address,
+                 "intranet.test:8080")
+    assert done.returncode == 0, done.stderr
+    # check decides the same way when given the proxy's resolver
+    assert check(cli, grant_policy, "intranet.test:9090")["decision"] == "deny"
+
+
+@pytest.mark.parametrize("duration", ["0m", "0s", "0d0h", "=-5m", "=-1h", "soon", "=", "1y"])
+def test_grant_needs_a_positive_duration(cli, grant_policy, duration):
+    args = [f"--for{duration}"] if duration.startswith("=") else ["--for", duration]
+    done = grant(cli, grant_policy, *args, "new.example.test")
+    assert done.returncode == 2 and done.stdout == ""
+    assert grant_policy.read_text() == GRANT_POLICY
+
+
+def test_report_of_a_missing_file_exits_2(cli, tmp_path):
+    done = run(cli, "report", str(tmp_path / "missing.jsonl"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == f"agent-egress: {tmp_path}/missing.jsonl: cannot read: No such file " \
+                          "or directory\n"
+    assert run(cli, "report", str(tmp_path)).returncode == 2
+
+
+def test_every_flag_of_every_command_has_help_text():
+    from agent_egress.cli import _parser
+
+    missing = []
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) >= {"run", "validate", "check", "learn", "replay", "grant",
+                                     "report", "discover", "nftables", "ca", "env", "init"}
+    for name, parser in commands.choices.items():
+        assert parser.description, name
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []

@@ -96,4 +96,26 @@ def test_truncated_gzip_keeps_what_was_read(cli, tmp_path):
 @pytest.mark.parametrize("missing", ["nope.jsonl"])
 def test_missing_file(cli, tmp_path, missing):
     done = run(cli, str(tmp_path / missing))
-    assert done.stderr.strip() == f"{tmp_path / missing}: cannot read: No such file or directory"
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip() == f"agent-egress: {tmp_path / missing}: cannot read: No such " \
+                                  "file or directory"
+
+
+def test_client_chosen_names_cannot_recolour_or_fake_report_lines(cli, tmp_path):
+    """A governed account chooses its programs' names and paths (and so the reasons quoting
+    them): none of their control characters reach the operator's terminal."""
+    fake = "\x1b[2K\r  github.test:443        99     99      0      0\n\x1b[32m"
+    log = tmp_path / "audit.jsonl"
+    log.write_text("\n".join([
+        event(host="evil.test", decision="deny", exe=f"/tmp/{fake}",
+              reason=f"no rule matched for evil.test:443 GET /{fake}\u202egnp.exe"),
+    ]) + "\n")
+    for fmt in ("table", "csv"):
+        done = run(cli, "--format", fmt, str(log))
+        assert done.returncode == 0
+        assert not any(c in done.stdout for c in "\x1b\r\u202e")
+        assert not any("github.test" in line.partition("\\x1b[2K")[0]
+                       for line in done.stdout.splitlines())
+    table = run(cli, str(log)).stdout.splitlines()
+    assert len(table) == 4 and table[3].startswith("  ") and "why: no rule matched" in table[3]
+    assert "\\x1b[2K\\x0d" in table[2] and "\\u202egnp.exe" in table[3]

@@ -115,7 +115,8 @@ def test_apply_keeps_comments_validates_and_is_idempotent(cli, policy, tmp_path)
     assert first.returncode == 0, first.stderr
     text = policy.read_text()
     assert text.startswith(POLICY.split("    deny:")[0])  # comments and order kept
-    assert "      - host: api.example.test\n        ports: [443]  # learned: 1 events" in text
+    assert "      # learned: 1 event, 2026-11-25T10:00:00.000Z, by curl\n" \
+           "      - host: api.example.test\n        ports: [443]\n" in text
     assert run(cli, "validate", str(policy)).returncode == 0
     second = run(cli, "learn", "--policy", str(policy), "--apply", str(log))
     assert second.stdout.splitlines()[0].startswith("# nothing to propose")

@@ -136,7 +136,8 @@ def test_sigusr1_reopens_the_audit_log(start, web):
     rotated = proxy.audit_log.with_suffix(".1")
     os.rename(proxy.audit_log, rotated)
     proxy.signal(signal.SIGUSR1)
-    time.sleep(0.2)
+    proxy.wait_for(f"INFO agent_egress.runner: audit log reopened \\(SIGUSR1\\): "
+                   f"{re.escape(str(proxy.audit_log))}\n")
     curl(f"http://web.test:{web.port}/after", proxy.url)
     assert wait_until(lambda: proxy.audit_log.exists() and "/after" in proxy.audit_log.read_text())
     assert "/after" not in rotated.read_text()
@@ -150,7 +151,7 @@ def test_state_is_owner_only(start, web, cli):
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
 
-    assert mode(state) == 0o700 and mode(state / "mitmproxy") == 0o700
+    assert mode(state) == 0o711 and mode(state / "mitmproxy") == 0o700
     assert mode(state / "mitmproxy" / "mitmproxy-ca.pem") == 0o600
     assert wait_until(lambda: proxy.audit_log.exists())
     assert mode(proxy.audit_log) == 0o600
@@ -179,8 +180,63 @@ def test_a_port_in_use_is_a_clear_error(cli, tmp_path):
                                "--metrics", "off", "--state-dir", str(tmp_path), "--audit-log",
                                "-"],
                               capture_output=True, text=True, timeout=30)
-    assert done.returncode == 1
-    assert re.search(r"agent-egress: cannot listen: .*[Aa]ddress already in use", done.stderr)
+    assert (done.returncode, done.stderr) == (2, f"agent-egress: --proxy 127.0.0.1:{port}: "
+                                                 "address in use (use --proxy ADDR or off)\n")
+
+
+@pytest.mark.parametrize("flag, udp", [("--dns", False), ("--dns", True), ("--metrics", False),
+                                       ("--transparent", False)])
+def test_each_listener_in_use_is_one_line_naming_its_flag(cli, tmp_path, flag, udp):
+    with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        args = {"--proxy": "127.0.0.1:0", "--dns": "off", "--metrics": "off",
+                flag: f"127.0.0.1:{port}"}
+        done = subprocess.run([cli, "run", *(x for kv in args.items() for x in kv),
+                               "--state-dir", str(tmp_path), "--audit-log", "-"],
+                              capture_output=True, text=True, timeout=30)
+    off = "" if flag == "--transparent" else " or off"
+    assert (done.returncode, done.stderr) == (2, f"agent-egress: {flag} 127.0.0.1:{port}: "
+                                                 f"address in use (use {flag} ADDR{off})\n")
+
+
+def test_a_second_instance_on_the_same_state_or_audit_log_is_refused(start, cli, tmp_path,
+                                                                     web):
+    first = start(allow_policy(f"{{uids: [{os.getuid()}]}}", "web.test", port=web.port))
+    pid = first.process.pid
+    for state, audit in ((first.directory / "state", tmp_path / "other.jsonl"),
+                         (tmp_path / "other-state", first.audit_log)):
+        done = subprocess.run([cli, "run", "--proxy", "127.0.0.1:0", "--dns", "off",
+                               "--metrics", "off", "--state-dir", str(state), "--audit-log",
+                               str(audit)], capture_output=True, text=True, timeout=30)
+        what = f"state directory {state}" if state == first.directory / "state" \
+            else f"audit log {audit}"
+        assert (done.returncode, done.stderr) == (
+            2, f"agent-egress: another agent-egress (pid {pid}) runs with the {what}; stop it "
+               "first, or give this one its own --state-dir and --audit-log\n")
+    # the first one goes on serving, and once it stops the lock is free again
+    assert curl(f"http://web.test:{web.port}/still", first.url).stdout.startswith("hello")
+    first.stop()
+    again = start(allow_policy(f"{{uids: [{os.getuid()}]}}", "web.test", port=web.port))
+    assert again.port
+
+
+def test_an_unanswering_upstream_dns_is_warned_about_at_start(cli, tmp_path):
+    with socket.socket(type=socket.SOCK_DGRAM) as silent:  # takes queries, never answers
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        proxy = RunningProxy(cli, tmp_path, None, "--upstream-dns", f"127.0.0.1:{port}")
+        try:
+            proxy.wait_for(f"WARNING agent_egress.runner: --upstream-dns 127.0.0.1:{port} does "
+                           "not answer")
+        finally:
+            proxy.stop()
+
+
+def test_an_answering_upstream_dns_is_not_warned_about(start):
+    proxy = start(None)
+    time.sleep(2.5)  # longer than the probe waits
+    assert "does not answer" not in proxy.log()
 
 
 def test_embedded_default_policy_learns_but_keeps_internal_addresses_closed(start, web):
@@ -188,6 +244,9 @@ def test_embedded_default_policy_learns_but_keeps_internal_addresses_closed(star
     assert "policy embedded default policy" in proxy.log()
     done = curl(f"http://web.test:{web.port}/", proxy.url)
     assert "web.test resolves to 127.0.0.1, which is loopback" in done.stdout
+    # there is no file to add the rule to: the hint says how to get one
+    assert "the embedded default policy has no file to edit: `agent-egress init policy.yaml` " \
+           "writes it to one; then run with --policy policy.yaml" in done.stdout
     (event,) = proxy.wait_for_events(lambda e: e["host"] == "web.test")
     assert (event["account"], event["mode"], event["decision"]) == ("default", "learn", "deny")
 
