@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Coroutine
@@ -211,11 +210,8 @@ class Enforcer:
             state.original = (original, sockname[1])
         owners = self.runtime.owners
         if owners is not None:  # finds nothing for a client that is not on this machine
-            owner = owners.owner(peername[:2], sockname[:2])
-            # Once NAT has moved a redirected client's port, its addresses may be those of
-            # another socket: this proxy's own connection upstream, say (never redirected).
-            if transparent and (owner is None or owner.inode and owner.uid == os.geteuid()):
-                owner = owners.sole_owner_towards(peer_ip, sockname[:2])
+            owner = (owners.redirected_owner(peername[:2], sockname[:2]) if transparent
+                     else owners.owner(peername[:2], sockname[:2]))
             if owner is not None:
                 state.identity = Identity(uid=owner.uid, user=user_name(owner.uid),
                                           source=source)

@@ -61,7 +61,7 @@ def main() -> None:
     directory = Path(sys.argv[1])
     ca = TestCA(directory, list(NAMES))
     served = directory / "served"
-    servers = [TestDNS(Zone(NAMES), NAMESERVER, 53)]
+    servers = [TestDNS(Zone(NAMES), NAMESERVER, 53), TestDNS(Zone(NAMES), ORIGIN6, 53)]
     origins = [Origin(host=host, port=80) for host in (ORIGIN, FOREIGN, ORIGIN6, METADATA,
                                                          PRIVATE)]
     origins += [Origin(tls=ca.server_context(), host=host, port=443)
