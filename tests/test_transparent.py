@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -96,6 +97,9 @@ accounts:
       - host: web.test
       - host: secure.test
         ports: [443]
+      - host: inspect.test           # inspected: the agent must trust the proxy's CA
+        ports: [443]
+        methods: [GET, HEAD]
       - host: ssh.test
         ports: [22]
       - host: git.test
@@ -200,6 +204,58 @@ def test_git_clones_and_pip_installs_by_name(devbox, agent, proxy, far_side, age
                             e["host"] in ("git.test", "index.test"))
     assert {(e["host"], e["ip"], e["decision"], e["uid"]) for e in connects} == {
         ("git.test", GIT, "allow", agent.pw_uid), ("index.test", INDEX, "allow", agent.pw_uid)}
+
+
+def rollout_environment() -> str:
+    """The account's environment as docs/rollout.md gives it: its `export` block."""
+    text = (ROOT / "docs" / "rollout.md").read_text()
+    section = text[text.index("## 2. The agent's login environment"):text.index("## 3.")]
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S)
+                if b.startswith("export ")]
+    return block
+
+
+def test_clients_work_in_the_login_environment_of_the_rollout_guide(cli, devbox, agent, proxy,
+                                                                    far_side, agent_home):
+    """The guide's variables send the clients to the explicit listener (the events name a
+    loopback client), and its CA bundle lets them verify both passed-through HTTPS (the far
+    side's CA stands in for the public ones) and inspected HTTPS."""
+    bundle = agent_home / "ca-bundle.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(far_side.read_text() + proxy_ca.read_text())
+    profile = agent_home / "profile.sh"
+    profile.write_text(rollout_environment().replace("/etc/agent-egress/ca-bundle.pem",
+                                                     str(bundle)))
+    for path in (bundle, profile):
+        path.chmod(0o644)
+
+    def login(*command: str) -> subprocess.CompletedProcess[str]:
+        return as_agent(devbox, agent, "sh", "-c", '. "$0" && exec "$@"', str(profile),
+                        *command, env=(f"HOME={agent_home}",))
+
+    earlier = len(proxy.events())
+    secure = login("curl", "-sS", "--max-time", "10", "https://secure.test/env")
+    assert secure.stdout == "hello from secure.test GET /env\n", secure.stderr
+    inspected = login("curl", "-sS", "--max-time", "10", "https://inspect.test/look")
+    assert inspected.stdout == "hello from inspect.test GET /look\n", inspected.stderr
+    posted = login("curl", "-sS", "--max-time", "10", "-d", "x", "https://inspect.test/look")
+    assert "reason:" in posted.stdout and "POST" in posted.stdout, posted.stdout
+    cloned = login("git", "clone", "-q", "https://git.test/repo.git", str(agent_home / "repo"))
+    assert cloned.returncode == 0, cloned.stderr
+    installed = login(PROBE_PYTHON, "-m", "pip", "install", "-q", "--no-cache-dir",
+                      "--disable-pip-version-check", "--target", str(agent_home / "site"),
+                      "--index-url", "https://index.test/simple/", "egress-probe")
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert login("dig", "+short", "ssh.test").stdout.split() == [SSH]
+    raw = login(PROBE_PYTHON, "-c", ssh_probe(SSH))  # no proxy variables for raw TCP
+    assert raw.stdout.strip() == "b'echo: SSH-2.0-probe\\r\\n'", raw.stderr
+    events = events_since(proxy, earlier, lambda e: e["event"] == "connect" and
+                          e["host"] == "index.test")
+    assert events and events[0]["client"].startswith("127.0.0.1:")
+    requests = [e for e in proxy.events()[earlier:] if e["host"] == "inspect.test"
+                and e["event"] == "request"]
+    assert {(e["method"], e["decision"], e["client"].split(":")[0]) for e in requests} == {
+        ("GET", "allow", "127.0.0.1"), ("POST", "deny", "127.0.0.1")}
 
 
 def test_a_denied_host_is_blocked(devbox, agent, proxy):

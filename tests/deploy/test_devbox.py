@@ -77,6 +77,21 @@ def test_systemd_units_verify(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     service = (DEPLOY / "systemd" / "agent-egress.service").read_text()
     for hardening in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
-                      "PrivateTmp=yes", "CapabilityBoundingSet=\n", "Restart=on-failure",
+                      "PrivateTmp=yes", "CapabilityBoundingSet=CAP_NET_ADMIN\n",
+                      "AmbientCapabilities=CAP_NET_ADMIN\n", "Restart=on-failure",
                       "User=agent-egress"):
         assert hardening in service
+
+
+def test_the_ruleset_is_in_place_before_the_network_logins_and_the_proxy():
+    """The agent account never sends anything unchecked: the ruleset unit runs before any
+    network and any login, after the distribution's nftables (which flushes everything)."""
+    unit = (DEPLOY / "systemd" / "agent-egress-nftables.service").read_text()
+    before = next(line for line in unit.splitlines() if line.startswith("Before="))
+    assert set(before.split("=", 1)[1].split()) >= {
+        "network-pre.target", "systemd-user-sessions.service", "agent-egress.service"}
+    assert "DefaultDependencies=no" in unit and "ReloadPropagatedFrom=nftables.service" in unit
+    after = next(line for line in unit.splitlines() if line.startswith("After="))
+    assert "nftables.service" in after.split()
+    service = (DEPLOY / "systemd" / "agent-egress.service").read_text()
+    assert "After=network-online.target agent-egress-nftables.service" in service

@@ -36,7 +36,8 @@ METADATA = "169.254.169.254"  # a cloud metadata service
 PRIVATE = "10.20.30.40"  # an internal service: HTTP, and a database on 5432
 FAR_SIDE = (ORIGIN, SSH, GIT, INDEX, NAMESERVER, FOREIGN, ORIGIN6, METADATA, PRIVATE)
 NAMES = {"web.test": [ORIGIN], "secure.test": [ORIGIN], "denied.test": [ORIGIN],
-         "ssh.test": [SSH], "other.test": [FOREIGN], "git.test": [GIT], "index.test": [INDEX],
+         "inspect.test": [ORIGIN], "ssh.test": [SSH], "other.test": [FOREIGN],
+         "git.test": [GIT], "index.test": [INDEX],
          "dual.test": [ORIGIN, ORIGIN6], "v6only.test": [ORIGIN6],
          "metadata.test": [METADATA], "intranet.test": [PRIVATE]}
 
