@@ -3,7 +3,6 @@ user), the source address, and in the background the process that holds the sock
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,11 +59,9 @@ class ClientIdentifier:
             client.original = (_address(sockname[0]), sockname[1])
         if self.owners is None:
             return client
-        owner = self.owners.owner(peername[:2], sockname[:2])  # None for a remote client
-        # Once NAT has moved a redirected client's port, its addresses may be those of
-        # another socket: this proxy's own connection upstream, say (never redirected).
-        if transparent and (owner is None or owner.inode and owner.uid == os.geteuid()):
-            owner = self.owners.sole_owner_towards(peer_ip, sockname[:2])
+        # None for a remote client; a redirected one is found by conntrack's original tuple
+        owner = (self.owners.redirected_owner(peername[:2], sockname[:2]) if transparent
+                 else self.owners.owner(peername[:2], sockname[:2]))
         if owner is not None:
             client.identity = Identity(uid=owner.uid, user=user_name(owner.uid), source=source)
             client.process = self.process_of(owner)

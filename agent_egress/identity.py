@@ -4,6 +4,12 @@ The owner's uid comes from netlink sock_diag with an exact socket lookup (one re
 answer, whatever the number of sockets on the machine; `bench/bench_identity.py` measures it
 against reading /proc/net/tcp). The process behind the socket is found by scanning /proc for the
 socket's inode: slow, so it is best effort, cached, and done off the event loop.
+
+A connection that nftables redirected to the transparent listener reaches it from whatever
+address NAT left it: when the redirected addresses would clash with another connection's, NAT
+gives the client another port, and nothing on this machine is bound there. conntrack keeps the
+client's original addresses; one netlink query for the connection as the listener sees it gives
+them back, and the socket look-up is exact again (`SocketOwners.redirected_owner`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import logging
 import os
 import pwd
 import socket
@@ -36,6 +43,21 @@ _NO_COOKIE = (0xFFFFFFFF, 0xFFFFFFFF)
 _HEADER = struct.Struct("=IHHII")
 _REQUEST = struct.Struct("=BBBBI")
 _MESSAGE = struct.Struct("=BBBB48sIIIII")
+# ctnetlink (linux/netfilter/nfnetlink_conntrack.h): a GET by one direction's tuple answers
+# with the whole entry
+NETLINK_NETFILTER = 12
+_CT_GET = (1 << 8) | 1  # NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET
+_NFGENMSG = struct.Struct("=BBH")
+_ATTRIBUTE = struct.Struct("=HH")
+_NESTED = 0x8000
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY = 1, 2
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+
+log = logging.getLogger(__name__)
+
+Address = tuple[IPv4Address | IPv6Address, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +74,44 @@ class Process:
 
 
 class SocketOwners:
-    """Finds the owner of the local end of a TCP or UDP connection, by its two addresses."""
+    """Finds the owner of the local end of a TCP or UDP connection, by its two addresses.
+    `transparent_port`: the port of the listener that nftables redirects TCP to."""
 
-    def __init__(self) -> None:
+    def __init__(self, transparent_port: int | None = None) -> None:
         self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                      NETLINK_SOCK_DIAG)
         self._lock = threading.Lock()
         self._sequence = 0
+        self.transparent_port = transparent_port
+        self.conntrack = Conntrack()
 
     def close(self) -> None:
         self._socket.close()
+        self.conntrack.close()
+
+    def redirected_owner(self, peer: tuple[str, int],
+                         original_dst: tuple[str, int]) -> SocketOwner | None:
+        """The owner of a client that nftables redirected to the transparent listener: `peer`
+        is its address as the listener sees it, `original_dst` where it was going
+        (SO_ORIGINAL_DST). conntrack names the client's own address, which NAT may have
+        changed on the way, and the socket there is looked up exactly. None when conntrack
+        does not hold the connection, or holds it as going elsewhere. Without CAP_NET_ADMIN
+        conntrack cannot be asked: the socket at `peer` is taken unless it is this process's
+        own, and a client whose port NAT changed goes unidentified (denied, unless a
+        `default` account takes it)."""
+        peer_ip, destination = _unmap(peer[0]), (_unmap(original_dst[0]), original_dst[1])
+        if self.transparent_port is not None and self.conntrack.readable:
+            loopback = ip_address("127.0.0.1" if peer_ip.version == 4 else "::1")
+            original = self.conntrack.original(
+                (loopback, self.transparent_port), (peer_ip, peer[1]), socket.IPPROTO_TCP)
+            if self.conntrack.readable:  # it answered (refused, it falls back below)
+                if original is None or original[1] != destination:
+                    return None
+                source = original[0]
+                return self.owner((str(source[0]), source[1]), original_dst)
+        owner = self.owner(peer, original_dst)
+        return None if owner is not None and owner.inode and owner.uid == os.geteuid() \
+            else owner
 
     def owner_of_local(self, local: tuple[str, int], protocol: int) -> SocketOwner | None:
         """The socket bound to `local`, whoever its peer: for a client whose connection was
@@ -74,25 +124,6 @@ class SocketOwners:
                     and entry.local[0].version == address.version):
                 return SocketOwner(entry.uid, entry.inode)
         return None
-
-    def sole_owner_towards(self, local_ip: str,
-                           remote: tuple[str, int]) -> SocketOwner | None:
-        """For a redirected connection whose client port NAT changed (it does when the
-        redirected addresses would clash with an older connection's): the one uid owning every
-        live socket from `local_ip` to `remote`, the client's among them (its connection to the
-        proxy is open, so it is not in TIME_WAIT). This process's own connections there are
-        left out; a socket that names no owner (a closed one the kernel keeps as a minimal
-        socket) or a second uid makes the owner unknown. The inode is 0: which socket it was
-        is not known, so neither is the process."""
-        address, peer = _unmap(local_ip), (_unmap(remote[0]), remote[1])
-        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        ours = os.geteuid()
-        uids = {entry.uid if entry.uid or entry.inode else None
-                for entry in dump_sockets(socket.IPPROTO_TCP, _LIVE_STATES, family)
-                if entry.local[0] == address and entry.remote == peer
-                and not (entry.uid == ours and entry.inode)}
-        uid = uids.pop() if len(uids) == 1 else None
-        return SocketOwner(uid, 0) if uid is not None else None
 
     def owner(self, local: tuple[str, int], remote: tuple[str, int],
               protocol: int = socket.IPPROTO_TCP) -> SocketOwner | None:
@@ -130,6 +161,94 @@ class SocketOwners:
                          if entry.local == (local_ip, local[1])
                          and entry.remote == (remote_ip, remote[1])), None)
         return SocketOwner(uid=fields[8], inode=fields[9])
+
+
+class Conntrack:
+    """conntrack's entries, asked over ctnetlink. The kernel answers only a caller with
+    CAP_NET_ADMIN; without it `readable` turns False at the first query (logged once)."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     NETLINK_NETFILTER)
+        self._lock = threading.Lock()
+        self._sequence = 0
+        self.readable = True
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def original(self, reply_source: Address, reply_destination: Address,
+                 protocol: int) -> tuple[Address, Address] | None:
+        """The original direction's (source, destination) of the entry whose reply
+        direction goes from `reply_source` to `reply_destination`: for a connection that
+        NAT redirected, where its client really is and where it was really going. None if
+        there is no such entry, or conntrack cannot be read (see `readable`)."""
+        family = socket.AF_INET if reply_source[0].version == 4 else socket.AF_INET6
+        request = _NFGENMSG.pack(family, 0, 0) + _attribute(
+            CTA_TUPLE_REPLY | _NESTED, _tuple(reply_source, reply_destination, protocol))
+        with self._lock:
+            self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+            self._socket.send(_HEADER.pack(_HEADER.size + len(request), _CT_GET,
+                                           NLM_F_REQUEST, self._sequence, 0) + request)
+            reply = self._socket.recv(65536)
+        _length, kind, _flags, _seq, _pid = _HEADER.unpack_from(reply)
+        if kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", reply, _HEADER.size)
+            if -code == errno.ENOENT:
+                return None
+            if -code == errno.EPERM:
+                if self.readable:
+                    log.warning("conntrack cannot be read (CAP_NET_ADMIN is needed): a "
+                                "redirected client whose port NAT changed goes unidentified")
+                self.readable = False
+                return None
+            raise OSError(-code, os.strerror(-code))
+        attributes = _attributes(reply[_HEADER.size + _NFGENMSG.size:_length])
+        if CTA_TUPLE_ORIG not in attributes:
+            return None
+        return _parse_tuple(attributes[CTA_TUPLE_ORIG])
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = _ATTRIBUTE.size + len(payload)
+    return _ATTRIBUTE.pack(length, kind) + payload + bytes(-length % 4)
+
+
+def _attributes(data: bytes) -> dict[int, bytes]:
+    found = {}
+    offset = 0
+    while offset + _ATTRIBUTE.size <= len(data):
+        length, kind = _ATTRIBUTE.unpack_from(data, offset)
+        if length < _ATTRIBUTE.size:
+            break
+        found[kind & ~_NESTED] = data[offset + _ATTRIBUTE.size:offset + length]
+        offset += (length + 3) & ~3
+    return found
+
+
+def _tuple(source: Address, destination: Address, protocol: int) -> bytes:
+    v6 = source[0].version == 6
+    addresses = (_attribute(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, source[0].packed)
+                 + _attribute(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, destination[0].packed))
+    ports = (_attribute(CTA_PROTO_NUM, bytes([protocol]))
+             + _attribute(CTA_PROTO_SRC_PORT, struct.pack("!H", source[1]))
+             + _attribute(CTA_PROTO_DST_PORT, struct.pack("!H", destination[1])))
+    return (_attribute(CTA_TUPLE_IP | _NESTED, addresses)
+            + _attribute(CTA_TUPLE_PROTO | _NESTED, ports))
+
+
+def _parse_tuple(data: bytes) -> tuple[Address, Address] | None:
+    parts = _attributes(data)
+    addresses = _attributes(parts.get(CTA_TUPLE_IP, b""))
+    ports = _attributes(parts.get(CTA_TUPLE_PROTO, b""))
+    source = addresses.get(CTA_IP_V4_SRC) or addresses.get(CTA_IP_V6_SRC)
+    destination = addresses.get(CTA_IP_V4_DST) or addresses.get(CTA_IP_V6_DST)
+    if not source or not destination or CTA_PROTO_SRC_PORT not in ports \
+            or CTA_PROTO_DST_PORT not in ports:
+        return None
+    (source_port,) = struct.unpack("!H", ports[CTA_PROTO_SRC_PORT][:2])
+    (destination_port,) = struct.unpack("!H", ports[CTA_PROTO_DST_PORT][:2])
+    return ((ip_address(source), source_port), (ip_address(destination), destination_port))
 
 
 @dataclass(frozen=True, slots=True)

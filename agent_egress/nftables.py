@@ -91,6 +91,13 @@ def ruleset(policy: Policy, listeners: Listeners, proxy_uid: int,
         f"    meta skuid {governed} jump outbound_governed",
         "  }",
         "  chain outbound_governed {",
+        # What divert_governed redirected: its original route may have chosen any interface,
+        # and `oif` still names that one after the redirect, so the listener is recognised
+        # by the NAT that conntrack records, not by `oif lo`.
+        f"    ct status dnat ip daddr 127.0.0.1 tcp dport {listeners.transparent} accept",
+        "    ct status dnat ip daddr 127.0.0.1 meta l4proto { tcp, udp } "
+        f"th dport {listeners.dns} ct original proto-dst 53 accept",
+        # Not redirected: the listeners themselves, on loopback
         f"    oif lo ip daddr 127.0.0.0/8 tcp dport {{ {listeners.transparent}, "
         f"{listeners.proxy}, {listeners.dns} }} accept",
         f"    oif lo ip daddr 127.0.0.0/8 udp dport {listeners.dns} accept",

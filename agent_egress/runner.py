@@ -241,7 +241,8 @@ def runtime_for(config: RunConfig, policies: PolicyHolder, audit: AuditLog) -> R
     metrics.watch(policies, audit)
     servers = _upstream_servers(config)
     return Runtime(policies, audit, DnsServers(servers) if servers else SystemResolver(),
-                   SocketOwners(), metrics, on_audit_failure=config.on_audit_failure)
+                   SocketOwners(config.transparent[1] if config.transparent else None), metrics,
+                   on_audit_failure=config.on_audit_failure)
 
 
 def master_for(config: RunConfig, confdir: Path, enforcer: Enforcer, listening: Listening,

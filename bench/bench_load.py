@@ -48,7 +48,7 @@ from support.load import (  # noqa: E402
     match_audit,
     run_elsewhere,
 )
-from support.netns import namespace, system_user  # noqa: E402
+from support.netns import routed, system_user  # noqa: E402
 from support.netns_servers import NAMESERVER, ORIGIN  # noqa: E402
 from support.proxy import Process, RunningProxy  # noqa: E402
 
@@ -265,15 +265,18 @@ def limits(pid: int) -> str:
 
 
 def transparent(work: Path, ca: trustme.CA, settings: Settings) -> Phase:
+    """On a routed devbox (tests/support/netns.py): the proxy and the agent in one namespace,
+    nginx and the DNS server beyond its default route, in another."""
     user = system_user(AGENT)
-    with namespace(f"ae-load-{os.getpid()}") as ns, ExitStack() as stack:
-        inside = ("ip", "netns", "exec", ns)
+    with routed(f"ae-load-{os.getpid()}") as namespaces, ExitStack() as stack:
+        inside = ("ip", "netns", "exec", namespaces.devbox)
+        outside = ("ip", "netns", "exec", namespaces.outside)
         names = {"web.test": ORIGIN, "*.secure.test": ORIGIN}
-        servers = Process([*inside, PYTHON, __file__, "--serve-dns", NAMESERVER, repr(names)])
+        servers = Process([*outside, PYTHON, __file__, "--serve-dns", NAMESERVER, repr(names)])
         stack.callback(servers.stop)
         servers.wait_for("ready")
         origin = nginx(work / "nginx-ns", ca.issue_cert("web.test", "*.secure.test"), ORIGIN,
-                       80, 443, inside)
+                       80, 443, outside)
         stack.callback(origin.stop)
         time.sleep(1)  # nginx starts in well under a second; its port is not ours to probe
         if origin.process.poll() is not None:
@@ -300,7 +303,28 @@ def transparent(work: Path, ca: trustme.CA, settings: Settings) -> Phase:
             load = run_elsewhere(plan, prefix=(*inside, *agent), python="/usr/bin/python3",
                                  timeout=settings.seconds + 300)
             events = wait_for_events(proxy.events, load.outcomes, plan.run)
-        return phase("transparent", load, events, plan.run, settings.seconds, sampler)
+        result = phase("transparent (routed devbox)", load, events, plan.run,
+                       settings.seconds, sampler)
+        moved, redirected = nat_moved_ports(inside, 8081)
+        result.notes.append(f"NAT moved the client's port of {moved:,} of the {redirected:,} "
+                            "redirected connections conntrack still held at the end")
+        return result
+
+
+def nat_moved_ports(inside: tuple[str, ...], listener: int) -> tuple[int, int]:
+    """Of the connections redirected to `listener` that conntrack holds (closed ones stay
+    about two minutes), how many reached it from another port than their client's own."""
+    table = subprocess.run([*inside, "cat", "/proc/net/nf_conntrack"], capture_output=True,
+                           text=True, check=True).stdout
+    moved = redirected = 0
+    for line in table.splitlines():
+        # ... sport=A dport=B ... sport=C dport=D: the original direction, then the reply
+        ports = [f.split("=", 1)[1] for f in line.split() if f.startswith(("sport=", "dport="))]
+        if len(ports) != 4 or ports[2] != str(listener):
+            continue
+        redirected += 1
+        moved += ports[0] != ports[3]  # the original source port, and the reply's destination
+    return moved, redirected
 
 
 def as_agent(user: pwd.struct_passwd) -> tuple[str, ...]:

@@ -2,15 +2,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.dnsserver import TestDNS, Zone
 from support.netns import system_user
-from support.origins import Origin, TestCA, git_handler, package_index_handler
+from support.origins import (
+    Origin,
+    TestCA,
+    git_handler,
+    git_repository,
+    package_files,
+    package_index_handler,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The names the tests' DNS server answers; every origin listens on 127.0.0.1.
@@ -72,20 +77,7 @@ def secure(test_ca: TestCA) -> Iterator[Origin]:
 @pytest.fixture(scope="session")
 def git_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bare repository with one commit, served as /repo.git."""
-    root = tmp_path_factory.mktemp("git")
-    work = root / "work"
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test",
-           "HOME": str(root), "PATH": "/usr/bin:/bin"}
-    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True, env=env)
-    (work / "README").write_text("hello\n")
-    subprocess.run(["git", "-C", str(work), "add", "README"], check=True, env=env)
-    subprocess.run(["git", "-C", str(work), "commit", "-qm", "first"], check=True, env=env)
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "served" / "repo.git")],
-                   check=True, env=env)
-    subprocess.run(["git", "-C", str(root / "served" / "repo.git"), "config",
-                    "http.receivepack", "true"], check=True, env=env)
-    return root / "served"
+    return git_repository(tmp_path_factory.mktemp("git"))
 
 
 @pytest.fixture(scope="session")
@@ -98,19 +90,7 @@ def git_origin(git_repo: Path, test_ca: TestCA) -> Iterator[Origin]:
 @pytest.fixture(scope="session")
 def package_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packages a PEP 503 index serves: one wheel, built here."""
-    root = tmp_path_factory.mktemp("index")
-    (root / "egress-probe").mkdir()
-    wheel = root / "egress-probe" / "egress_probe-1.0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr("egress_probe.py", "MESSAGE = 'installed through agent-egress'\n")
-        info = "egress_probe-1.0.dist-info"
-        archive.writestr(f"{info}/METADATA",
-                         "Metadata-Version: 2.1\nName: egress-probe\nVersion: 1.0\n")
-        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\n"
-                                          "Root-Is-Purelib: true\nTag: py3-none-any\n")
-        archive.writestr(f"{info}/RECORD", f"egress_probe.py,,\n{info}/METADATA,,\n"
-                                           f"{info}/WHEEL,,\n{info}/RECORD,,\n")
-    return root
+    return package_files(tmp_path_factory.mktemp("index"))
 
 
 @pytest.fixture(scope="session")

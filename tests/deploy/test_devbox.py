@@ -62,3 +62,17 @@ def test_an_account_without_uids_is_explained(cli, tmp_path):
     assert printed.splitlines() == [
         "# account remote: matches no uid, so it cannot be governed here",
         "# no account to govern: nothing to do"]
+
+
+def test_the_ruleset_is_in_place_before_the_network_logins_and_the_proxy():
+    """The agent account never sends anything unchecked: the ruleset unit runs before any
+    network and any login, after the distribution's nftables (which flushes everything)."""
+    unit = (DEPLOY / "systemd" / "agent-egress-nftables.service").read_text()
+    before = next(line for line in unit.splitlines() if line.startswith("Before="))
+    assert set(before.split("=", 1)[1].split()) >= {
+        "network-pre.target", "systemd-user-sessions.service", "agent-egress.service"}
+    assert "DefaultDependencies=no" in unit and "ReloadPropagatedFrom=nftables.service" in unit
+    after = next(line for line in unit.splitlines() if line.startswith("After="))
+    assert "nftables.service" in after.split()
+    service = (DEPLOY / "systemd" / "agent-egress.service").read_text()
+    assert "After=network-online.target agent-egress-nftables.service" in service

@@ -1,6 +1,8 @@
-"""The far side of the transparent-mode tests, run inside their network namespace as root:
-DNS for the test names, HTTP and HTTPS origins, raw TCP and UDP echo servers. Prints `ready`
-and serves until killed. Usage: python netns_servers.py CA_DIR"""
+"""The far side of the transparent-mode tests, run as root inside the namespace that holds its
+addresses (documentation ranges, plus the metadata and private-range addresses an attacker
+would aim at): DNS for the test names, HTTP and HTTPS origins, git smart-HTTP, a package
+index, raw TCP and UDP echo servers. Prints `ready` and serves until killed.
+Usage: python netns_servers.py DIRECTORY (the test CA's certificate is written there)"""
 
 from __future__ import annotations
 
@@ -14,14 +16,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from support.dnsserver import TestDNS, Zone  # noqa: E402
-from support.origins import Origin, TestCA  # noqa: E402
+from support.origins import (  # noqa: E402
+    Origin,
+    TestCA,
+    git_handler,
+    git_repository,
+    package_files,
+    package_index_handler,
+)
 
-ORIGIN = "203.0.113.10"  # documentation addresses, on a dummy interface in the namespace
-SSH = "203.0.113.22"
-FOREIGN = "203.0.113.99"
+ORIGIN = "203.0.113.10"
+SSH = "203.0.113.22"  # an SSH-like server: answers the client's first line
+GIT = "203.0.113.30"
+INDEX = "203.0.113.40"
 NAMESERVER = "203.0.113.53"
-NAMES = {"web.test": ORIGIN, "secure.test": ORIGIN, "denied.test": ORIGIN, "ssh.test": SSH,
-         "other.test": FOREIGN, "mirror.test": SSH, "lure.test": SSH}
+FOREIGN = "203.0.113.99"
+ORIGIN6 = "2001:db8::10"
+METADATA = "169.254.169.254"  # a cloud metadata service
+PRIVATE = "10.20.30.40"  # an internal service: HTTP, and a database on 5432
+FAR_SIDE = (ORIGIN, SSH, GIT, INDEX, NAMESERVER, FOREIGN, ORIGIN6, METADATA, PRIVATE)
+NAMES = {"web.test": [ORIGIN], "secure.test": [ORIGIN], "denied.test": [ORIGIN],
+         "inspect.test": [ORIGIN], "ssh.test": [SSH], "other.test": [FOREIGN],
+         "git.test": [GIT], "index.test": [INDEX],
+         "dual.test": [ORIGIN, ORIGIN6], "v6only.test": [ORIGIN6],
+         "metadata.test": [METADATA], "intranet.test": [PRIVATE],
+         "mirror.test": [SSH], "lure.test": [SSH]}
 # lure.test's server also answers for a name nobody asked about, at the foreign address
 EXTRAS = {"lure.test": [f"answer other.test. 60 A {FOREIGN}"]}
 
@@ -38,17 +57,29 @@ class _UdpEcho(socketserver.BaseRequestHandler):
         sock.sendto(b"echo: " + data, self.client_address)
 
 
+class _Tcp6(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+
+
 def main() -> None:
-    ca = TestCA(Path(sys.argv[1]), list(NAMES))
-    servers = [TestDNS(Zone({name: [address] for name, address in NAMES.items()}, EXTRAS),
-                       NAMESERVER, 53)]
-    origins = [Origin(host=ORIGIN, port=80), Origin(tls=ca.server_context(), host=ORIGIN,
-                                                     port=443),
-               Origin(host=FOREIGN, port=80), Origin(tls=ca.server_context(), host=FOREIGN,
-                                                      port=443)]
+    directory = Path(sys.argv[1])
+    ca = TestCA(directory, list(NAMES))
+    served = directory / "served"
+    servers = [TestDNS(Zone(NAMES, EXTRAS), NAMESERVER, 53),
+               TestDNS(Zone(NAMES, EXTRAS), ORIGIN6, 53)]
+    origins = [Origin(host=host, port=80) for host in (ORIGIN, FOREIGN, ORIGIN6, METADATA,
+                                                         PRIVATE)]
+    origins += [Origin(tls=ca.server_context(), host=host, port=443)
+                for host in (ORIGIN, FOREIGN, ORIGIN6)]
+    origins += [Origin(git_handler(git_repository(served / "git")), tls=ca.server_context(),
+                       host=GIT, port=443),
+                Origin(package_index_handler(package_files(served / "index")),
+                       tls=ca.server_context(), host=INDEX, port=443)]
     echoes: list[socketserver.BaseServer] = [
-        socketserver.ThreadingTCPServer((address, 22), _Echo) for address in (SSH, FOREIGN)]
-    echoes.append(socketserver.ThreadingUDPServer((ORIGIN, 443), _UdpEcho))
+        socketserver.ThreadingTCPServer((address, port), _Echo)
+        for address, port in ((SSH, 22), (FOREIGN, 22), (PRIVATE, 5432))]
+    echoes += [_Tcp6((ORIGIN6, 22), _Echo),
+               socketserver.ThreadingUDPServer((ORIGIN, 443), _UdpEcho)]
     for echo in echoes:
         threading.Thread(target=echo.serve_forever, daemon=True).start()
     running = (servers, origins, echoes)

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +23,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 1024  # the listen backlog: socketserver's 5 drops bursts of clients
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class Origin:
@@ -45,7 +50,8 @@ class Origin:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = _any
 
-        self.server = _Server((host, port), Handler)
+        server = _Server6 if ":" in host else _Server
+        self.server = server((host, port), Handler)
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
@@ -93,6 +99,40 @@ class TestCA:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.cert.configure_cert(context)
         return context
+
+
+def git_repository(root: Path) -> Path:
+    """A bare repository with one commit under `root`, as `served/repo.git`; returns what
+    `git_handler` serves (`root/served`)."""
+    work = root / "work"
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.test",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.test",
+           "HOME": str(root), "PATH": "/usr/bin:/bin"}
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True, env=env)
+    (work / "README").write_text("hello\n")
+    subprocess.run(["git", "-C", str(work), "add", "README"], check=True, env=env)
+    subprocess.run(["git", "-C", str(work), "commit", "-qm", "first"], check=True, env=env)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "served" / "repo.git")],
+                   check=True, env=env)
+    subprocess.run(["git", "-C", str(root / "served" / "repo.git"), "config",
+                    "http.receivepack", "true"], check=True, env=env)
+    return root / "served"
+
+
+def package_files(root: Path) -> Path:
+    """What `package_index_handler` serves: one wheel, `egress-probe` 1.0, built here."""
+    (root / "egress-probe").mkdir(parents=True)
+    wheel = root / "egress-probe" / "egress_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("egress_probe.py", "MESSAGE = 'installed through agent-egress'\n")
+        info = "egress_probe-1.0.dist-info"
+        archive.writestr(f"{info}/METADATA",
+                         "Metadata-Version: 2.1\nName: egress-probe\nVersion: 1.0\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: tests\n"
+                                          "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", f"egress_probe.py,,\n{info}/METADATA,,\n"
+                                           f"{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return root
 
 
 def git_handler(project_root: Path) -> Callable[[BaseHTTPRequestHandler], None]:
