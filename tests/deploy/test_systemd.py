@@ -102,8 +102,8 @@ def test_the_proxy_unit_is_hardened():
                        ("User", "agent-egress"), ("Restart", "on-failure"),
                        ("MemoryDenyWriteExecute", "yes"), ("SystemCallArchitectures", "native"),
                        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX AF_NETLINK"),
-                       ("CapabilityBoundingSet", "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE"),
-                       ("AmbientCapabilities", "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE")]:
+                       ("CapabilityBoundingSet", "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE CAP_NET_ADMIN"),
+                       ("AmbientCapabilities", "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE CAP_NET_ADMIN")]:
         assert values(PROXY_UNIT, key) == [value], key
     assert values(PROXY_UNIT, "SystemCallFilter")[0] == "@system-service"
     assert "ProtectProc" not in dict(settings(PROXY_UNIT))  # it would hide the agents
