@@ -45,7 +45,7 @@ MEMORY_CONNECTIONS = 8
 TARGET_RATIO, TARGET_RSS_MIB = 0.9, 100
 BUSY = 0.25  # cores used by other processes during a figure that make it taken again
 # What the profile summary calls ours: files of this repository (the installed package's
-# addons/, dns/ and rules/ are symlinks to the top-level directories).
+# addons/, dns/ and rules/ are the top-level directories, mapped by the editable install).
 OURS = re.compile(r"(agent_egress|/addons|/rules|/dns)/[\w/]+\.py")
 ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
 
