@@ -15,7 +15,7 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
-from .dns.signals import ENTROPY_BITS, ENTROPY_MIN_LENGTH, entropy
+from .encoded import looks_encoded
 from .policyedit import NewRule
 from .rules import (
     NO_RULE,
@@ -163,8 +163,7 @@ def _classify(policy: Policy, account: str, host_text: str, evidence: Evidence,
     if evidence.stages == {"dns"}:
         flag("only resolved, never connected to")
         return
-    if any(len(label) >= ENTROPY_MIN_LENGTH and entropy(label) > ENTROPY_BITS
-           for label in host.text.split(".")):
+    if any(looks_encoded(label) for label in host.text.split(".")):
         flag("looks like encoded data (high-entropy label): possible DNS tunnelling")
         return
     learned.proposals.setdefault(account, []).append(

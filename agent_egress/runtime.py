@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .answers import AnswerMemory
 from .audit import AuditLog
-from .dns.memory import AnswerMemory
 from .identity import SocketOwners
 from .metrics import Metrics
 from .rules import Policy, PolicyError, parse_policy

@@ -7,25 +7,19 @@ bursts of the record types tunnels favour (TXT, NULL, ANY)."""
 from __future__ import annotations
 
 import functools
-import math
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
+
+from agent_egress.encoded import looks_encoded
 
 LONG_LABEL = 40
 LONG_NAME = 120
-ENTROPY_MIN_LENGTH = 16
-ENTROPY_BITS = 3.8
 UNIQUE_WINDOW = 60.0
 UNIQUE_LIMIT = 50
 BURST_WINDOW = 10.0
 BURST_LIMIT = 20
 BURST_TYPES = frozenset({"TXT", "NULL", "ANY"})
 MAX_TRACKED = 10_000
-
-
-def entropy(text: str) -> float:
-    counts = Counter(text)
-    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -37,8 +31,7 @@ def _shape(name: str) -> tuple[str, ...]:
         found.append("long_label")
     if len(name) > LONG_NAME:
         found.append("long_name")
-    if any(len(label) >= ENTROPY_MIN_LENGTH and entropy(label) > ENTROPY_BITS
-           for label in labels):
+    if any(looks_encoded(label) for label in labels):
         found.append("high_entropy")
     return tuple(found)
 

@@ -1,20 +1,24 @@
-"""Runs mypy on the agent_egress package as it installs.
+"""Runs mypy and import-linter on the agent_egress package as it installs.
 
 addons/, dns/ and rules/ sit at the top of the repository but install as agent_egress.addons,
 agent_egress.dns and agent_egress.rules (pyproject's `[tool.setuptools] packages` and
-`package-dir`). Python follows that mapping through setuptools' import hook; mypy finds
-modules by walking directories and would see `rules.engine`, or nothing.
-This script reads the mapping from pyproject.toml and hands mypy every module under its
+`package-dir`). Python follows that mapping through setuptools' import hook; mypy and
+import-linter find modules by walking directories and would see `rules.engine`, or nothing.
+This script reads the mapping from pyproject.toml and hands each tool every module under its
 installed name, each file once:
 
     scripts/layout.py mypy [MYPY ARGS] [PATHS]   # strict type check, errors name the real paths
+    scripts/layout.py lint-imports [ARGS]        # the import contracts in pyproject.toml
     scripts/layout.py modules                    # MODULE PATH, one a line
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
@@ -90,6 +94,31 @@ def run_mypy(args: list[str]) -> int:
     return (2 if blockers else 1) if messages and notes < len(messages) else 0
 
 
+def copy_installed_tree(destination: Path, root: Path = ROOT) -> Path:
+    """The package's modules laid out as installed (agent_egress/rules/engine.py, ...) under
+    DESTINATION: what import-linter reads. A scratch copy, deleted after the run."""
+    for module, path in modules(root):
+        parts = module.split(".")
+        target = destination.joinpath(*parts, "__init__.py") if path.stem == "__init__" \
+            else destination.joinpath(*parts[:-1], path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return destination
+
+
+def run_lint_imports(args: list[str], root: Path = ROOT) -> int:
+    # import-linter (through grimp) imports the root package to find its directory and walks
+    # it; in the repository agent_egress/ holds no rules/, so it reads a copy laid out as
+    # installed. Contracts report module names, never these scratch paths.
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    with tempfile.TemporaryDirectory(prefix="agent-egress-layers-") as scratch:
+        copy_installed_tree(Path(scratch), root)
+        env = {**os.environ, "PYTHONPATH": scratch, "PYTHONDONTWRITEBYTECODE": "1"}
+        done = subprocess.run([str(lint_imports), "--no-cache", "--no-logo", *args,
+                               str(root / "pyproject.toml")], cwd=scratch, env=env, check=False)
+    return done.returncode
+
+
 def main(argv: list[str]) -> int:
     match argv:
         case ["mypy", *args]:
@@ -99,6 +128,8 @@ def main(argv: list[str]) -> int:
                       + ", ".join(str(p.relative_to(ROOT)) for p in unlisted), file=sys.stderr)
                 return 2
             return run_mypy(args)
+        case ["lint-imports", *args]:
+            return run_lint_imports(args)
         case ["modules"]:
             for module, path in modules():
                 print(module, path.relative_to(ROOT))

@@ -2,7 +2,8 @@
 
 Transparent mode lets a raw connection through only to an address that this account was given
 for a name it may reach; this is that record. Bounded: the oldest entries go first, and
-expired ones leave as new ones arrive."""
+expired ones leave as new ones arrive. The resolver writes it and the proxy reads it, so it
+lives in the shared core beside the runtime that holds it, not in dns/."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent_egress.rules import Address
+from .rules import Address
 
 GRACE_SECONDS = 60.0
 MAX_ENTRIES = 100_000
