@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .answers import AnswerMemory
 from .audit import AuditLog
-from .dns.memory import AnswerMemory
 from .filetrust import read_checked
 from .identity import SocketOwners
 from .metrics import Metrics

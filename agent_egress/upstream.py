@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import random
+import secrets
 import socket
 import struct
 import time
@@ -145,7 +145,7 @@ class _OneReply(asyncio.DatagramProtocol):
 
 async def _udp(server: tuple[str, int], packet: bytes) -> bytes:
     # A fresh random id per attempt: a spoofed answer must guess it (and the source port).
-    packet = random.randbytes(2) + packet[2:]
+    packet = secrets.token_bytes(2) + packet[2:]
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: _OneReply(packet[:2]), remote_addr=server)

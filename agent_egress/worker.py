@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from .addons.enforce import Enforcer
 from .audit import AuditLog
 from .gate import Gate
+from .rules import PolicyError
 from .runner import Listening, RunConfig, master_for, runtime_for, stop_proxy
 from .runtime import PolicyHolder
 from .workerpool import summed_samples
@@ -31,7 +32,7 @@ async def serve_worker(config: RunConfig, listener: socket.socket,
 
     try:
         policies = PolicyHolder(config.policy)
-    except Exception as e:  # the first process loaded it a moment ago: say why, and stop
+    except PolicyError as e:  # the first process loaded it a moment ago: say why, and stop
         say({"error": f"cannot load the policy: {e}"})
         await writer.drain()
         return 1

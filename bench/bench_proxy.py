@@ -45,7 +45,7 @@ MEMORY_CONNECTIONS = 8
 TARGET_RATIO, TARGET_RSS_MIB = 0.9, 100
 BUSY = 0.25  # cores used by other processes during a figure that make it taken again
 # What the profile summary calls ours: files of this repository (the installed package's
-# addons/, dns/ and rules/ are symlinks to the top-level directories).
+# addons/, dns/ and rules/ are the top-level directories, mapped by the editable install).
 OURS = re.compile(r"(agent_egress|/addons|/rules|/dns)/[\w/]+\.py")
 ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
 
@@ -112,7 +112,7 @@ class Dns:
             if answer is None:
                 try:
                     answer = self._answers[query[2:]] = self._answer(query)[2:]
-                except Exception:  # not a query we can parse: no answer
+                except Exception:  # noqa: BLE001, S112 (not a query we can parse: no answer)
                     continue
             self.queries += 1
             self._socket.sendto(query[:2] + answer, peer)
@@ -484,7 +484,7 @@ def main() -> None:
     print(f"# bench_proxy\n\n{machine()}\n", flush=True)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         work = Path(tmp)
-        os.chmod(work, 0o755)  # squid runs as user proxy
+        os.chmod(work, 0o755)  # noqa: S103 (squid runs as user proxy)
 
         def started(service: Service, port: int, label: str, host: str) -> Route:
             stack.callback(service.stop)

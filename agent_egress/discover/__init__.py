@@ -44,7 +44,7 @@ def discover(home: Path, root: Path, repos: list[Path], env: Mapping[str, str]) 
     for finder in FINDERS:
         try:
             finder(found)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             # A reader's bug must not cost the user the other toolchains; say where it was.
             found.skip(finder.__name__.removeprefix("find_"), f"internal error: {e!r}")
     return HEADER + "".join(f"# skipped {line}\n" for line in map(_one_line, found.skipped)) \

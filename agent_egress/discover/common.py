@@ -141,7 +141,9 @@ class Discovery:
             return None
         command = f"command `{' '.join(argv)}`"
         try:
-            done = subprocess.run(
+            # The argv is one of the fixed toolchain queries of discover/ (`npm config get
+            # registry`, ...); only the program is looked up, on the user's own PATH, on purpose.
+            done = subprocess.run(  # noqa: S603
                 [program, *argv[1:]], capture_output=True, text=True, errors="replace",
                 stdin=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT, env={**self.env, **extra_env},
                 # Toolchains read project files in the working directory (go.mod can even make

@@ -23,7 +23,7 @@ def test_every_spelling_of_an_address_is_that_address(spelling):
 @pytest.mark.parametrize("spelling, address", [
     ("[::1]", "::1"), ("::1", "::1"), ("fe80::1%eth0", "fe80::1"), ("[fe80::1%25eth0]", "fe80::1"),
     ("[2001:DB8::A]", "2001:db8::a"), ("169.254.169.254", "169.254.169.254"),
-    ("0xa9fea9fe", "169.254.169.254"), ("0", "0.0.0.0"),
+    ("0xa9fea9fe", "169.254.169.254"), ("0", "0.0.0.0"),  # noqa: S104 (a spelling, not a bind)
 ])
 def test_ipv6_and_other_literals(spelling, address):
     assert normalize_host(spelling) == ip_address(address)

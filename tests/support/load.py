@@ -160,7 +160,9 @@ class _Clients:
             async with self.admission:
                 self.admitted += ADMIT
                 self.admission.notify_all()
-            while time.monotonic() < limit and (
+            # The proxy's descriptors are counted in /proc: nothing to await, so a short poll,
+            # bounded by the plan's timeout.
+            while time.monotonic() < limit and (  # noqa: ASYNC110
                     workers - self.waiting < min(self.admitted, workers) or
                     self.plan.gate_pid and
                     self.proxy_fds() < self.load.idle_fds + self.load.connected):
@@ -332,7 +334,7 @@ class _Socket(asyncio.DatagramProtocol):
 
 
 async def _dns_burst(server: tuple[str, int], names: list[tuple[str, str]], sockets: int,
-                     window: int, timeout: float) -> list[Outcome]:
+                     window: int, answer_wait: float) -> list[Outcome]:
     loop = asyncio.get_running_loop()
     pending: Iterator[tuple[str, str]] = iter(names)
     outcomes: list[Outcome] = []
@@ -346,9 +348,9 @@ async def _dns_burst(server: tuple[str, int], names: list[tuple[str, str]], sock
             began = time.monotonic()
             transport.sendto(packet)
             try:
-                reply = await asyncio.wait_for(answer, timeout)
+                reply = await asyncio.wait_for(answer, answer_wait)
             except TimeoutError:
-                outcomes.append(Outcome(kind, name, FAILED, timeout * 1000, "no answer"))
+                outcomes.append(Outcome(kind, name, FAILED, answer_wait * 1000, "no answer"))
                 continue
             finally:
                 del protocol.waiting[ident]

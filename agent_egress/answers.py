@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent_egress.rules import Address
+from .rules import Address
 
 GRACE_SECONDS = 60.0
 MAX_ENTRIES = 100_000  # (account, address, name) triples
