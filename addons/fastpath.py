@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy.layers.tls import parse_client_hello
@@ -93,6 +93,7 @@ class FastTunnels:
         self.handover = handover
         self.own_addresses = own_addresses
         self.live: set[_Client] = set()
+        self._emptied = asyncio.Event()  # set whenever `live` becomes empty
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def protocol(self) -> asyncio.Protocol:
@@ -100,14 +101,21 @@ class FastTunnels:
 
     async def close(self, wait: float = 5.0) -> None:
         """Closes every tunnel and waits until each is recorded (before the audit log shuts)."""
+        self._emptied.clear()
         for client in list(self.live):
             client.close()
         try:
             async with asyncio.timeout(wait):
-                while self.live:
-                    await asyncio.sleep(0.01)
+                if self.live:
+                    await self._emptied.wait()
         except TimeoutError:
             log.warning("%d fast tunnels still open %s s after closing", len(self.live), wait)
+
+    def left(self, client: _Client) -> None:
+        """`client` is no longer this listener's (closed, or handed to mitmproxy)."""
+        self.live.discard(client)
+        if not self.live:
+            self._emptied.set()
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -132,8 +140,8 @@ class _Client(asyncio.Protocol):
         self.eofs = 0  # half-closes seen: at two, both directions are done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # any transport with reading and writing, asyncio's or uvloop's
+        self.transport = cast(asyncio.Transport, transport)
         self.tunnels.live.add(self)
         self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._check_idle)
 
@@ -157,9 +165,8 @@ class _Client(asyncio.Protocol):
 
     def _hello(self) -> None:
         hello_bytes = bytes(self.received[self.head_length:])
-        if not hello_bytes:
+        if not hello_bytes or self.tunnel is None:
             return
-        assert self.tunnel is not None
         try:
             hello = parse_client_hello(hello_bytes) if starts_like_tls_record(
                 hello_bytes) else None
@@ -202,7 +209,9 @@ class _Client(asyncio.Protocol):
         self._hello()  # the client may have sent it with the CONNECT
 
     async def _dial(self, hello: bytes) -> None:
-        assert self.client is not None and self.tunnel is not None
+        if self.client is None or self.tunnel is None:
+            self.close()  # never: a ClientHello is only taken after an allowed CONNECT
+            return
         tunnel = self.tunnels.gate.open(self.client, self.tunnel)
         loop = asyncio.get_running_loop()
         try:
@@ -242,7 +251,7 @@ class _Client(asyncio.Protocol):
         writer = writer_type(self.transport, protocol, reader, loop)
         self.transport.resume_reading()
         self._start(self.tunnels.handover(reader, writer))
-        self.tunnels.live.discard(self)
+        self.tunnels.left(self)
         if self.idle is not None:
             self.idle.cancel()  # mitmproxy's own watchdog takes over
         if self.client is not None:  # mitmproxy makes its own; this one started no tunnel
@@ -283,7 +292,7 @@ class _Client(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnels.live.discard(self)
+        self.tunnels.left(self)
         if self.upstream is not None:
             self.upstream.transport.close()
         self._finish()
@@ -308,8 +317,7 @@ class _Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # asyncio's or uvloop's
 
     def data_received(self, data: bytes) -> None:
         client = self.client

@@ -209,18 +209,18 @@ def lock_instance(path: Path, what: str) -> IO[str]:
     return lock
 
 
-async def warn_unanswered(servers: list[tuple[str, int]], timeout: float = 2.0) -> None:
+async def warn_unanswered(servers: list[tuple[str, int]], wait: float = 2.0) -> None:
     """Warns, at start, of an --upstream-dns server that does not answer: every name the proxy
     resolves through it would fail, and the first sign would be clients' 502s."""
     query = DNSRecord.question(".", "NS").pack()
 
     async def probe(server: tuple[str, int]) -> None:
         try:
-            await DnsServers([server], timeout=timeout).exchange(query)
-        except Exception:  # whatever kept it from answering, the warning is the same
+            await DnsServers([server], timeout=wait).exchange(query)
+        except Exception:  # noqa: BLE001 - whatever kept it from answering, the warning is the same
             log.warning("--upstream-dns %s does not answer (asked for the root's NS records, "
                         "waited %s s): names the proxy resolves through it will fail",
-                        _format(*server), timeout)
+                        _format(*server), wait)
 
     await asyncio.gather(*(probe(server) for server in servers))
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,9 @@ from support.origins import (
     package_files,
     package_index_handler,
 )
+from support.prometheus import prometheus_config
+from support.prometheus import start_prometheus as start
+from support.proxy import Process
 
 ROOT = Path(__file__).resolve().parent.parent
 # The names the tests' DNS server answers; every origin listens on 127.0.0.1.
@@ -111,3 +114,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def start_prometheus(tmp_path) -> Iterator[Callable[..., tuple[str, Process]]]:
+    """Starts Prometheus scraping a target (and sending alerts to an Alertmanager, if given);
+    returns its URL and process, stopped afterwards."""
+    started: list[Process] = []
+
+    def run(target: str, alertmanager: str | None = None) -> tuple[str, Process]:
+        directory = tmp_path / "prometheus"
+        directory.mkdir()
+        return start(directory, prometheus_config(directory, target, alertmanager), started)
+
+    yield run
+    for process in started:
+        process.stop()

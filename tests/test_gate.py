@@ -110,7 +110,7 @@ def test_a_name_rebound_to_loopback_is_refused(gate):
 
 
 def test_unresolvable_allowed_name_gives_an_unresolved_denial(gate):
-    gate.runtime.resolver = TableResolver({})  # type: ignore[assignment]
+    gate.runtime.resolver = TableResolver({})
     tunnel = asyncio.run(gate.connection(agent(), "allowed.test", 443))
     assert tunnel.unresolved and not tunnel.decision.passes
     assert tunnel.decision.rule is not None  # the rule that allowed it is kept

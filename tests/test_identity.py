@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import netns
@@ -88,11 +89,11 @@ def namespace():
         yield routed.devbox
 
 
-def owners_seen(namespace: str, *wrapper: str) -> dict:
+def owners_seen(namespace: str, *wrapper: str) -> dict[str, Any]:
     done = subprocess.run(["ip", "netns", "exec", namespace, *wrapper, PYTHON, "-c", SCRIPT],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return dict(json.loads(done.stdout))
 
 
 def test_the_owner_of_a_redirected_connection_is_its_clients_socket(namespace):

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.origins import Origin, package_index_handler
@@ -108,7 +109,7 @@ def env_file(cli, proxy) -> Path:
     assert done.returncode == 0, done.stderr
     path = proxy.directory / "env.sh"
     path.write_text(done.stdout)
-    return path
+    return Path(path)
 
 
 def login(env_file: Path, home: Path, command: str) -> subprocess.CompletedProcess[str]:
@@ -118,10 +119,10 @@ def login(env_file: Path, home: Path, command: str) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=120)
 
 
-def inspected(proxy, host: str, port: int) -> list[dict]:
+def inspected(proxy, host: str, port: int) -> list[dict[str, Any]]:
     """Request events: the proxy saw inside the TLS, so the client trusted its CA."""
-    return proxy.wait_for_events(lambda e: e["event"] == "request" and e["host"] == host
-                                 and e["port"] == port)
+    return list(proxy.wait_for_events(lambda e: e["event"] == "request" and e["host"] == host
+                                      and e["port"] == port))
 
 
 @pytest.mark.e2e

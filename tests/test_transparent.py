@@ -216,7 +216,7 @@ def rollout_environment() -> str:
     section = text[text.index("## 2. The agent's login environment"):text.index("## 3.")]
     (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S)
                 if b.startswith("export ")]
-    return block
+    return str(block)
 
 
 def test_clients_work_in_the_login_environment_of_the_rollout_guide(cli, devbox, agent, proxy,

@@ -23,7 +23,7 @@ def named_origin(test_ca):
     """A TLS origin that records the SNI each client sent."""
     context = test_ca.server_context()
     seen: list[str | None] = []
-    context.sni_callback = lambda _sock, name, _ctx: seen.append(name)  # type: ignore[assignment]
+    context.sni_callback = lambda _sock, name, _ctx: seen.append(name)
     origin = Origin(tls=context)
     origin.snis = seen  # type: ignore[attr-defined]
     yield origin

@@ -118,7 +118,7 @@ def test_a_burst_of_denials_notifies_the_webhook_naming_the_account(
     prometheus, process = start_prometheus(target, manager)
 
     def logs() -> str:
-        return process.log() + manager_process.log()
+        return str(process.log() + manager_process.log())
 
     wait_for("the first scrape", lambda: api(prometheus, "query", query="up == 1")["result"],
              timeout=20, log=logs)

@@ -96,14 +96,17 @@ def test_exposure_is_written_down_and_explained(units):
         assert unexplained == [], f"{unit.name}: explain these in deploy/README.md"
 
 
+CAPABILITIES = "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE CAP_NET_ADMIN"
+
+
 def test_the_proxy_unit_is_hardened():
     for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
                        ("ProtectHome", "yes"), ("PrivateTmp", "yes"), ("PrivateDevices", "yes"),
                        ("User", "agent-egress"), ("Restart", "on-failure"),
                        ("MemoryDenyWriteExecute", "yes"), ("SystemCallArchitectures", "native"),
                        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX AF_NETLINK"),
-                       ("CapabilityBoundingSet", "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE CAP_NET_ADMIN"),
-                       ("AmbientCapabilities", "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE CAP_NET_ADMIN")]:
+                       ("CapabilityBoundingSet", CAPABILITIES),
+                       ("AmbientCapabilities", CAPABILITIES)]:
         assert values(PROXY_UNIT, key) == [value], key
     assert values(PROXY_UNIT, "SystemCallFilter")[0] == "@system-service"
     assert "ProtectProc" not in dict(settings(PROXY_UNIT))  # it would hide the agents

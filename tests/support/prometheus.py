@@ -47,7 +47,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
     expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    names = set()
+    names: set[str] = set()
     for match in re.finditer(r"(?<![\w.:])[A-Za-z_:][\w:]*", expr):
         if match.group() in PROMQL_WORDS or expr[match.end():].lstrip().startswith("("):
             continue
@@ -92,7 +92,7 @@ def free_port() -> int:
 def exposed_metrics(metrics_url: str) -> set[str]:
     """The series names a /metrics page declares (from its TYPE lines, so also the families that
     have no series yet), as Prometheus stores them."""
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(get(metrics_url)):
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
                     "summary": ["", "_count", "_sum"]}.get(family.type, [""])
