@@ -47,7 +47,7 @@ def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
     waiting `timeout` for an answer, then up to a second after each (keep-alive) answer. A reset
     after the proxy refused a message it had not finished reading counts as closing."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
-        received = b""
+        received = bytearray()  # bytes += bytes copies: quadratic on large answers
         try:
             client.sendall(data)
             while chunk := client.recv(65536):
@@ -56,8 +56,8 @@ def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[bytes, bool]:
         except (ConnectionResetError, BrokenPipeError):
             pass
         except TimeoutError:
-            return received, False
-        return received, True
+            return bytes(received), False
+        return bytes(received), True
 
 
 def statuses(received: bytes) -> list[int]:

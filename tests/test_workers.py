@@ -39,7 +39,7 @@ def get(proxy_port: int, url: str) -> int:
         with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
             sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {url.split('/')[2]}\r\n"
                          "Connection: close\r\n\r\n".encode())
-            answer = b""
+            answer = bytearray()  # bytes += bytes copies: quadratic on large answers
             while chunk := sock.recv(65536):
                 answer += chunk
         return int(answer.split(b" ", 2)[1])

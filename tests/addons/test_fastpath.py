@@ -29,10 +29,10 @@ class RawOrigin(TcpOrigin):
 
     def serve(self, client: socket.socket) -> None:
         with client:
-            data = b""
+            data = bytearray()  # bytes += bytes copies: quadratic on large answers
             while chunk := client.recv(65536):
                 data += chunk
-            self.received.append(data)
+            self.received.append(bytes(data))
             client.sendall(self.answer)
 
 
@@ -73,7 +73,7 @@ def connect(proxy: RunningProxy, target: str, split_at: int | None = None) -> so
         sock.sendall(head[:split_at])
         time.sleep(0.2)
         sock.sendall(head[split_at:])
-    answer = b""
+    answer = bytearray()  # bytes += bytes copies: quadratic on large answers
     while not answer.endswith(b"\r\n\r\n"):
         answer += sock.recv(1)
     assert answer == b"HTTP/1.1 200 Connection established\r\n\r\n", answer
@@ -103,17 +103,17 @@ def tls_get(sock: socket.socket, target: str, cafile: str,
             incoming.write(sock.recv(65536) or b"")
     tls.write(f"GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
     sock.sendall(outgoing.read())
-    answer = b""
+    answer = bytearray()  # bytes += bytes copies: quadratic on large answers
     while True:
         try:
             answer += tls.read(65536)
         except ssl.SSLWantReadError:
             data = sock.recv(65536)
             if not data:
-                return answer
+                return bytes(answer)
             incoming.write(data)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return answer
+            return bytes(answer)
 
 
 @pytest.mark.parametrize("split_head, split_hello", [(None, None), (10, None), (None, 3)],
@@ -136,7 +136,7 @@ def test_a_client_half_close_still_gets_the_answer(proxy, raw_origin):
     with connect(proxy, f"secure.test:{raw_origin.port}") as sock:
         sock.sendall(hello)
         sock.shutdown(socket.SHUT_WR)
-        answer = b""
+        answer = bytearray()  # bytes += bytes copies: quadratic on large answers
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer == raw_origin.answer
@@ -162,7 +162,7 @@ def test_sni_naming_another_host_is_still_denied(proxy, raw_origin):
 def test_plain_http_inside_a_tunnel_still_has_its_host_checked(proxy, web):
     with connect(proxy, f"web.test:{web.port}") as sock:
         sock.sendall(b"GET /inside HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n")
-        answer = b""
+        answer = bytearray()  # bytes += bytes copies: quadratic on large answers
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 403")
@@ -176,7 +176,7 @@ def test_large_downloads_are_relayed_whole(proxy, secure, test_ca):
         with context.wrap_socket(sock, server_hostname="secure.test") as tls:
             tls.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: secure.test\r\n"
                         "Connection: close\r\n\r\n".encode())
-            answer = b""
+            answer = bytearray()  # bytes += bytes copies: quadratic on large answers
             while chunk := tls.recv(1 << 20):
                 answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
