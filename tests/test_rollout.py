@@ -190,7 +190,7 @@ def test_grant_adds_an_expiring_rule(cli, policy):
     bad = run(cli, "grant", "--policy", str(policy), "--account", "codex", "--for", "soon",
               "x.test")
     assert (bad.returncode, bad.stderr.strip()) == (
-        2, "agent-egress: 'soon' is not a duration; expected e.g. 30m, 2h, 1d12h")
+        2, "agent-egress: --for: 'soon' is not a duration; expected e.g. 30m, 2h, 1d12h")
 
 
 def test_granted_rule_takes_effect_in_the_running_proxy_and_ends_by_itself(cli, tmp_path, web,
