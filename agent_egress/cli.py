@@ -658,14 +658,14 @@ def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str
 def _print_decision(decision: Decision, stage: Stage) -> None:
     print(f"decision  {decision.result.value}")
     print(f"rule      {decision.rule or 'no rule matched'}")
-    print(f"reason    {decision.reason}")
-    print(f"account   {decision.account} ({decision.mode.value}), checked at the {stage.value} "
-          "stage")
+    print(f"reason    {printable(decision.reason)}")  # it quotes the path as given
+    print(f"account   {printable(decision.account)} ({decision.mode.value}), checked at the "
+          f"{stage.value} stage")
     if decision.inspect:
         print("note      TLS to this destination is inspected: clients must trust the proxy's "
               "CA (agent-egress ca)")
     if decision.hint:
-        print(f"next      {decision.hint}")
+        print(f"next      {printable(decision.hint)}")
 
 
 if __name__ == "__main__":
