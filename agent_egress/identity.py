@@ -96,9 +96,10 @@ class SocketOwners:
         (SO_ORIGINAL_DST). conntrack names the client's own address, which NAT may have
         changed on the way, and the socket there is looked up exactly. None when conntrack
         does not hold the connection, or holds it as going elsewhere. Without CAP_NET_ADMIN
-        conntrack cannot be asked: the socket at `peer` is taken unless it is this process's
-        own, and a client whose port NAT changed goes unidentified (denied, unless a
-        `default` account takes it)."""
+        (or without `transparent_port`) conntrack cannot be asked: the socket at `peer` is
+        taken unless it is this process's own, so a client whose port NAT changed goes
+        unidentified (denied, unless a `default` account takes it), unless another socket
+        happens to have the addresses NAT gave it."""
         peer_ip, destination = _unmap(peer[0]), (_unmap(original_dst[0]), original_dst[1])
         if self.transparent_port is not None and self.conntrack.readable:
             loopback = ip_address("127.0.0.1" if peer_ip.version == 4 else "::1")

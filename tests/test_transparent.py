@@ -358,7 +358,9 @@ except OSError as e:
 
 def test_icmp_fails(devbox, agent, proxy):
     """Even where unprivileged ICMP sockets are allowed (ping_group_range)."""
-    as_root(devbox.inside, "sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647")
+    opened = as_root(devbox.inside, PYTHON, "-c", "open('/proc/sys/net/ipv4/ping_group_range', "
+                     "'w').write('0 2147483647')")
+    assert opened.returncode == 0, opened.stderr
     probe = ICMP_PROBE.format(address=ORIGIN)
     assert as_agent(devbox, agent, PROBE_PYTHON, "-c", probe).stdout.startswith("refused")
     assert as_root(devbox.inside, PROBE_PYTHON, "-c", probe).stdout.strip() == "reply 0"
