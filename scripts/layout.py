@@ -114,8 +114,10 @@ def run_lint_imports(args: list[str], root: Path = ROOT) -> int:
     with tempfile.TemporaryDirectory(prefix="agent-egress-layers-") as scratch:
         copy_installed_tree(Path(scratch), root)
         env = {**os.environ, "PYTHONPATH": scratch, "PYTHONDONTWRITEBYTECODE": "1"}
-        done = subprocess.run([str(lint_imports),  # noqa: S603 (our venv's lint-imports) "--no-cache", "--no-logo", *args,
-                               str(root / "pyproject.toml")], cwd=scratch, env=env, check=False)
+        command = [str(lint_imports), "--no-cache", "--no-logo", *args,
+                   str(root / "pyproject.toml")]
+        # S603: the program is this venv's lint-imports; the arguments are the caller's own.
+        done = subprocess.run(command, cwd=scratch, env=env, check=False)  # noqa: S603
     return done.returncode
 
 
