@@ -237,17 +237,18 @@ class Enforcer:
         if isinstance(exchange, Exchange) and flow.response is not None:
             flow.response.stream = exchange.received
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._end_exchange(flow)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._end_exchange(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._end_exchange(flow)
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._end_exchange(flow)
 
-    def _end_exchange(self, flow: http.HTTPFlow) -> None:
+    async def _end_exchange(self, flow: http.HTTPFlow) -> None:
         exchange = flow.metadata.pop(_EXCHANGE, None)
         client = self.clients.get(flow.client_conn.id)
         if not isinstance(exchange, Exchange) or client is None:
             return
+        await self.gate.attribute(client)  # the client waits for this answer: it still exists
         bytes_down = exchange.received.total if flow.response is not None else None
         self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
                                _body_size(flow.request), bytes_down)

@@ -70,14 +70,14 @@ class AuditEvent:
         unknown = data.keys() - _KEYSET
         if unknown:
             raise ValueError(f"not an agent-egress audit event (unknown keys {sorted(unknown)})")
-        if "event" not in data or "decision" not in data:
-            raise ValueError("not an agent-egress audit event (no 'event' or 'decision')")
+        if "event" not in data:
+            raise ValueError("not an agent-egress audit event (no 'event')")
         for key, allowed, expected in _CHECKED:
             if type(data.get(key)) not in allowed:  # exact types: a bool is not an int
                 raise ValueError(f"{key} is {type(data.get(key)).__name__}, expected {expected}")
         try:
             data["event"] = Stage(data["event"])
-            data["decision"] = Result(data["decision"])
+            data["decision"] = Result(data.get("decision"))
             if data.get("mode") is not None:
                 data["mode"] = Mode(data["mode"])
         except ValueError:
@@ -96,7 +96,7 @@ _NONE = type(None)
 _CHECKED: tuple[tuple[str, frozenset[type], str], ...] = tuple(
     (key, frozenset(types), types[0].__name__) for key, types in {
         "ts": (str, _NONE), "event": (str,), "account": (str, _NONE), "host": (str, _NONE),
-        "decision": (str,), "port": (int, _NONE), "uid": (int, _NONE), "pid": (int, _NONE),
+        "decision": (str, _NONE), "port": (int, _NONE), "uid": (int, _NONE), "pid": (int, _NONE),
         "bytes_up": (int, _NONE), "bytes_down": (int, _NONE), "rule": (str, _NONE),
         "rule_id": (str, _NONE), "op": (str, _NONE), "method": (str, _NONE),
         "path": (str, _NONE), "reason": (str, _NONE), "mode": (str, _NONE),

@@ -298,7 +298,7 @@ async def serve(config: RunConfig) -> int:
     confdir = prepare_state_dir(config.state_dir)
     locks = [lock_instance(config.state_dir / "run.lock", f"state directory {config.state_dir}")]
     if config.audit_log is not None:
-        locks.append(lock_instance(config.audit_log.with_name(config.audit_log.name + ".lock"),
+        locks.append(lock_instance(config.audit_log.with_name(f".{config.audit_log.name}.lock"),
                                    f"audit log {config.audit_log}"))
     try:
         policies = PolicyHolder(config.policy)
