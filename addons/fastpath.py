@@ -213,6 +213,9 @@ class _Client(asyncio.Protocol):
             self.close()  # never: a ClientHello is only taken after an allowed CONNECT
             return
         tunnel = self.tunnels.gate.open(self.client, self.tunnel)
+        if not tunnel.decision.passes:  # the audit log has no room for its line
+            self.close()
+            return
         loop = asyncio.get_running_loop()
         try:
             _, upstream = await loop.create_connection(lambda: _Upstream(self),

@@ -22,6 +22,7 @@ class Tunnel:
     bytes_down: int = 0
     active: bool = False  # counted in agent_egress_active_connections
     unresolved: bool = False  # refused because the name could not be resolved, not by policy
+    promised: int = 0  # room the audit log set aside for its line (gate.promise)
 
     @property
     def destination(self) -> str:
@@ -52,6 +53,7 @@ class Exchange:
     ip: Address | None
     started: float = field(default_factory=time.monotonic)
     received: Counted = field(default_factory=Counted)
+    promised: int = 0  # room the audit log set aside for its line (gate.promise)
 
     def duration_ms(self) -> int:
         return round((time.monotonic() - self.started) * 1000)
