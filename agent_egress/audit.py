@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from .auditevent import AuditEvent
-from .auditspace import ReservedSpace
+from .auditspace import SLACK_BYTES, ReservedSpace
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,16 @@ _GROW = object()  # wakes the writer to reserve more room
 
 
 class AuditLog:
-    def __init__(self, path: Path | None) -> None:
-        """`path` None writes to standard output."""
+    def __init__(self, path: Path | None, slack: int = SLACK_BYTES) -> None:
+        """`path` None writes to standard output; `slack`: the room reserved beyond the
+        promised lines."""
         self.path = path
         self.events = 0
         self.write_errors = 0
         self.failing = False  # the last write failed: traffic may go unrecorded
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._reopen = threading.Event()
-        self.space = ReservedSpace()
+        self.space = ReservedSpace(slack)
         self._fd = self._open()
         self._growing = False  # a _GROW is queued
         self.space.reset(self._fd)
@@ -117,9 +118,9 @@ class AuditLog:
             except OSError as e:
                 log.error("cannot reopen audit log %s: %s", self.path, e)
             else:
+                self.space.reset(fd)
                 os.close(self._fd)
                 self._fd = fd
-                self.space.reset(fd)
         lines = [_line(item) for item in batch]
         count = sum(line.count(b"\n") for line, _ in lines)
         dropped = 0

@@ -81,7 +81,9 @@ class ReservedSpace:
         self.slack = slack
         self.reservable = False  # False: promises are not kept here (see the module)
         self.short = False  # the filesystem gave less than was asked, last time it was asked
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the ledger; held for a few operations at a time
+        self._growing = threading.Lock()  # the reservation: whoever changes where it ends
+        self._fd = -1
         self._promised = 0  # bytes set aside for lines not yet written
         self._room = 0  # bytes reserved beyond the end of the file and what is being written
         self._end = 0  # where the reservation ends, as a file offset
@@ -95,6 +97,18 @@ class ReservedSpace:
         filesystem that cannot allocate ahead)."""
         if not self.reservable:
             return None
+        with self._lock:
+            if self._room - self._promised >= size:
+                self._promised += size
+                return True
+        if self.short:
+            return False
+        # The writer has not kept up with a burst (it reserves ahead once per batch): reserve
+        # here, rarely, rather than refuse traffic while the filesystem has room.
+        with self._growing:
+            with self._lock:
+                end = self._end + max(self.slack, size + self._promised - self._room)
+            self._grow(self._fd, end)
         with self._lock:
             if self._room - self._promised < size:
                 return False
@@ -116,25 +130,31 @@ class ReservedSpace:
         """`fd` is a newly opened audit file: reserves ahead of it (the lines still promised,
         and the slack)."""
         info = os.fstat(fd)
-        self.reservable = stat.S_ISREG(info.st_mode)
-        if not self.reservable:
-            return
-        self._size = self._end = info.st_size
-        with self._lock:
-            owed = self._promised
-        self._grow(fd, self._size + owed + self.slack)
-        with self._lock:
-            self._room = self._end - self._size
+        with self._growing:
+            self._fd = fd
+            self.reservable = stat.S_ISREG(info.st_mode)
+            if not self.reservable:
+                return
+            with self._lock:
+                self._size = self._end = info.st_size
+                self._room = 0
+                owed = self._promised
+            self._grow(fd, self._size + owed + self.slack)
 
     def plan(self, fd: int, lines: list[tuple[bytes, int]]) -> tuple[bytes, int]:
         """The bytes to write of a batch of (line, bytes promised to it): every promised line,
         and the others as far as room that no promise needs allows; then the number of lines
         left out (in lines). The ledger counts the batch as written from here on."""
+        with self._growing:
+            return self._plan(fd, lines)
+
+    def _plan(self, fd: int, lines: list[tuple[bytes, int]]) -> tuple[bytes, int]:
         size = os.fstat(fd).st_size
-        if size < self._size:  # truncated (logrotate's copytruncate): the blocks are gone
-            self._end = size
-        self._size = size
-        self._end = max(self._end, size)
+        with self._lock:
+            if size < self._size:  # truncated (logrotate's copytruncate): the blocks are gone
+                self._end = size
+            self._size = size
+            self._end = max(self._end, size)
         promised_here = sum(promised for _, promised in lines)
         promised_bytes = sum(len(line) for line, promised in lines if promised)
         others = sum(len(line) for line, promised in lines if not promised)
@@ -161,7 +181,8 @@ class ReservedSpace:
         return data, dropped
 
     def _grow(self, fd: int, end: int) -> None:
-        """Extends the reservation to `end`, or as far as the filesystem allows."""
+        """Extends the reservation to `end`, or as far as the filesystem allows. Called with
+        `_growing` held."""
         if end <= self._end or not self.reservable:
             return
         try:
@@ -177,12 +198,12 @@ class ReservedSpace:
                 log.error("audit log: cannot reserve space: %s", e)
             self._grow_into_what_is_left(fd, end)
             return
-        self._end = end
+        with self._lock:
+            self._room += end - self._end
+            self._end = end
         if self.short:
             log.warning("audit log: space could be reserved again")
         self.short = False
-        with self._lock:
-            self._room = self._end - self._size
 
     def _grow_into_what_is_left(self, fd: int, end: int) -> None:
         info = os.fstatvfs(fd)
@@ -191,9 +212,12 @@ class ReservedSpace:
         if length > 0:
             try:
                 fallocate_keep_size(fd, self._end, length)
-                self._end += length
             except OSError:
                 pass
+            else:
+                with self._lock:
+                    self._room += length
+                    self._end += length
         if not self.short:
             with self._lock:
                 left = self._end - self._size - self._promised
