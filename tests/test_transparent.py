@@ -182,6 +182,22 @@ def test_allowed_http_and_https_pass_through_the_transparent_listener(devbox, ag
     assert {e["exe"] for e in events if e["event"] != "dns"} == {shutil.which("curl")}
 
 
+def test_fifty_kept_alive_requests_through_the_transparent_listener(cli, devbox, agent, proxy,
+                                                                     far_side, agent_home):
+    """Plain HTTP and inspected HTTPS, 50 requests on one connection each: every one is served
+    (an upstream connection whose address was pinned used to be reused by none, and the sixth
+    request waited for one of mitmproxy's 5 connections per address)."""
+    plain = curl(devbox, agent, *(f"http://web.test/kept{i}" for i in range(50)))
+    assert plain.stdout.count("hello from web.test GET /kept") == 50, plain.stderr
+    bundle = agent_home / "ca-bundle.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    inspected = as_agent(devbox, agent, "curl", "-sS", "--max-time", "30", "--cacert",
+                         str(bundle), *(f"https://inspect.test/kept{i}" for i in range(50)))
+    assert inspected.stdout.count("hello from inspect.test GET /kept") == 50, inspected.stderr
+
+
 @pytest.fixture
 def agent_home() -> Iterator[Path]:
     """A directory the agent account may write (pytest's own are root's only)."""
