@@ -450,7 +450,8 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def report(title: str, unit: str, results: dict[str, Result], reference: str) -> str:
-    ref, squid = results[reference].rate, results["squid"].rate
+    ref = results[reference].rate
+    squid = results["squid"].rate if "squid" in results else None  # (e): squid does not inspect
     memory = any(r.rss_peak_mib for r in results.values())
     headers = [title, unit, "p50 ms", "p99 ms", "errors", f"÷ {reference}", "÷ squid"]
     headers += ["RSS before MiB", "RSS peak MiB"] if memory else []
