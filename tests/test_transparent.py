@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import tempfile
@@ -226,26 +225,18 @@ def test_git_clones_and_pip_installs_by_name(devbox, agent, proxy, far_side, age
         ("git.test", GIT, "allow", agent.pw_uid), ("index.test", INDEX, "allow", agent.pw_uid)}
 
 
-def rollout_environment() -> str:
-    """The account's environment as docs/rollout.md gives it: its `export` block."""
-    text = (ROOT / "docs" / "rollout.md").read_text()
-    section = text[text.index("## 2. The agent's login environment"):text.index("## 3.")]
-    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S)
-                if b.startswith("export ")]
-    return str(block)
-
-
 def test_clients_work_in_the_login_environment_of_the_rollout_guide(cli, devbox, agent, proxy,
                                                                     far_side, agent_home):
-    """The guide's variables send the clients to the explicit listener (the events name a
-    loopback client), and its CA bundle lets them verify both passed-through HTTPS (the far
-    side's CA stands in for the public ones) and inspected HTTPS."""
+    """The environment the guide has `agent-egress env` write sends the clients to the explicit
+    listener (the events name a loopback client), and its CA bundle lets them verify both
+    passed-through HTTPS (the far side's CA, added here, stands in for the public ones) and
+    inspected HTTPS."""
     bundle = agent_home / "ca-bundle.pem"
-    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
-    bundle.write_text(far_side.read_text() + proxy_ca.read_text())
     profile = agent_home / "profile.sh"
-    profile.write_text(rollout_environment().replace("/etc/agent-egress/ca-bundle.pem",
-                                                     str(bundle)))
+    profile.write_text(sh(cli, "env", "--state-dir", str(proxy.directory / "state"),
+                          "--ca-bundle", str(bundle)).stdout)
+    with bundle.open("a") as written:
+        written.write(far_side.read_text())
     for path in (bundle, profile):
         path.chmod(0o644)
 
