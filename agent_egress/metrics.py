@@ -3,7 +3,6 @@ decision, direction, signal, result; never a host or an address."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -22,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .listeners import exposed_listeners
-from .rules import Decision, Policy, Query, Result, Stage
+from .rules import Decision, Policy, Result, Stage
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -73,12 +72,6 @@ class Metrics:
             for stage in Stage:
                 for decision in Result:
                     self.decisions.labels(account, stage.value, decision.value)
-
-    def decide(self, policy: Policy, query: Query) -> Decision:
-        started = time.perf_counter()
-        decision = policy.decide(query)
-        self.decision_seconds.observe(time.perf_counter() - started)
-        return decision
 
     def count(self, decision: Decision, stage: Stage) -> None:
         key = (decision.account, stage, decision.result)
