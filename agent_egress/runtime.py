@@ -84,9 +84,9 @@ class PolicyHolder:
                 outcome = await asyncio.to_thread(_attempt, self.path, self.current)
             retired = [self.current]
             applied = self._apply(outcome)
-            del outcome
             if applied:
-                # a 100,000-rule policy takes a moment to free: let a thread drop it
+                # A 100,000-rule policy takes tens of milliseconds to free: this reference is
+                # dropped in a thread, which frees it when it is the last.
                 await asyncio.to_thread(retired.clear)
             return applied
 
