@@ -11,12 +11,13 @@ import struct
 import subprocess
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from dnslib import DNSRecord
 from support.proxy import RunningProxy, wait_until
 
+from agent_egress.dns.resolver import PolicyResolver
 from agent_egress.dns.server import MAX_TCP_CLIENTS, MAX_TCP_PER_CLIENT, DnsServer
 
 
@@ -81,7 +82,12 @@ class EchoResolver:
     runtime = SimpleNamespace(owners=None)
 
     def handle(self, packet: bytes, *args: Any) -> bytes:
-        return DNSRecord.parse(packet).reply().pack()
+        reply: bytes = DNSRecord.parse(packet).reply().pack()
+        return reply
+
+
+def echo_server(**limits: Any) -> DnsServer:
+    return DnsServer(cast(PolicyResolver, EchoResolver()), **limits)
 
 
 def ask(port: int, source: str) -> bool:
@@ -118,7 +124,7 @@ def test_a_client_over_its_share_closes_its_own_longest_idle_connection():
         return closed, answered
 
     closed, answered = asyncio.run(serving(
-        DnsServer(EchoResolver(), max_tcp=8, max_tcp_per_client=4), clients))
+        echo_server(max_tcp=8, max_tcp_per_client=4), clients))
     assert closed == [True] * 8 + [False] * 4
     assert answered
 
@@ -135,7 +141,7 @@ def test_when_every_slot_is_taken_the_client_holding_most_gives_one_up():
             sock.close()
         return result
 
-    assert asyncio.run(serving(DnsServer(EchoResolver(), max_tcp=6, max_tcp_per_client=4),
+    assert asyncio.run(serving(echo_server(max_tcp=6, max_tcp_per_client=4),
                                clients)) == (1, 0, True)
 
 
@@ -149,5 +155,5 @@ def test_idle_connections_are_reclaimed():
         sock.close()
         return early, late
 
-    assert asyncio.run(serving(DnsServer(EchoResolver(), idle_seconds=0.2),
+    assert asyncio.run(serving(echo_server(idle_seconds=0.2),
                                clients)) == (False, True)
