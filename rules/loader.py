@@ -31,7 +31,7 @@ from .model import (
     Rule,
 )
 from .paths import PathPattern
-from .source import position, read_nodes
+from .source import position, read_nodes, release_nodes
 from .suffixes import is_icann_suffix, is_public_suffix
 
 SUPPORTED_VERSION = 1
@@ -68,7 +68,10 @@ def parse_policy(data: bytes, file: str) -> PolicyDocument:
     with gc_paused():
         root = read_nodes(data, file)
         reader = _Reader(file)
-        document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        try:
+            document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        finally:
+            release_nodes(root)
     if reader.problems or document is None:
         raise PolicyError(reader.problems)
     return document
