@@ -46,7 +46,9 @@ class Secrets:
                  stamps: Mapping[str, _Stamp] | None = None) -> None:
         self._secrets = dict(secrets or {})
         self._stamps = dict(stamps or {})
-        self.values = tuple(s.value for s in self._secrets.values())
+        # every form the tripwire knows, so that command lines are redacted of each
+        self.values = tuple({needle.decode("ascii") for s in self._secrets.values()
+                             for needle in s.needles})
         self._needles = tuple((name, s.needles) for name, s in self._secrets.items())
 
     def __repr__(self) -> str:
