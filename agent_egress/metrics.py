@@ -52,6 +52,13 @@ class Metrics:
         self.dns_suspicious = Counter(
             "agent_egress_dns_suspicious", "DNS queries that look like tunnelling, by signal",
             ["account", "signal"], registry=self.registry)
+        self.credentials_injected = Counter(
+            "agent_egress_credentials_injected", "Requests the proxy added a credential to, by "
+            "account and credential", ["account", "credential"], registry=self.registry)
+        self.credential_leaks = Counter(
+            "agent_egress_credential_leaks", "Requests denied for carrying a credential's "
+            "value, by account and credential", ["account", "credential"],
+            registry=self.registry)
         self.build_info = Gauge(
             "agent_egress_build_info", "agent-egress version", ["version"],
             registry=self.registry)
@@ -72,6 +79,8 @@ class Metrics:
             for stage in Stage:
                 for decision in Result:
                     self.decisions.labels(account, stage.value, decision.value)
+            for credential in policy.document.credentials:
+                self.credential_leaks.labels(account, credential)
 
     def count(self, decision: Decision, stage: Stage) -> None:
         key = (decision.account, stage, decision.result)
