@@ -4,7 +4,9 @@ against the OCSF schema, and read by learn, replay and report as the JSON-lines 
 from __future__ import annotations
 
 import json
+import os
 import string
+import subprocess
 from functools import cache
 from typing import Any
 
@@ -13,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
+from support.proxy import RunningProxy, wait_until
 
 from agent_egress import ocsf
 from agent_egress.auditevent import KEYS, AuditEvent, rfc3339
@@ -110,6 +113,21 @@ def test_each_stage_is_its_class(fields, class_uid, activity, where):
     assert where in record
     assert schema_errors(record) == []
     assert ocsf.event(record) == sample(**fields)
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r.update(destination=r.pop("dst_endpoint")),  # a name OCSF does not have
+    lambda r: r["actor"]["process"].update(pid="4242"),
+    lambda r: r.update(disposition_id=42),
+    lambda r: r.update(time_dt="25 Nov 2026"),
+    lambda r: r["metadata"].pop("version"),
+    lambda r: r.pop("http_request"),
+])
+def test_the_schema_check_is_strict(change):
+    """What the tests validate with would catch a mapping that is wrong."""
+    record = ocsf.record(sample())
+    change(record)
+    assert schema_errors(record) != []
 
 
 def test_a_dns_query_names_the_query_not_a_destination():
@@ -222,3 +240,89 @@ def test_formats_by_name():
     assert ocsf.formatter("ocsf")(sample()) == ocsf.line(sample())
     with pytest.raises(ValueError, match="unknown audit format 'xml'"):
         ocsf.formatter("xml")
+
+
+# The real proxy writing OCSF, and the offline tools reading it
+
+def policy_for(web: int, secure: int, *, candidate: bool = False) -> str:
+    """The policy the proxy runs, in learning mode (`candidate`: the change replay is asked
+    about, enforcing and without web.test)."""
+    web_rule = "" if candidate else f"      - host: web.test\n        ports: [{web}]\n"
+    mode = "enforce" if candidate else "learn"
+    return f"""version: 1
+accounts:
+  tester:
+    match: {{uids: [{os.getuid()}]}}
+    mode: {mode}
+    allow:
+{web_rule}      - host: secure.test
+        ports: [{secure}]
+      - cidr: 127.0.0.1/32
+        ports: [{web}, {secure}]
+    deny:
+      - host: denied.test
+"""
+
+
+def offline(cli: str, *args: str, stdin: str) -> tuple[int, str, str]:
+    done = subprocess.run([cli, *args, "-"], input=stdin, capture_output=True, text=True,
+                          timeout=60)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_the_proxy_writes_valid_ocsf_that_the_tools_read_as_json_lines(cli, tmp_path, dns, web,
+                                                                       secure, test_ca):
+    proxy = RunningProxy(cli, tmp_path, policy_for(web.port, secure.port), "--upstream-dns",
+                         dns.address, "--audit-format", "ocsf")
+    try:
+        proxy.wait_for(r"audit log \S+ \(OCSF\)")
+        for name in ("web.test", "denied.test"):
+            subprocess.run(["dig", "+time=3", "+tries=1", "-p", str(proxy.dns_port),
+                            "@127.0.0.1", name, "A"], capture_output=True, timeout=30,
+                           check=True)
+        for url, code in ((f"http://web.test:{web.port}/hello", "200"),
+                          (f"http://denied.test:{web.port}/", "403"),
+                          (f"http://other.test:{web.port}/learned", "200"),
+                          (f"https://secure.test:{secure.port}/tunnel", "200"),
+                          (f"https://denied.test:{secure.port}/", "000")):
+            done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                   "--max-time", "20", "--cacert", str(test_ca.ca_file),
+                                   "-x", proxy.url, url], capture_output=True, text=True,
+                                  timeout=30)
+            assert done.stdout == code, (url, done.stdout, done.stderr)
+        assert wait_until(lambda: len(proxy.events()) >= 7)
+    finally:
+        assert proxy.stop() == 0
+    written = proxy.audit_log.read_text()
+    records = [json.loads(line) for line in written.splitlines()]
+    assert all(schema_errors(record) == [] for record in records), \
+        [(record, schema_errors(record)) for record in records if schema_errors(record)]
+    seen = {(r["class_name"], r["disposition"], r.get("query", r.get("dst_endpoint", {}))
+             .get("hostname")) for r in records}
+    assert seen >= {("DNS Activity", "Allowed", "web.test"),
+                    ("DNS Activity", "Blocked", "denied.test"),
+                    ("HTTP Activity", "Allowed", "web.test"),
+                    ("HTTP Activity", "Blocked", "denied.test"),
+                    ("HTTP Activity", "Allowed", "other.test"),
+                    ("Network Activity", "Allowed", "secure.test"),
+                    ("Network Activity", "Blocked", "denied.test")}
+    assert [r["unmapped"]["decision"] for r in records if "decision" in r.get("unmapped", {})] \
+        == ["would_deny"]
+    assert any(r.get("actor", {}).get("process", {}).get("file", {}).get("path", "")
+               .endswith("/curl") for r in records if r["class_uid"] == 4002)
+
+    # the same events as JSON lines; `report --format ocsf` turns them back into the same OCSF
+    as_jsonl = "".join(parse_line(line).line() for line in written.splitlines())
+    assert offline(cli, "report", "--format", "ocsf", stdin=as_jsonl) == (0, written, "")
+    # learn, replay and report say the same over either form
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(policy_for(web.port, secure.port, candidate=True))
+    for command in (["report"], ["report", "--format", "json"], ["report", "--format", "csv"],
+                    ["learn", "--policy", str(proxy.policy_file)],
+                    ["replay", "--policy", str(candidate)]):
+        over_jsonl = offline(cli, *command, stdin=as_jsonl)
+        assert over_jsonl[1] and over_jsonl[2] == "", (command, over_jsonl)
+        assert offline(cli, *command, stdin=written) == over_jsonl, command
+    assert offline(cli, "replay", "--policy", str(candidate), stdin=written)[0] == 1
+    learned = offline(cli, "learn", "--policy", str(proxy.policy_file), stdin=written)[1]
+    assert "other.test" in learned
