@@ -133,6 +133,8 @@ def event(data: dict[str, Any]) -> AuditEvent:
         raise ValueError(f"not an agent-egress OCSF event (product {product!r})")
     stage = _STAGES[class_uid]
     unmapped = _object(data, "unmapped")
+    if "event" in unmapped:
+        raise ValueError("unmapped.event: the class says what the event is")
     values: dict[str, Any] = {"event": stage.value}
     values["decision"] = unmapped["decision"] if "decision" in unmapped else _decision(data)
     values["ts"] = unmapped.get("ts", data.get("time_dt") if "time_dt" in data else

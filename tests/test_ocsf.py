@@ -223,6 +223,7 @@ def test_every_event_the_gate_can_write_is_valid_ocsf(event):
     (lambda r: r.update(actor=[]), "actor is list, expected object"),
     (lambda r: r["actor"]["user"].update(uid="root"), "actor.user.uid is 'root'"),
     (lambda r: r.update(unmapped={"colour": "red"}), "unknown keys ['colour']"),
+    (lambda r: r.update(unmapped={"event": "dns"}), "the class says what the event is"),
 ])
 def test_a_broken_ocsf_line_is_reported_with_its_line_number(tmp_path, change, problem):
     broken = ocsf.record(sample())
