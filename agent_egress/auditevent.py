@@ -76,8 +76,7 @@ class AuditEvent:
                 raise ValueError(f"{key} is {type(data.get(key)).__name__}, expected {expected}")
         try:
             data["event"] = Stage(data["event"])
-            # a missing decision is None, which Result refuses with the ValueError below
-            data["decision"] = Result(data.get("decision"))  # type: ignore[arg-type]
+            data["decision"] = Result(str(data.get("decision")))
             if data.get("mode") is not None:
                 data["mode"] = Mode(data["mode"])
         except ValueError:
