@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-log", metavar="F",
                      help="JSON-lines audit log; '-' for standard output (default "
                           "STATE_DIR/audit.jsonl)")
+    run.add_argument("--audit-format", choices=("jsonl", "ocsf"), default="jsonl",
+                     help="audit lines as agent-egress JSON lines (default) or OCSF 1.x events "
+                          "(HTTP, Network and DNS Activity); learn, replay and report read both")
     run.add_argument("--on-audit-failure", choices=("deny", "allow"), default="deny",
                      help="when the audit log cannot be written: deny all traffic until it "
                           "can (default), or allow it unrecorded")
@@ -181,9 +184,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Summarises audit logs (plain, gzipped, or '-' for standard input): for "
                     "each account, every destination with its counts by decision, first and "
                     "last seen, and the processes that reached it. Unreadable lines are "
-                    "reported with their line number and skipped.")
-    report.add_argument("--format", choices=("table", "json", "csv"), default="table",
-                        help="output format (default %(default)s)")
+                    "reported with their line number and skipped. Logs may be JSON lines or "
+                    "OCSF; --format ocsf converts the events themselves to OCSF lines.")
+    report.add_argument("--format", choices=("table", "json", "csv", "ocsf"), default="table",
+                        help="output format (default %(default)s); 'ocsf': every event as an "
+                             "OCSF 1.x JSON line instead of a summary")
     report.add_argument("logs", nargs="+", metavar="LOG",
                         help="audit logs: plain, gzipped, or '-' for standard input")
     report.set_defaults(command=_report)
@@ -304,7 +309,8 @@ def _run(args: argparse.Namespace) -> int:
                                                                    DEFAULT_METRICS_PORT),
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
-            on_audit_failure=args.on_audit_failure, workers=args.workers)
+            on_audit_failure=args.on_audit_failure, workers=args.workers,
+            audit_format=args.audit_format)
         return asyncio.run(serve(config))
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)

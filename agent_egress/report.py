@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from . import ocsf
 from .auditevent import AuditEvent
 from .auditread import read_events
 from .rules import Result
@@ -73,6 +74,10 @@ def summarize(events: Iterable[AuditEvent]) -> list[Destination]:
 
 
 def report(paths: list[str], fmt: str, out: TextIO = sys.stdout) -> int:
+    if fmt == "ocsf":  # not a summary: the log itself, converted
+        for event in read_events(paths):
+            out.write(ocsf.line(event))
+        return 0
     destinations = summarize(read_events(paths))
     if fmt == "json":
         json.dump([d.as_dict() for d in destinations], out, indent=2)

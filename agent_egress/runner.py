@@ -23,6 +23,7 @@ from mitmproxy import certs, options
 from mitmproxy.addons import core, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from . import ocsf
 from .addons.enforce import Enforcer
 from .addons.fastpath import ExplicitListener
 from .addons.limits import RequestHeadLimits, raise_open_file_limit
@@ -65,6 +66,7 @@ class RunConfig:
     upstream_ca: Path | None
     on_audit_failure: str = "deny"
     workers: int = 1  # processes accepting on the explicit proxy listener
+    audit_format: str = "jsonl"  # or "ocsf" (ocsf.FORMATS)
 
     def to_json(self) -> str:
         return json.dumps({k: str(v) if isinstance(v, Path) else v
@@ -309,7 +311,7 @@ async def serve(config: RunConfig) -> int:
         guarded += [config.policy, config.policy.resolve().parent]
     for warning in check_tamper(guarded, policies.current):
         log.warning("%s", warning)
-    audit = AuditLog(config.audit_log)
+    audit = AuditLog(config.audit_log, ocsf.formatter(config.audit_format))
     runtime = runtime_for(config, policies, audit)
     pool = WorkerPool(config, audit)
     stop = asyncio.Event()
@@ -386,7 +388,8 @@ async def serve(config: RunConfig) -> int:
                 lines.insert(0, f"proxy listening on {_format(*bound['regular'])}{processes}")
         lines.append(f"policy {config.policy or EMBEDDED_POLICY} ({policies.current.digest}), "
                      f"accounts: {', '.join(policies.current.accounts()) or 'none'}")
-        lines.append(f"audit log {config.audit_log or 'standard output'}; CA for inspected "
+        form = " (OCSF)" if config.audit_format == "ocsf" else ""
+        lines.append(f"audit log {config.audit_log or 'standard output'}{form}; CA for inspected "
                      f"HTTPS {ca_certificate(config.state_dir)}")
         print("\n".join(f"agent-egress: {line}" for line in lines), flush=True)
         waits = [asyncio.create_task(stop.wait())] + ([proxy_task] if proxy_task else [])
