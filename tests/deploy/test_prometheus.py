@@ -35,6 +35,7 @@ LABEL_VALUES = {
     "decision": {"allow", "deny", "would_deny"},
     "direction": {"up", "down"},
     "result": {"ok", "error"},
+    "state": {"pending", "approved", "rejected", "expired"},
 }
 FORBIDDEN_LABELS = {"host", "ip", "client", "address", "destination", "path", "url"}
 SEVERITIES = {"critical", "warning", "info"}
