@@ -332,7 +332,11 @@ class ControlServer:
                                  request.account, host, request.port)
         if refused:
             raise _Refused(f"not approved: {request.account} would still be refused: {refused}")
-        await asyncio.to_thread(replace_policy, file, text)
+        try:
+            await asyncio.to_thread(replace_policy, file, text)
+        except OSError as e:
+            raise _Refused(f"not approved: cannot write {file}: {e.strerror or e} (the proxy "
+                           "writes approvals into its policy file; see deploy/README.md)") from None
         if not await policies.reload_off_loop():
             raise _Refused(f"the rule is in {file}, but the proxy refused to load the file (see "
                            "its log); the request stays open")
