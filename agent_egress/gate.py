@@ -202,8 +202,9 @@ class Gate:
         account = self.policy.accounts().get(decision.account)
         host = host_or_none(host_raw)
         if approvals is None or account is None or host is None:
-            return replace(decision, reason=f"{decision.reason}; ask mode needs the control "
-                           "socket (run --control), so nobody can be asked: denied")
+            return replace(decision, reason=f"{decision.reason}; nobody can be asked from "
+                           "here (ask mode needs the control socket, run --control, and holds "
+                           "connections in the first process only): denied")
         try:
             request = await approvals.hold(decision.account, host_text(host), port,
                                            path.split("?", 1)[0] if path else None,
