@@ -68,19 +68,26 @@ def public(test_ca) -> Iterator[Path]:
 
 
 def as_user(user: str, public: Path, *command: str, cli: str | None = None,
-            env: tuple[str, ...] = (), timeout: float = 60,
-            background: bool = False) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+            env: tuple[str, ...] = (), timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`command` as `user` with its own groups and an environment of its own; `cli`: the
     command is agent-egress (see the module's docstring)."""
+    return subprocess.run(_argv(user, public, command, cli, env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def spawn_as_user(user: str, public: Path, *command: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(_argv(user, public, command, None, ()), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _argv(user: str, public: Path, command: tuple[str, ...], cli: str | None,
+          env: tuple[str, ...]) -> list[str]:
     caps = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"] if cli else []
-    argv = ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
+    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
             "--init-groups", *caps, "--", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin",
             f"HOME={public / 'home'}", "LANG=C.UTF-8",
             f"AGENT_EGRESS_CONTROL={public / 'control.sock'}", *env,
             *([cli] if cli else []), *command]
-    if background:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
 def start(cli: str, tmp_path: Path, public: Path, dns, policy: str, *args: str) -> RunningProxy:
@@ -88,14 +95,14 @@ def start(cli: str, tmp_path: Path, public: Path, dns, policy: str, *args: str) 
                         str(public / "control.sock"), "--operators", OPERATORS, *args)
 
 
-def pip_install(public: Path, proxy: RunningProxy, index_port: int) -> subprocess.CompletedProcess[str]:
+def pip_install(public: Path, proxy: RunningProxy,
+                index_port: int) -> subprocess.CompletedProcess[str]:
     done = as_user(AGENT, public, SYSTEM_PYTHON, "-m", "pip", "install", "--no-deps",
                    "--no-cache-dir", "--disable-pip-version-check", "--target",
                    str(public / "home" / "site"), "--index-url",
                    f"http://index.test:{index_port}/simple/", "--trusted-host", "index.test",
                    "--proxy", proxy.url, "--retries", "0", "--timeout", "20", "egress-probe",
                    env=("PIP_CONFIG_FILE=/dev/null",), timeout=120)
-    assert isinstance(done, subprocess.CompletedProcess)
     return done
 
 
@@ -180,10 +187,8 @@ accounts:
 
         # a grant ends by itself
         def curl() -> subprocess.CompletedProcess[str]:
-            done = as_user(AGENT, public, "curl", "-sS", "--max-time", "20", "-x", proxy.url,
+            return as_user(AGENT, public, "curl", "-sS", "--max-time", "20", "-x", proxy.url,
                            f"http://web.test:{web.port}/grant")
-            assert isinstance(done, subprocess.CompletedProcess)
-            return done
 
         assert "agent-egress denied this connection" in curl().stdout
         short = as_user(AGENT, public, "request", f"web.test:{web.port}", cli=cli)
@@ -235,15 +240,13 @@ accounts:
     proxy = start(cli, tmp_path, public, dns, policy, "--notify",
                   f"http://127.0.0.1:{receiver.origin.port}/hook/secret-token")
     try:
-        tls = as_user(AGENT, public, "curl", "-sS", "--max-time", "60", "-x", proxy.url,
-                      "--cacert", str(public / "ca.pem"), f"https://secure.test:{secure.port}/a",
-                      background=True)
-        plain = as_user(AGENT, public, "curl", "-sS", "--max-time", "60", "-x", proxy.url,
-                        f"http://web.test:{web.port}/b", background=True)
-        refused = as_user(AGENT, public, "curl", "-sS", "--max-time", "60", "-x", proxy.url,
-                          f"http://other.test:{web.port}/c", background=True)
-        assert isinstance(tls, subprocess.Popen) and isinstance(plain, subprocess.Popen)
-        assert isinstance(refused, subprocess.Popen)
+        tls = spawn_as_user(AGENT, public, "curl", "-sS", "--max-time", "60", "-x", proxy.url,
+                            "--cacert", str(public / "ca.pem"),
+                            f"https://secure.test:{secure.port}/a")
+        plain = spawn_as_user(AGENT, public, "curl", "-sS", "--max-time", "60", "-x", proxy.url,
+                              f"http://web.test:{web.port}/b")
+        refused = spawn_as_user(AGENT, public, "curl", "-sS", "--max-time", "60", "-x",
+                                proxy.url, f"http://other.test:{web.port}/c")
 
         def waiting() -> dict[str, str]:
             listed = json.loads(as_user(OPERATOR, public, "pending", "--json", cli=cli).stdout)
@@ -273,7 +276,6 @@ accounts:
         # DNS is answered at once, and opens the request
         dig = as_user(AGENT, public, "dig", "+tries=1", "+time=5", "-p", str(proxy.dns_port),
                       "@127.0.0.1", "dns-only.test")
-        assert isinstance(dig, subprocess.CompletedProcess)
         assert "status: NXDOMAIN" in dig.stdout
         named = re.search(r"access request ([0-9a-f]{8}) is pending", dig.stdout)
         assert named, dig.stdout
