@@ -39,6 +39,7 @@ class Decision:
     mode: Mode
     inspect: bool = False  # allowed, but only if the proxy sees each request
     hint: str | None = None  # what would allow it, for denials a person or agent acts on
+    credential: str | None = None  # a request: the credential injected, or caught (denied)
     unmatched: bool = False  # no rule matched a name: what learning passes and ask mode holds
     approval: str | None = None  # the access request whose approval let it through
 
@@ -94,7 +95,8 @@ def _allow_grant(rule: Rule, account: Account) -> _Grant:
     inspected = Decision(Result.ALLOW, rule.source, f"{reason} (requests are inspected)",
                          account.name, account.mode, inspect=True) if rule.inspects else None
     return _Grant(rule, False,
-                  Decision(Result.ALLOW, rule.source, reason, account.name, account.mode),
+                  Decision(Result.ALLOW, rule.source, reason, account.name, account.mode,
+                           credential=rule.credential),
                   inspected)
 
 

@@ -18,11 +18,13 @@ from typing import TypedDict, TypeVar
 
 import yaml
 
+from .credentials import credential_entries, credential_reference
 from .errors import PolicyError, Problem
 from .hosts import HostError, Name, normalize_host
 from .model import (
     DEFAULT_PORTS,
     Account,
+    Credential,
     Match,
     Mode,
     Network,
@@ -31,7 +33,7 @@ from .model import (
     Rule,
 )
 from .paths import PathPattern
-from .source import position, read_nodes
+from .source import position, read_nodes, release_nodes
 from .suffixes import is_icann_suffix, is_public_suffix
 
 SUPPORTED_VERSION = 1
@@ -41,14 +43,14 @@ KNOWN_METHODS = frozenset({
     # WebDAV, as used by some artifact stores
     "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH",
 })
-_TOP_KEYS = ("version", "presets", "accounts")
+_TOP_KEYS = ("version", "presets", "credentials", "accounts")
 _ACCOUNT_KEYS = ("match", "mode", "ask_timeout", "allow", "deny")
 _ASK_TIMEOUT = re.compile(r"(\d{1,5})(s|m)?")
 _ASK_TIMEOUT_MAX = 3600.0
 _MATCH_KEYS = ("unix_users", "uids", "proxy_users", "sources")
 _TARGET_KEYS = ("host", "cidr", "preset")
-_ENTRY_KEYS = (*_TARGET_KEYS, "ports", "methods", "paths", "access", "expires")
-_PRESET_REFERENCE_KEYS = ("preset", "access", "expires")
+_ENTRY_KEYS = (*_TARGET_KEYS, "ports", "methods", "paths", "access", "expires", "credential")
+_PRESET_REFERENCE_KEYS = ("preset", "access", "expires", "credential")
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
@@ -70,7 +72,10 @@ def parse_policy(data: bytes, file: str) -> PolicyDocument:
     with gc_paused():
         root = read_nodes(data, file)
         reader = _Reader(file)
-        document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        try:
+            document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        finally:
+            release_nodes(root)
     if reader.problems or document is None:
         raise PolicyError(reader.problems)
     return document
@@ -112,6 +117,7 @@ class _Options(TypedDict, total=False):
     paths: tuple[PathPattern, ...]
     read_only: bool
     expires: float | None
+    credential: str | None
 
 
 class _Reader:
@@ -121,6 +127,7 @@ class _Reader:
         self.file = file
         self.problems: list[Problem] = []
         self.warnings: list[PolicyWarning] = []
+        self.credentials: dict[str, Credential] = {}
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.file}:{position(node)[0]}"
@@ -197,6 +204,8 @@ class _Reader:
             if version is not None and version != SUPPORTED_VERSION:
                 self.problem(version_node, f"version {version} is not supported; "
                                            f"expected version: {SUPPORTED_VERSION}")
+        if "credentials" in top:
+            self.credentials = credential_entries(self, top["credentials"][1])
         presets = dict(builtin_presets())
         if "presets" in top:
             presets.update(self.presets(top["presets"][1], frozenset(presets)))
@@ -205,7 +214,8 @@ class _Reader:
             self.problem(root, "missing 'accounts'; expected a mapping of account names")
         else:
             accounts = self.accounts(top["accounts"][1], presets)
-        return PolicyDocument(self.file, digest, accounts, tuple(self.warnings))
+        return PolicyDocument(self.file, digest, accounts, tuple(self.warnings),
+                              self.credentials)
 
     def presets(self, node: yaml.Node, builtin: frozenset[str]) -> dict[str, tuple[Rule, ...]]:
         presets = {}
@@ -359,6 +369,8 @@ class _Reader:
             options["read_only"] = self.access(fields["access"][1], deny)
         if "expires" in fields:
             options["expires"] = self.expires(fields["expires"][1])
+        if "credential" in fields:
+            options["credential"] = credential_reference(self, *fields["credential"], deny)
         return options
 
     def preset_reference(self, fields: dict[str, tuple[yaml.Node, yaml.Node]], what: str,
