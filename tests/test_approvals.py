@@ -194,6 +194,35 @@ def test_ask_mode_holds_an_unmatched_connection_until_approved(gate):
     assert events(gate)[-1]["approval"] == tunnel.decision.approval
 
 
+def approve_new_test(gate: Gate) -> None:
+    """The rule `approve` writes, in short."""
+    path = gate.runtime.policies.path
+    path.write_text(path.read_text().replace("      - host: allowed.test\n",
+                                             "      - host: allowed.test\n"
+                                             "      - host: new.test\n"))
+
+
+@pytest.mark.parametrize("original, passes", [("192.0.2.20", True), ("192.0.2.99", False)])
+def test_a_held_transparent_connection_is_checked_against_its_original_address(
+        gate, original, passes):
+    """Approved, a transparent connection is decided again with its SNI checked against
+    where the client dialled, as any other."""
+    async def scenario():
+        held = asyncio.create_task(gate.connection(agent(), "new.test", 443,
+                                                   original=ip_address(original)))
+        await asyncio.sleep(0.1)
+        (request,) = gate.approvals.pending()
+        approve_new_test(gate)
+        assert await gate.runtime.policies.reload_off_loop()
+        gate.approvals.settle(request, State.APPROVED, "operator")
+        return await held
+
+    tunnel = asyncio.run(scenario())
+    assert tunnel.decision.passes is passes
+    if not passes:
+        assert "does not resolve to 192.0.2.99" in tunnel.decision.reason
+
+
 def test_ask_mode_denies_after_the_timeout_saying_a_request_is_pending(gate):
     tunnel = asyncio.run(gate.connection(agent(), "new.test", 443))
     assert tunnel.decision.result is Result.DENY
