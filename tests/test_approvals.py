@@ -197,6 +197,7 @@ def test_ask_mode_holds_an_unmatched_connection_until_approved(gate):
 def approve_new_test(gate: Gate) -> None:
     """The rule `approve` writes, in short."""
     path = gate.runtime.policies.path
+    assert path is not None
     path.write_text(path.read_text().replace("      - host: allowed.test\n",
                                              "      - host: allowed.test\n"
                                              "      - host: new.test\n"))
