@@ -128,6 +128,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="processes accepting on the explicit proxy listener, or 'auto' for "
                           "one per CPU (default 1); the resolver, metrics and the transparent "
                           "listener stay in the first")
+    run.add_argument("--control", metavar="PATH",
+                     help="the control socket for why/request/pending/approve/reject, or 'off' "
+                          "(default /run/agent-egress/control.sock as root, else under "
+                          "$XDG_RUNTIME_DIR)")
+    run.add_argument("--operators", metavar="GROUP",
+                     help="members of this group (primary or supplementary) may use pending, "
+                          "approve and reject, besides root")
+    run.add_argument("--notify", metavar="URL",
+                     help="POST a JSON document to URL for every new access request")
+    run.add_argument("--request-lifetime", metavar="DURATION", default="24h",
+                     help="an access request nobody answers expires after this (default "
+                          "%(default)s)")
     run.set_defaults(command=_run)
 
     learn = commands.add_parser(
@@ -273,6 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("file", metavar="FILE", nargs="?", type=Path,
                       help="the file to create (default: standard output)")
     init.set_defaults(command=_init)
+
+    from .controlclient import add_commands
+    add_commands(commands)  # why, request, pending, approve, reject
     return parser
 
 
@@ -290,7 +305,7 @@ def _workers(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, StartupError, parse_listen, serve
+    from .runner import RunConfig, StartupError, parse_listen, serve, with_control
 
     logging.basicConfig(level=logging.INFO, format="agent-egress: %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -311,6 +326,7 @@ def _run(args: argparse.Namespace) -> int:
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
             on_audit_failure=args.on_audit_failure, workers=args.workers,
             audit_format=args.audit_format)
+        config = with_control(config, args)
         return asyncio.run(serve(config))
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 
+from .approvals import AccessRequest, Approvals, RequestError, State
 from .auditevent import AuditEvent, timestamp
 from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
@@ -52,6 +53,8 @@ ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's 
 
 
 class Gate:
+    approvals: Approvals | None = None  # access requests (ask mode, `why`); set by the runner
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.clients = ClientIdentifier(runtime.owners,
@@ -168,8 +171,10 @@ class Gate:
         """The decision for a connection to `host_raw`:`port` (a CONNECT, or the SNI of a
         transparent connection to `original`), its upstream address resolved and checked."""
         policy = self.policy
-        decision = self.decide(policy, _with_proxy_user(client.identity, proxy_user), host_raw,
-                               port, Stage.CONNECT)
+        identity = _with_proxy_user(client.identity, proxy_user)
+        decision = self.decide(policy, identity, host_raw, port, Stage.CONNECT)
+        if decision.unmatched and decision.mode is Mode.ASK:
+            decision = await self.ask(decision, identity, host_raw, port, Stage.CONNECT)
         host = host_or_none(host_raw)
         ip, unresolved = None, False
         if decision.passes and host is not None:
@@ -208,6 +213,44 @@ class Gate:
         name, decision = tried[-1] if tried[-1][1].passes else tried[0]
         return Tunnel(host_or_none(name) or address, port, decision,
                       address if decision.passes else None)
+
+    # Ask mode: where no rule matched, a person may still say yes
+
+    async def ask(self, decision: Decision, identity: Identity, host_raw: str, port: int,
+                  stage: Stage, method: str | None = None,
+                  path: str | None = None) -> Decision:
+        """Holds an unmatched connection or request (ask mode) up to the account's
+        ask_timeout while its access request waits for an operator. Approved (the rule is in
+        the policy by then): decided again, on the new policy, with the request's id in
+        `approval`. Otherwise the denial says what became of the request."""
+        approvals = self.approvals
+        account = self.policy.accounts().get(decision.account)
+        host = host_or_none(host_raw)
+        if approvals is None or account is None or host is None:
+            return replace(decision, reason=f"{decision.reason}; nobody can be asked from "
+                           "here (ask mode needs the control socket, run --control, and holds "
+                           "connections in the first process only): denied")
+        try:
+            request = await approvals.hold(decision.account, host_text(host), port,
+                                           path.split("?", 1)[0] if path else None,
+                                           account.ask_timeout)
+        except RequestError as e:
+            return replace(decision, reason=f"{decision.reason}; {e}")
+        if request.state is State.APPROVED:
+            again = self.decide(self.policy, identity, host_raw, port, stage, method, path)
+            return replace(again, approval=request.id) if again.passes else again
+        return _asked(decision, request, account.ask_timeout)
+
+    def ask_later(self, decision: Decision, host: str) -> Decision:
+        """A DNS query in ask mode is answered at once; it opens (or joins) the access
+        request, so that a retry after approval works."""
+        if self.approvals is None:
+            return decision
+        try:
+            request, _ = self.approvals.open(decision.account, host, None, None)
+        except RequestError as e:
+            return replace(decision, reason=f"{decision.reason}; {e}")
+        return _asked(decision, request, None)
 
     # Connections: opened, refused after the fact, closed
 
@@ -282,6 +325,9 @@ class Gate:
             reason = reason or host_header_refusal(host_header, host, port)
         if reason and decision.account:
             decision = self.refuse(decision, reason)
+        if decision.unmatched and decision.mode is Mode.ASK:
+            decision = await self.ask(decision, identity, host_raw, port, Stage.REQUEST, method,
+                                      path)
         if tunnel is not None or not decision.passes:
             return decision, host, tunnel.ip if tunnel is not None else None, False
         original = client.original[0] if client.original else None
@@ -354,7 +400,10 @@ class Gate:
             mode=decision.mode if decision.account else None,
             policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
             duration_ms=duration_ms,
-            credential=decision.credential if stage is Stage.REQUEST else None)
+            credential=decision.credential if stage is Stage.REQUEST else None,
+            approval=decision.approval)
+        if self.approvals is not None and decision.result is Result.DENY:
+            self.approvals.note_denial(event, decision)
         if self._held is None:
             self.runtime.audit.record(event)
         else:
@@ -369,6 +418,22 @@ class Gate:
         held, self._held = self._held, None
         if held:
             self.runtime.audit.record_all(held)
+
+
+def _asked(decision: Decision, request: AccessRequest, waited: float | None) -> Decision:
+    """The denial of an unmatched destination in ask mode, naming its access request."""
+    hint: str | None
+    if request.state is State.PENDING:
+        what = f"access request {request.id} is pending" + (
+            f" (waited {waited:g}s for an operator)" if waited is not None else "")
+        hint = (f"an operator approves it with `agent-egress approve {request.id}`; retry "
+                "then (`agent-egress why` shows your denials)")
+    else:
+        by = f" by {request.closed_by}" if request.closed_by else ""
+        answer = f": {request.answer}" if request.answer else ""
+        what = f"access request {request.id} was {request.state}{by}{answer}"
+        hint = decision.hint
+    return replace(decision, reason=f"{decision.reason}; {what}", hint=hint)
 
 
 def _with_proxy_user(identity: Identity, proxy_user: str | None) -> Identity:

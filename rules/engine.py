@@ -40,6 +40,8 @@ class Decision:
     inspect: bool = False  # allowed, but only if the proxy sees each request
     hint: str | None = None  # what would allow it, for denials a person or agent acts on
     credential: str | None = None  # a request: the credential injected, or caught (denied)
+    unmatched: bool = False  # no rule matched a name: what learning passes and ask mode holds
+    approval: str | None = None  # the access request whose approval let it through
 
     @property
     def passes(self) -> bool:
@@ -255,7 +257,7 @@ class Policy:
                             account.mode, hint=_hint(account.name, host, query))
         result = Result.WOULD_DENY if account.mode is Mode.LEARN else Result.DENY
         return Decision(result, None, reason, account.name, account.mode,
-                        hint=self._editable(_hint(account.name, host, query)))
+                        hint=self._editable(_hint(account.name, host, query)), unmatched=True)
 
     def _editable(self, hint: str) -> str:
         return f"{hint} ({self.editing})" if self.editing else hint

@@ -44,7 +44,9 @@ KNOWN_METHODS = frozenset({
     "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH",
 })
 _TOP_KEYS = ("version", "presets", "credentials", "accounts")
-_ACCOUNT_KEYS = ("match", "mode", "allow", "deny")
+_ACCOUNT_KEYS = ("match", "mode", "ask_timeout", "allow", "deny")
+_ASK_TIMEOUT = re.compile(r"(\d{1,5})(s|m)?")
+_ASK_TIMEOUT_MAX = 3600.0
 _MATCH_KEYS = ("unix_users", "uids", "proxy_users", "sources")
 _TARGET_KEYS = ("host", "cidr", "preset")
 _ENTRY_KEYS = (*_TARGET_KEYS, "ports", "methods", "paths", "access", "expires", "credential")
@@ -264,12 +266,26 @@ class _Reader:
                     mode = Mode(text)
                 except ValueError:
                     self.problem(mode_node, f"{what}: mode {text!r}{_suggest(text, list(Mode))}; "
-                                            "expected enforce or learn")
+                                            "expected enforce, learn or ask")
+        ask_timeout = self.ask_timeout(fields["ask_timeout"][1], what) \
+            if "ask_timeout" in fields else None
         allow = self.entries(fields["allow"][1], f"{what}: allow", presets) if "allow" in fields \
             else []
         deny = self.entries(fields["deny"][1], f"{what}: deny", presets, deny=True) \
             if "deny" in fields else []
-        return Account(name, self.where(key), mode, match, tuple(allow), tuple(deny))
+        account = Account(name, self.where(key), mode, match, tuple(allow), tuple(deny))
+        return account if ask_timeout is None else replace(account, ask_timeout=ask_timeout)
+
+    def ask_timeout(self, node: yaml.Node, what: str) -> float | None:
+        """`30s`, `2m` or a number of seconds: more than zero, at most an hour."""
+        text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) else ""
+        match = _ASK_TIMEOUT.fullmatch(text)
+        seconds = (int(match.group(1)) * (60 if match.group(2) == "m" else 1)) if match else 0
+        if not 0 < seconds <= _ASK_TIMEOUT_MAX:
+            self.problem(node, f"{what}: ask_timeout {text or _kind(node)!r}: expected a time "
+                               "from 1s to 60m, like 30s or 2m")
+            return None
+        return float(seconds)
 
     def match(self, node: yaml.Node, what: str) -> Match:
         fields = self.mapping(node, f"{what}: match", _MATCH_KEYS)

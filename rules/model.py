@@ -17,6 +17,7 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class Mode(StrEnum):
     ENFORCE = "enforce"
     LEARN = "learn"
+    ASK = "ask"  # unmatched traffic waits for a person's answer (agent_egress/approvals.py)
 
 
 class Result(StrEnum):
@@ -86,6 +87,7 @@ class Account:
     match: Match
     allow: tuple[Rule, ...]
     deny: tuple[Rule, ...]
+    ask_timeout: float = 30.0  # ask mode: seconds an unmatched connection waits for an answer
 
 
 class Scheme(StrEnum):

@@ -136,8 +136,12 @@ def test_plain_http_denied_with_the_reason_in_the_body(proxy, web):
         f"reason:      no rule matched for other.test:{web.port} GET /x",
         f"next:        to allow it, add {{host: other.test, ports: [{web.port}]}} to "
         "accounts.tester.allow",
+        "help:        run `agent-egress why` for your recent denials and the `agent-egress "
+        "request` command that asks an operator for access",
     ]
     assert "X-Agent-Egress-Rule: no rule matched" in done.stdout
+    assert "X-Agent-Egress-Help: run `agent-egress why`" in done.stdout
+    assert done.stdout.splitlines()[0].endswith("(see agent-egress why)")
     assert (f"other.test:{web.port}", "/x") not in {(h, p) for _, h, p in web.requests}
 
 

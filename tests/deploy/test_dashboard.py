@@ -32,7 +32,6 @@ DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "agent-egress.jso
 # panel over them may return nothing while they are missing from /metrics, and must return data
 # once they are there.
 PLANNED = {
-    "agent_egress_access_requests": "issue 16: access requests and ask mode",
     "agent_egress_credential_leaks_total": "issue 15: credential injection and tripwires",
     "agent_egress_credentials_injected_total": "issue 15: credential injection and tripwires",
 }
@@ -130,7 +129,13 @@ accounts:
         ports: [{web.port}]
     deny:
       - host: denied.test
-""", "--upstream-dns", dns.address, env={"DASHBOARD_WEB_TOKEN": TOKEN})
+""", "--upstream-dns", dns.address, "--control", str(tmp_path / "control.sock"),
+                           env={"DASHBOARD_WEB_TOKEN": TOKEN})
+    # an access request, so that the access-request panels have a series
+    asked = subprocess.run([cli, "request", f"asked.test:{web.port}", "--control",
+                            str(tmp_path / "control.sock")], capture_output=True, text=True,
+                           timeout=30)
+    assert asked.returncode == 0, asked.stderr
     yield running
     running.stop()
 
