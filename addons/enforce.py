@@ -251,7 +251,7 @@ class Enforcer:
         await self.gate.attribute(client)  # the client waits for this answer: it still exists
         bytes_down = exchange.received.total if flow.response is not None else None
         self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
-                               _body_size(flow.request), bytes_down)
+                               _body_size(flow.request), bytes_down, flow.request.raw_content)
 
     # Upstream
 

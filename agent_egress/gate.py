@@ -39,6 +39,7 @@ from .rules import (
     Stage,
     host_text,
 )
+from .rules.operations import operation
 from .runtime import Runtime
 from .upstream import ResolveError
 
@@ -100,7 +101,9 @@ class Gate:
 
     def refuse(self, decision: Decision, reason: str, rule: str | None = None) -> Decision:
         """A denial for the same account and mode as `decision`, for `reason`."""
-        return Decision(Result.DENY, rule, reason, decision.account, decision.mode)
+        return Decision(Result.DENY, rule, reason, decision.account, decision.mode,
+                        rule_id=decision.rule_id if rule is not None and rule == decision.rule
+                        else None)
 
     def refuse_client(self, reason: str) -> Decision:
         """A denial before any account is known (proxy authentication failed)."""
@@ -273,7 +276,8 @@ class Gate:
         return Exchange(decision, host, port, ip)
 
     def end_exchange(self, client: Client, exchange: Exchange, method: str, path: str,
-                     bytes_up: int | None, bytes_down: int | None) -> None:
+                     bytes_up: int | None, bytes_down: int | None,
+                     body: bytes | None = None) -> None:
         tunnel = client.tunnel
         if tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
             tunnel.bytes_up += bytes_up or 0
@@ -285,7 +289,7 @@ class Gate:
             metrics.bytes.labels(account, "down").inc(bytes_down or 0)
         self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
                     exchange.ip, method=method, path=path, bytes_up=bytes_up,
-                    bytes_down=bytes_down, duration_ms=exchange.duration_ms())
+                    bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body)
 
     # The record
 
@@ -313,9 +317,11 @@ class Gate:
                port: int | None, ip: Address | None, *, policy: Policy | None = None,
                reason: str | None = None, method: str | None = None, path: str | None = None,
                qtype: str | None = None, bytes_up: int | None = None,
-               bytes_down: int | None = None, duration_ms: float | None = None) -> None:
+               bytes_down: int | None = None, duration_ms: float | None = None,
+               body: bytes | None = None) -> None:
         """Counts the decision and writes its one audit event (`reason` overrides the
-        decision's, to add what happened after it)."""
+        decision's, to add what happened after it). `body`: the request's body when it was
+        read, for the operations only it tells apart (rules/operations.py)."""
         self.runtime.metrics.count(decision, stage)
         process = client.known_process()
         identity = client.identity
@@ -328,7 +334,9 @@ class Gate:
             decision=decision.result, rule=decision.rule, reason=reason or decision.reason,
             mode=decision.mode if decision.account else None,
             policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
-            duration_ms=duration_ms)
+            duration_ms=duration_ms, rule_id=decision.rule_id,
+            op=operation(method, path, body) if stage is Stage.REQUEST else None,
+            ancestry=list(process.ancestry) if process and process.ancestry else None)
         if self._held is None:
             self.runtime.audit.record(event)
         else:

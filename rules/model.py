@@ -45,6 +45,7 @@ class Rule:
     expires: float | None = None  # POSIX time
     preset: str | None = None
     preset_source: str | None = None  # the preset entry this rule came from
+    id: str = ""  # stable: the rule's `id:`, or derived from its account and content
 
     @property
     def inspects(self) -> bool:
