@@ -342,9 +342,10 @@ def _learn(args: argparse.Namespace) -> int:
             print(printable(f"# flagged, not proposed: {flag.destination}: {flag.why} "
                             f"({flag.evidence.describe()})"))
     if window is not None:
-        for account, rule, description in stale_rules(policy, learned.used_rules, args.account):
-            print(printable(f"# stale: account {account}: rule {rule} ({description}) was not "
-                            f"used in the last {args.stale}"))
+        for account, rule, rule_id, description in stale_rules(policy, learned.used_rules,
+                                                               args.account):
+            print(printable(f"# stale: account {account}: rule {rule} [{rule_id}] "
+                            f"({description}) was not used in the last {args.stale}"))
     if args.apply:
         for account, proposals in learned.proposals.items():
             if proposals:

@@ -24,6 +24,7 @@ from .auditevent import AuditEvent, timestamp
 from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
+from .livetunnels import LiveTunnels
 from .pinning import Refusal, pin
 from .rules import (
     AccountChoice,
@@ -60,9 +61,11 @@ class Gate:
         self._held: list[AuditEvent] | None = None
         # CONNECTs the fast path decided and then handed to mitmproxy, by client address
         self._handed_over: dict[tuple[str, int], tuple[str, int, Tunnel]] = {}
+        self.live = LiveTunnels(self)  # allowed tunnels, decided again when rules change
 
     def close(self) -> None:
         self.clients.close()
+        self.live.close()
 
     @property
     def policy(self) -> Policy:
@@ -146,8 +149,8 @@ class Gate:
         """The decision for a connection to `host_raw`:`port` (a CONNECT, or the SNI of a
         transparent connection to `original`), its upstream address resolved and checked."""
         policy = self.policy
-        decision = self.decide(policy, _with_proxy_user(client.identity, proxy_user), host_raw,
-                               port, Stage.CONNECT)
+        identity = _with_proxy_user(client.identity, proxy_user)
+        decision = self.decide(policy, identity, host_raw, port, Stage.CONNECT)
         host = host_or_none(host_raw)
         ip, unresolved = None, False
         if decision.passes and host is not None:
@@ -156,7 +159,7 @@ class Gate:
             except ResolveError as e:
                 decision, unresolved = self.refuse(decision, str(e), decision.rule), True
         return Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip,
-                      unresolved=unresolved)
+                      unresolved=unresolved, identity=identity, policy=policy)
 
     def raw_tcp(self, client: Client, address: Address, port: int) -> Tunnel:
         """Raw TCP (SSH, databases) names no host: it may reach an address only if the resolver
@@ -185,7 +188,7 @@ class Gate:
                 break
         name, decision = tried[-1] if tried[-1][1].passes else tried[0]
         return Tunnel(host_or_none(name) or address, port, decision,
-                      address if decision.passes else None)
+                      address if decision.passes else None, policy=policy)
 
     # Connections: opened, refused after the fact, closed
 
@@ -194,6 +197,7 @@ class Gate:
         denied (an allowed one is recorded when it closes, with its bytes)."""
         client.tunnel = tunnel
         if tunnel.decision.passes:
+            self.live.add(client, tunnel)
             tunnel.active = True
             self.runtime.metrics.active_connections.labels(tunnel.decision.account).inc()
         else:
@@ -203,8 +207,17 @@ class Gate:
     def refuse_tunnel(self, client: Client, tunnel: Tunnel, reason: str) -> None:
         """An allowed connection turned out not to be what was decided (its SNI, or raw TCP
         where requests must be inspected): denied and recorded now."""
+        self.live.remove(tunnel)
         tunnel.decision = self.refuse(tunnel.decision, reason)
         self.record_connection(client, tunnel)
+
+    def withdraw(self, client: Client, tunnel: Tunnel, reason: str) -> None:
+        """An open connection that the policy no longer allows (a rule expired, or a reload
+        withdrew it; livetunnels.py): denied and recorded now, with what it carried so far,
+        before its adapter closes it."""
+        tunnel.decision = self.refuse(tunnel.decision, reason, tunnel.decision.rule)
+        self.record_connection(client, tunnel, bytes_up=tunnel.bytes_up,
+                               bytes_down=tunnel.bytes_down, duration_ms=tunnel.duration_ms())
 
     def finish(self, client: Client) -> None:
         """The client has gone: counts its connection's bytes and records it."""
@@ -212,6 +225,7 @@ class Gate:
         if tunnel is None:
             return
         client.tunnel = None
+        self.live.remove(tunnel)
         metrics, account = self.runtime.metrics, tunnel.decision.account
         if tunnel.active:
             metrics.active_connections.labels(account).dec()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ class Policy:
             self._by_proxy_user.update(dict.fromkeys(account.match.proxy_users, name))
             sources += [(net, name) for net in account.match.sources]
         self._sources = sorted(sources, key=lambda entry: -entry[0].prefixlen)
+        self._expiries = sorted({r.expires for a in document.accounts.values()
+                                 for r in (*a.allow, *a.deny) if r.expires is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -134,6 +137,11 @@ class Policy:
 
     def accounts(self) -> dict[str, Account]:
         return self.document.accounts
+
+    def next_expiry(self, now: float) -> float | None:
+        """The first `expires` after `now`: when decisions may change without a reload."""
+        at = bisect.bisect_right(self._expiries, now)
+        return self._expiries[at] if at < len(self._expiries) else None
 
     def account_for(self, identity: Identity) -> AccountChoice:
         """The account of a client: every known identity must point to the same account."""

@@ -75,3 +75,14 @@ def _pypi_upload(body: bytes | None) -> bool:
     head = body[:MAX_BODY]
     at = head.find(b'name=":action"')
     return at >= 0 and b"file_upload" in head[at:at + 200]
+
+
+def path_for(op: str | None, path: str | None) -> str | None:
+    """A recorded path (its query removed) as the engine must see it again to decide on what
+    `op` says it was: a git smart-HTTP advertisement names its service only in the query."""
+    if path is None or "?" in path or op not in (GIT_FETCH, GIT_PUSH):
+        return path
+    if normalize_path(path).rstrip("/").endswith("/info/refs"):
+        service = "git-receive-pack" if op == GIT_PUSH else "git-upload-pack"
+        return f"{path}?service={service}"
+    return path
