@@ -248,8 +248,8 @@ def test_git_clone_and_fetch_pass_push_is_denied(proxy, git_origin, tmp_path, cl
     git("commit", "-qm", "change", cwd=tmp_path / "clone")
     pushed = git("push", "origin", "main", cwd=tmp_path / "clone")
     assert pushed.returncode != 0
-    assert "remote: reason:      no rule matched for git.test:" in pushed.stderr
-    assert "is read-only and this is a git push (git-receive-pack)" in pushed.stderr
+    assert "remote: reason:      refused by read-only rule " in pushed.stderr
+    assert "/repo.git/info/refs is a git push (git-receive-pack)" in pushed.stderr
     assert not any("git-receive-pack" in path and method == "POST"
                    for method, _, path in git_origin.requests)
 
