@@ -75,15 +75,18 @@ def test_plain_http_allowed_and_audited_key_by_key(proxy, web):
     assert re.fullmatch(r"[0-9a-f]{16}", event.pop("policy"))
     assert isinstance(event.pop("duration_ms"), int)
     pid, exe, cmdline = event.pop("pid"), event.pop("exe"), event.pop("cmdline")
+    ancestry = event.pop("ancestry")
     if pid is not None:  # best effort: the lookup may lose the race with curl's exit
         assert exe.endswith("/curl") and "token=secret" not in cmdline and "curl" in cmdline
+        assert ancestry[0] == f"curl[{pid}]"
+    assert re.fullmatch(r"r-[0-9a-f]{12}", event.pop("rule_id"))
     assert event == {
         "event": "request", "account": "tester", "uid": UID, "user": USER, "host": "web.test",
         "port": web.port, "ip": "127.0.0.1", "method": "GET", "path": "/page", "qtype": None,
         "decision": "allow", "rule": rule_line(proxy, "host: web.test"),
         "reason": f"allowed by rule: host web.test ports {web.port}", "mode": "enforce",
-        "bytes_up": 0, "bytes_down": len(done.stdout), "rule_id": None, "op": None,
-        "ancestry": None, "credential": None, "approval": None,
+        "bytes_up": 0, "bytes_down": len(done.stdout), "op": None,
+        "credential": None, "approval": None,
     }
     assert "secret" not in proxy.audit_log.read_text()
 
