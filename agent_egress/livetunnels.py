@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .connections import Tunnel
-from .rules import Policy, Stage, host_text
+from .rules import Policy, Query, Stage, host_text
 
 if TYPE_CHECKING:
     from .clients import Client
@@ -71,22 +71,27 @@ class LiveTunnels:
         self._checked = policy
         for tunnel, client in list(self.open.items()):
             if expired or tunnel.policy is not policy:
-                why = self._withdrawn(policy, client, tunnel, expired and
-                                      tunnel.policy is policy)
+                why = self._withdrawn(policy, client, tunnel, now,
+                                      expired and tunnel.policy is policy)
                 tunnel.policy = policy
                 if why is not None:
                     self._end(client, tunnel, why)
 
-    def _withdrawn(self, policy: Policy, client: Client, tunnel: Tunnel,
+    def _withdrawn(self, policy: Policy, client: Client, tunnel: Tunnel, now: float,
                    by_time: bool) -> str | None:
         """Why `tunnel` is no longer allowed under `policy` now, or None while it is."""
         decided = tunnel.decision
-        identity = tunnel.identity or client.identity
-        decision = self.gate.decide(policy, identity, host_text(tunnel.host), tunnel.port,
-                                    Stage.CONNECT)
+        choice = self.gate.account(policy, tunnel.identity or client.identity)
+        if choice.account is None:
+            return f"closed while open, as the policy changed (now {policy.digest}): " \
+                   f"{choice.reason}"
+        # the engine's decision alone: a failing audit log refuses new traffic, it does not
+        # end what was decided and recorded before
+        decision = policy.decide(Query(choice.account, host_text(tunnel.host), tunnel.port,
+                                       Stage.CONNECT, now=now))
         if decision.passes and tunnel.ip is not None:
             checked = policy.decide_address(decision.account, host_text(tunnel.host),
-                                            tunnel.ip, tunnel.port)
+                                            tunnel.ip, tunnel.port, now)
             if not checked.passes:
                 decision = checked
         cause = f"rule {decided.rule} expired" if by_time and decided.rule else \
