@@ -28,7 +28,7 @@ from agent_egress.connections import Exchange
 from agent_egress.gate import Gate
 from agent_egress.rules import Address, Name, Stage, host_text
 
-from . import transparent
+from . import transparent, tripwire
 from .closing import mitmproxy_closer, untrusted_ca_reason
 from .passthrough import CountingTCPLayer, refuse_next_layer
 
@@ -230,6 +230,11 @@ class Enforcer:
         decision, host, ip, unresolved = await self.gate.request(
             client, host_raw, port, request.method, request.path, request.host_header,
             request.authority, _proxy_user(flow))
+        caught = self.gate.carried(decision, tripwire.head_parts(request))
+        if caught is not decision:
+            decision, unresolved = caught, False
+        elif decision.passes and decision.credential is not None:
+            decision = tripwire.inject(self.gate, request, decision)
         if not decision.passes:
             await self.gate.attribute(client)
             self.gate.record(Stage.REQUEST, client, decision, host, port, ip,
@@ -240,6 +245,20 @@ class Enforcer:
         if not request.is_http2 and not request.is_http3:
             request.authority = ""  # the origin gets origin-form: only Host names the host
         flow.metadata[_EXCHANGE] = self.gate.begin_exchange(client, decision, host, port, ip)
+        tripwire.watch_streamed_body(self.gate, flow, _EXCHANGE)
+
+    @_deny_on_error(_refuse_flow)
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The whole body is here (mitmproxy buffers up to stream_large_bodies), nothing of it
+        sent yet: its start must not carry a credential."""
+        exchange = flow.metadata.get(_EXCHANGE)
+        if not isinstance(exchange, Exchange) or flow.response is not None or \
+                flow.request.stream:
+            return
+        caught = self.gate.carried(exchange.decision, tripwire.body_parts(flow.request))
+        if caught is not exchange.decision:
+            flow.metadata[_EXCHANGE] = tripwire.refused(exchange, caught)
+            flow.response = denial(caught, f"{host_text(exchange.host)}:{exchange.port}")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Streams every response body on as it arrives: an origin that breaks off mid-body

@@ -77,7 +77,7 @@ class AuditEvent:
                 raise ValueError(f"{key} is {type(data.get(key)).__name__}, expected {expected}")
         try:
             data["event"] = Stage(data["event"])
-            data["decision"] = Result(data.get("decision"))
+            data["decision"] = Result(str(data.get("decision")))
             if data.get("mode") is not None:
                 data["mode"] = Mode(data["mode"])
         except ValueError:

@@ -552,9 +552,14 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .credentials import load_secrets
+    from .nftables import governed_accounts
     from .policylint import lint
 
     document = load_policy(args.file)
+    governed = governed_accounts(Policy(document))
+    governed.pop(os.getuid(), None)
+    load_secrets(document, governed)  # as the proxy will: each one readable, and trusted
     for warning in (*document.warnings, *lint(document)):
         print(printable(str(warning)), file=sys.stderr)
     rules = sum(len(a.allow) + len(a.deny) for a in document.accounts.values())

@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 from .auditevent import AuditEvent, timestamp
@@ -55,7 +56,8 @@ ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's 
 class Gate:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.clients = ClientIdentifier(runtime.owners)
+        self.clients = ClientIdentifier(runtime.owners,
+                                        lambda: runtime.policies.secrets.values)
         self._accounts: dict[Identity, AccountChoice] = {}
         self._accounts_policy: Policy | None = None
         self._held: list[AuditEvent] | None = None
@@ -107,6 +109,29 @@ class Gate:
         return Decision(Result.DENY, rule, reason, decision.account, decision.mode,
                         rule_id=decision.rule_id if rule is not None and rule == decision.rule
                         else None)
+
+    # Credentials: the header a rule injects, and the tripwire on every visible request
+
+    def credential_header(self, decision: Decision) -> tuple[str, str] | Decision:
+        """The header to set on a request `decision` allows with a credential (counted as
+        injected), or the denial when the proxy holds no such secret."""
+        name = decision.credential
+        header = self.runtime.policies.secrets.header(name) if name else None
+        if header is None:
+            return self.refuse(decision, f"credential {name} is not loaded")
+        self.runtime.metrics.credentials_injected.labels(decision.account, name).inc()
+        return header
+
+    def carried(self, decision: Decision, parts: Iterable[bytes]) -> Decision:
+        """`decision`, or a denial naming the credential when one of `parts` (of a request as
+        the client sent it: URL, headers, start of the body) carries a credential's value."""
+        secrets = self.runtime.policies.secrets
+        name = secrets.carried(parts) if secrets and decision.account else None
+        if name is None:
+            return decision
+        self.runtime.metrics.credential_leaks.labels(decision.account, name).inc()
+        return Decision(Result.DENY, None, f"carries credential {name}", decision.account,
+                        decision.mode, credential=name)
 
     def refuse_client(self, reason: str) -> Decision:
         """A denial before any account is known (proxy authentication failed)."""
@@ -350,7 +375,8 @@ class Gate:
             policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
             duration_ms=duration_ms, rule_id=decision.rule_id,
             op=operation(method, path, body) if stage is Stage.REQUEST else None,
-            ancestry=list(process.ancestry) if process and process.ancestry else None)
+            ancestry=list(process.ancestry) if process and process.ancestry else None,
+            credential=decision.credential if stage is Stage.REQUEST else None)
         if self._held is None:
             self.runtime.audit.record(event)
         else:

@@ -115,6 +115,26 @@ class SocketOwners:
         return None if owner is not None and owner.inode and owner.uid == os.geteuid() \
             else owner
 
+    def resolver_client_owner(self, client: tuple[str, int], server: tuple[str, int],
+                              protocol: int) -> SocketOwner | None:
+        """The owner of a query to the resolver at `server` from `client`. A query nftables
+        redirected here comes from a socket whose peer is the server it asked for, not this
+        one, and NAT may have moved its port: conntrack names its real addresses. Without
+        conntrack, the socket bound at `client` is taken, whoever its peer."""
+        owner = self.owner(client, server, protocol)
+        if owner is not None:
+            return owner
+        if self.conntrack.readable:
+            original = self.conntrack.original((_unmap(server[0]), server[1]),
+                                               (_unmap(client[0]), client[1]), protocol)
+            if self.conntrack.readable:  # it answered
+                if original is None:
+                    return None
+                source, destination = original
+                return self.owner((str(source[0]), source[1]),
+                                  (str(destination[0]), destination[1]), protocol)
+        return self.owner_of_local(client, protocol)
+
     def owner_of_local(self, local: tuple[str, int], protocol: int) -> SocketOwner | None:
         """The socket bound to `local`, whoever its peer: for a client whose connection was
         redirected here (nftables), so that the peer it asked for is not this server. Scans

@@ -3,7 +3,6 @@ decision, direction, signal, result; never a host or an address."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -22,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .listeners import exposed_listeners
-from .rules import Decision, Policy, Query, Result, Stage
+from .rules import Decision, Policy, Result, Stage
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -53,6 +52,13 @@ class Metrics:
         self.dns_suspicious = Counter(
             "agent_egress_dns_suspicious", "DNS queries that look like tunnelling, by signal",
             ["account", "signal"], registry=self.registry)
+        self.credentials_injected = Counter(
+            "agent_egress_credentials_injected", "Requests the proxy added a credential to, by "
+            "account and credential", ["account", "credential"], registry=self.registry)
+        self.credential_leaks = Counter(
+            "agent_egress_credential_leaks", "Requests denied for carrying a credential's "
+            "value, by account and credential", ["account", "credential"],
+            registry=self.registry)
         self.build_info = Gauge(
             "agent_egress_build_info", "agent-egress version", ["version"],
             registry=self.registry)
@@ -73,12 +79,8 @@ class Metrics:
             for stage in Stage:
                 for decision in Result:
                     self.decisions.labels(account, stage.value, decision.value)
-
-    def decide(self, policy: Policy, query: Query) -> Decision:
-        started = time.perf_counter()
-        decision = policy.decide(query)
-        self.decision_seconds.observe(time.perf_counter() - started)
-        return decision
+            for credential in policy.document.credentials:
+                self.credential_leaks.labels(account, credential)
 
     def count(self, decision: Decision, stage: Stage) -> None:
         key = (decision.account, stage, decision.result)

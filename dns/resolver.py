@@ -353,9 +353,7 @@ class PolicyResolver:
         key = (client, server, protocol)
         if batch is not None and key in batch:
             return batch[key]
-        # A query nftables redirected here comes from a socket whose peer is the server it
-        # asked for, not this one: then only its own address finds it.
-        owner = owners.owner(client, server, protocol) or owners.owner_of_local(client, protocol)
+        owner = owners.resolver_client_owner(client, server, protocol)
         if batch is not None:
             batch[key] = owner
         return owner

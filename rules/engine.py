@@ -42,6 +42,7 @@ class Decision:
     mode: Mode
     inspect: bool = False  # allowed, but only if the proxy sees each request
     hint: str | None = None  # what would allow it, for denials a person or agent acts on
+    credential: str | None = None  # a request: the credential injected, or caught (denied)
     rule_id: str | None = None  # the deciding rule's stable id (DESIGN.md), beside `rule`
 
     @property
@@ -99,7 +100,7 @@ def _allow_grant(rule: Rule, account: Account) -> _Grant:
                          rule_id=rule.id) if rule.inspects else None
     return _Grant(rule, False,
                   Decision(Result.ALLOW, rule.source, reason, account.name, account.mode,
-                           rule_id=rule.id),
+                           credential=rule.credential, rule_id=rule.id),
                   inspected)
 
 

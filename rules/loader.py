@@ -18,11 +18,13 @@ from typing import TypedDict, TypeVar
 
 import yaml
 
+from .credentials import credential_entries, credential_reference
 from .errors import PolicyError, Problem
 from .hosts import HostError, Name, normalize_host
 from .model import (
     DEFAULT_PORTS,
     Account,
+    Credential,
     Match,
     Mode,
     Network,
@@ -31,7 +33,7 @@ from .model import (
     Rule,
 )
 from .paths import PathPattern
-from .source import position, read_nodes
+from .source import position, read_nodes, release_nodes
 from .suffixes import is_icann_suffix, is_public_suffix
 
 SUPPORTED_VERSION = 1
@@ -41,12 +43,13 @@ KNOWN_METHODS = frozenset({
     # WebDAV, as used by some artifact stores
     "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH",
 })
-_TOP_KEYS = ("version", "presets", "accounts")
+_TOP_KEYS = ("version", "presets", "credentials", "accounts")
 _ACCOUNT_KEYS = ("match", "mode", "allow", "deny")
 _MATCH_KEYS = ("unix_users", "uids", "proxy_users", "sources")
 _TARGET_KEYS = ("host", "cidr", "preset")
-_ENTRY_KEYS = (*_TARGET_KEYS, "id", "ports", "methods", "paths", "access", "expires")
-_PRESET_REFERENCE_KEYS = ("preset", "id", "access", "expires")
+_ENTRY_KEYS = (*_TARGET_KEYS, "id", "ports", "methods", "paths", "access", "expires",
+               "credential")
+_PRESET_REFERENCE_KEYS = ("preset", "id", "access", "expires", "credential")
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _RULE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 _STR = "tag:yaml.org,2002:str"
@@ -69,7 +72,10 @@ def parse_policy(data: bytes, file: str) -> PolicyDocument:
     with gc_paused():
         root = read_nodes(data, file)
         reader = _Reader(file)
-        document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        try:
+            document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        finally:
+            release_nodes(root)
     if reader.problems or document is None:
         raise PolicyError(reader.problems)
     return document
@@ -111,6 +117,7 @@ class _Options(TypedDict, total=False):
     paths: tuple[PathPattern, ...]
     read_only: bool
     expires: float | None
+    credential: str | None
 
 
 class _Reader:
@@ -121,6 +128,7 @@ class _Reader:
         self.problems: list[Problem] = []
         self.warnings: list[PolicyWarning] = []
         self.rule_ids: dict[str, str] = {}  # explicit `id:` -> where it was given
+        self.credentials: dict[str, Credential] = {}
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.file}:{position(node)[0]}"
@@ -197,6 +205,8 @@ class _Reader:
             if version is not None and version != SUPPORTED_VERSION:
                 self.problem(version_node, f"version {version} is not supported; "
                                            f"expected version: {SUPPORTED_VERSION}")
+        if "credentials" in top:
+            self.credentials = credential_entries(self, top["credentials"][1])
         presets = dict(builtin_presets())
         if "presets" in top:
             presets.update(self.presets(top["presets"][1], frozenset(presets)))
@@ -205,7 +215,8 @@ class _Reader:
             self.problem(root, "missing 'accounts'; expected a mapping of account names")
         else:
             accounts = self.accounts(top["accounts"][1], presets)
-        return PolicyDocument(self.file, digest, accounts, tuple(self.warnings))
+        return PolicyDocument(self.file, digest, accounts, tuple(self.warnings),
+                              self.credentials)
 
     def presets(self, node: yaml.Node, builtin: frozenset[str]) -> dict[str, tuple[Rule, ...]]:
         presets = {}
@@ -372,6 +383,8 @@ class _Reader:
             options["read_only"] = self.access(fields["access"][1], deny)
         if "expires" in fields:
             options["expires"] = self.expires(fields["expires"][1])
+        if "credential" in fields:
+            options["credential"] = credential_reference(self, *fields["credential"], deny)
         return options
 
     def preset_reference(self, fields: dict[str, tuple[yaml.Node, yaml.Node]], what: str,
@@ -508,7 +521,7 @@ def with_rule_id(rule: Rule, account: str, kind: str) -> Rule:
         return rule
     if rule.preset is not None:  # its entries' hosts and ports are the preset's
         content = "\0".join((account, kind, f"preset {rule.preset}",
-                             "read-only" if rule.read_only else ""))
+                             "read-only" if rule.read_only else "", rule.credential or ""))
         return replace(rule, id="r-" + hashlib.sha256(content.encode()).hexdigest()[:12])
     target = f"host {rule.host}" if rule.host else f"cidr {rule.network}"
     content = "\0".join((
@@ -516,7 +529,7 @@ def with_rule_id(rule: Rule, account: str, kind: str) -> Rule:
         ",".join(str(p) for p in sorted(rule.ports)) if rule.ports is not None else "*",
         ",".join(sorted(rule.methods)) if rule.methods is not None else "*",
         "\n".join(p.text for p in rule.paths) if rule.paths is not None else "*",
-        "read-only" if rule.read_only else ""))
+        "read-only" if rule.read_only else "", rule.credential or ""))
     return replace(rule, id="r-" + hashlib.sha256(content.encode()).hexdigest()[:12])
 
 

@@ -285,7 +285,7 @@ def test_pip_from_a_denied_index_shows_the_reason(proxy, package_index, tmp_path
 def test_many_plain_http_requests_on_one_connection(proxy, web):
     """mitmproxy opens at most 5 upstream connections per client connection and address: a
     keep-alive client must reuse one, not stall on the sixth request."""
-    urls = [f"http://web.test:{web.port}/keepalive{i}" for i in range(12)]
+    urls = [f"http://web.test:{web.port}/keepalive{i}" for i in range(50)]
     done = curl(proxy, *urls)
     assert done.stdout.splitlines() == [
-        f"hello from web.test:{web.port} GET /keepalive{i}" for i in range(12)], done.stderr
+        f"hello from web.test:{web.port} GET /keepalive{i}" for i in range(50)], done.stderr
