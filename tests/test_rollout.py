@@ -130,7 +130,7 @@ def test_apply_leaves_a_broken_policy_untouched(cli, policy, tmp_path):
     done = run(cli, "learn", "--policy", str(policy), "--apply", str(log))
     assert (done.returncode, done.stderr) == (
         2, f"{policy}:3:1: policy: unknown key 'bogus'; expected one of version, presets, "
-           "accounts\n")
+           "credentials, accounts\n")
     assert policy.read_text() == broken
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".policy")] == []
 
