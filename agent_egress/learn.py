@@ -194,26 +194,30 @@ def _classify(policy: Policy, account: str, host_text: str, evidence: Evidence,
 
 def _collapse(proposals: list[Proposal]) -> list[Proposal]:
     """Siblings under one parent become `*.parent` (never over a public suffix), and names
-    that cover most of a built-in preset become that preset."""
+    that cover most of a built-in preset become that preset. Only proposals of one access
+    collapse together: a read-only name never becomes part of a rule that allows writes."""
     by_name = {p.covers[0]: p for p in proposals}
     out: list[Proposal] = []
     for preset, rules in sorted(builtin_presets().items()):
         hosts = {r.host for r in rules if r.host and not r.host.startswith("*.")}
-        observed = hosts & by_name.keys()
-        if len(observed) >= 2 and len(observed) * 2 >= len(hosts):
-            evidence = _merge([by_name.pop(h).evidence for h in sorted(observed)])
-            out.append(Proposal(NewRule(preset=preset), tuple(sorted(observed)), evidence))
-    families: dict[str, list[str]] = defaultdict(list)
-    for name in by_name:
+        for access in (None, "read-only"):
+            observed = {h for h in hosts & by_name.keys() if by_name[h].rule.access == access}
+            if len(observed) >= 2 and len(observed) * 2 >= len(hosts):
+                evidence = _merge([by_name.pop(h).evidence for h in sorted(observed)])
+                out.append(Proposal(NewRule(preset=preset, access=access),
+                                    tuple(sorted(observed)), evidence))
+    families: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+    for name, proposal in by_name.items():
         parent = name.split(".", 1)[1] if "." in name else ""
         if "." in parent and not is_public_suffix(parent):
-            families[parent].append(name)
-    for parent, names in sorted(families.items()):
+            families[(parent, proposal.rule.access)].append(name)
+    for (parent, access), names in sorted(families.items(), key=lambda f: (f[0][0],
+                                                                          f[0][1] or "")):
         if len(names) >= SIBLINGS_FOR_WILDCARD:
             members = [by_name.pop(n) for n in sorted(names)]
             evidence = _merge([m.evidence for m in members])
-            out.append(Proposal(NewRule(host=f"*.{parent}", ports=sorted(evidence.ports)),
-                                tuple(sorted(names)), evidence))
+            out.append(Proposal(NewRule(host=f"*.{parent}", ports=sorted(evidence.ports),
+                                        access=access), tuple(sorted(names)), evidence))
     out.extend(by_name[name] for name in sorted(by_name))
     return out
 

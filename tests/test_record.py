@@ -419,3 +419,37 @@ accounts:
                                       "client broke off the TLS handshake ("), event
     assert "`agent-egress ca`" in event["reason"] and "`agent-egress env`" in event["reason"]
     assert "CURL_CA_BUNDLE" in event["reason"]
+
+
+def test_learn_collapses_siblings_only_with_their_own_access(cli, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("""version: 1
+accounts:
+  codex:
+    match: {uids: [1001]}
+    mode: learn
+    allow: []
+""")
+    base = dict.fromkeys(KEYS)
+
+    def request(host, method, path, op):
+        return json.dumps({**base, "ts": "2026-11-25T10:00:00.000Z", "event": "request",
+                           "account": "codex", "host": host, "port": 443, "method": method,
+                           "path": path, "op": op, "decision": "would_deny", "mode": "learn",
+                           "reason": f"no rule matched for {host}:443 {method} {path}"})
+
+    log = tmp_path / "audit.jsonl"
+    log.write_text("\n".join(
+        [request(f"{n}.git.example.test", "GET", "/r.git/info/refs", "git-fetch")
+         for n in "abc"]
+        + [request("d.git.example.test", "GET", "/page", None),
+           request("e.git.example.test", "POST", "/r.git/git-upload-pack", "git-fetch"),
+           request("e.git.example.test", "POST", "/api/items", None)]) + "\n")
+    done = run(cli, "learn", "--policy", str(policy), str(log))
+    assert "- {host: *.git.example.test, ports: [443], access: read-only}" in done.stdout, \
+        done.stdout
+    assert "covers a.git.example.test, b.git.example.test, c.git.example.test" in done.stdout
+    # a plain GET: no operation recognised, so no access narrowing is claimed for it
+    assert "- {host: d.git.example.test, ports: [443]}" in done.stdout
+    # a fetch and a write that is no recognised operation: not read-only
+    assert "- {host: e.git.example.test, ports: [443]}" in done.stdout
