@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from agent_egress.auditevent import KEYS
 pytestmark = pytest.mark.e2e
 
 UID = os.getuid()
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def run(cli, *args):
@@ -64,6 +66,34 @@ accounts:
             assert owner == UID, entry
     finally:
         proxy.stop()
+
+
+def test_ancestry_stops_at_the_first_process_of_another_user(cli, tmp_path, dns, two_users):
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} is needed to run a client as another user")
+    user = pwd.getpwnam(two_users[0])
+    proxy = RunningProxy(cli, tmp_path, f"""version: 1
+accounts:
+  agent:
+    match: {{uids: [{user.pw_uid}]}}
+    allow: []
+""", "--upstream-dns", dns.address)
+    try:
+        host = f"other-user-{os.getpid()}.test"
+        # the system's Python, the script on its standard input: the test's own Python and
+        # files may be where the other user cannot go
+        done = subprocess.run(["runuser", "-u", user.pw_name, "--", "bash", "-c",
+                               f"{SYSTEM_PYTHON} - {proxy.port} {host}; true"], input=CONNECTS,
+                              capture_output=True, text=True, timeout=60, check=True)
+        assert done.stdout, done.stderr
+        pid, bash_pid = (int(x) for x in done.stdout.split())
+        [event] = proxy.wait_for_events(lambda e: e["host"] == host)
+    finally:
+        proxy.stop()
+    python = os.path.basename(os.path.realpath(SYSTEM_PYTHON))
+    # runuser, root's, is where the agent user's chain ends
+    assert event["ancestry"] == [f"{python}[{pid}]", f"bash[{bash_pid}]"], event
+    assert event["uid"] == user.pw_uid
 
 
 # 4. stable rule ids
