@@ -178,13 +178,14 @@ class Enforcer:
         elif not tunnel.decision.inspect:
             data.ignore_connection = True
 
-    def tls_failed_client(self, data: tls.TlsData) -> None:
+    async def tls_failed_client(self, data: tls.TlsData) -> None:
         """The client broke off the handshake of inspected TLS: most often it does not trust
         the proxy's CA. Recorded, with what to install where (mitmproxy only logs it)."""
         client = self.clients.get(data.context.client.id)
         tunnel = client.tunnel if client is not None else None
         if client is None or tunnel is None or not tunnel.decision.passes:
             return
+        await self.gate.attribute(client)
         self.gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(
             tunnel.destination, data.conn.error or "handshake failed"))
 

@@ -449,6 +449,7 @@ accounts:
                                       "client broke off the TLS handshake ("), event
     assert "`agent-egress ca`" in event["reason"] and "`agent-egress env`" in event["reason"]
     assert "CURL_CA_BUNDLE" in event["reason"]
+    assert event["exe"] is None or event["exe"].endswith("/curl")
 
 
 def test_learn_collapses_siblings_only_with_their_own_access(cli, tmp_path):
