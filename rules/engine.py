@@ -374,10 +374,13 @@ def _refused_by_rule(near: tuple[Rule, str], result: Result, host: Host, query: 
     methods = f", methods: [{(query.method or 'GET').upper()}]" if rule.methods is not None \
         else ""
     path = normalize_path(query.path or "/")
+    # a path with glob or quoting characters would make a wider or broken pattern
+    paths = f'paths: ["{path}"]' if not set(path) & set('*?[]"\\') and path.isprintable() \
+        else "paths: [the path]"
     return Decision(result, None, f"{NO_RULE} for {destination} (rule {rule.source} "
                     f"{refusal})", account.name, account.mode,
                     hint=editable(f"to allow this path only, add {{{target}{ports}{methods}, "
-                                  f"paths: [\"{path}\"]}} to accounts.{account.name}.allow"))
+                                  f"{paths}}} to accounts.{account.name}.allow"))
 
 
 def _path_ambiguity(path: RequestPath) -> _Ambiguity | None:
