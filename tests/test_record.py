@@ -354,12 +354,14 @@ def keep_alive(tmp_path, proxy, host, port, ca, seconds, idle=False):
 def closed_at(client) -> tuple[float, list[str]]:
     out, _ = client.communicate(timeout=60)
     lines = out.splitlines()
+    assert lines and lines[-1].startswith("closed "), (client.returncode, lines)
     return float(lines[-1].split()[1]), lines
 
 
 def test_a_tunnel_kept_alive_past_its_rule_s_expiry_is_closed_with_an_event(
         cli, tmp_path, dns, secure, test_ca):
-    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
+    # time enough for the proxy to start (slow on a loaded machine) before the rule expires
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=10)
     proxy = RunningProxy(cli, tmp_path, f"""version: 1
 accounts:
   tester:
@@ -372,7 +374,8 @@ accounts:
         ports: [{secure.port}]
 """, "--upstream-dns", dns.address)
     try:
-        client = keep_alive(tmp_path, proxy, "secure.test", secure.port, test_ca.ca_file, 15)
+        assert time.time() < expires.timestamp() - 2, "the proxy took too long to start"
+        client = keep_alive(tmp_path, proxy, "secure.test", secure.port, test_ca.ca_file, 20)
         closed, lines = closed_at(client)
         assert any(line.startswith("served 200") for line in lines), lines
         assert expires.timestamp() <= closed <= expires.timestamp() + 2, (expires, lines)
