@@ -364,9 +364,10 @@ def _learn(args: argparse.Namespace) -> int:
             print(printable(f"# flagged, not proposed: {flag.destination}: {flag.why} "
                             f"({flag.evidence.describe()})"))
     if window is not None:
-        for account, rule, description in stale_rules(policy, learned.used_rules, args.account):
-            print(printable(f"# stale: account {account}: rule {rule} ({description}) was not "
-                            f"used in the last {args.stale}"))
+        for account, rule, rule_id, description in stale_rules(policy, learned.used_rules,
+                                                               args.account):
+            print(printable(f"# stale: account {account}: rule {rule} [{rule_id}] "
+                            f"({description}) was not used in the last {args.stale}"))
     if args.apply:
         for account, proposals in learned.proposals.items():
             if proposals:
@@ -673,7 +674,8 @@ def _resolver(servers: list[str]) -> Resolve | None:
 def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str | None,
              path: str | None) -> dict[str, object]:
     return {
-        "decision": decision.result.value, "rule": decision.rule, "reason": decision.reason,
+        "decision": decision.result.value, "rule": decision.rule, "rule_id": decision.rule_id,
+        "reason": decision.reason,
         "account": decision.account, "mode": decision.mode.value, "stage": stage.value,
         "host": host, "port": port,
         "method": (method or "GET") if stage is Stage.REQUEST else None,
@@ -684,7 +686,8 @@ def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str
 
 def _print_decision(decision: Decision, stage: Stage) -> None:
     print(f"decision  {decision.result.value}")
-    print(f"rule      {decision.rule or 'no rule matched'}")
+    print(f"rule      {decision.rule or 'no rule matched'}"
+          + (f" (id {decision.rule_id})" if decision.rule_id else ""))
     print(f"reason    {printable(decision.reason)}")  # it quotes the path as given
     print(f"account   {printable(decision.account)} ({decision.mode.value}), checked at the "
           f"{stage.value} stage")

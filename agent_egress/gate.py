@@ -26,6 +26,7 @@ from .auditevent import AuditEvent, timestamp
 from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
+from .livetunnels import LiveTunnels
 from .pinning import Refusal, pin
 from .rules import (
     AccountChoice,
@@ -41,6 +42,7 @@ from .rules import (
     Stage,
     host_text,
 )
+from .rules.operations import operation
 from .runtime import Runtime
 from .upstream import ResolveError
 
@@ -64,9 +66,11 @@ class Gate:
         self._held: list[AuditEvent] | None = None
         # CONNECTs the fast path decided and then handed to mitmproxy, by client address
         self._handed_over: dict[tuple[str, int], tuple[str, int, Tunnel]] = {}
+        self.live = LiveTunnels(self)  # allowed tunnels, decided again when rules change
 
     def close(self) -> None:
         self.clients.close()
+        self.live.close()
 
     @property
     def policy(self) -> Policy:
@@ -105,7 +109,9 @@ class Gate:
 
     def refuse(self, decision: Decision, reason: str, rule: str | None = None) -> Decision:
         """A denial for the same account and mode as `decision`, for `reason`."""
-        return Decision(Result.DENY, rule, reason, decision.account, decision.mode)
+        return Decision(Result.DENY, rule, reason, decision.account, decision.mode,
+                        rule_id=decision.rule_id if rule is not None and rule == decision.rule
+                        else None)
 
     # Credentials: the header a rule injects, and the tripwire on every visible request
 
@@ -183,7 +189,7 @@ class Gate:
             except ResolveError as e:
                 decision, unresolved = self.refuse(decision, str(e), decision.rule), True
         return Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip,
-                      unresolved=unresolved)
+                      unresolved=unresolved, identity=identity, policy=policy)
 
     def raw_tcp(self, client: Client, address: Address, port: int) -> Tunnel:
         """Raw TCP (SSH, databases) names no host: it may reach an address only if the resolver
@@ -212,7 +218,7 @@ class Gate:
                 break
         name, decision = tried[-1] if tried[-1][1].passes else tried[0]
         return Tunnel(host_or_none(name) or address, port, decision,
-                      address if decision.passes else None)
+                      address if decision.passes else None, policy=policy)
 
     # Ask mode: where no rule matched, a person may still say yes
 
@@ -259,6 +265,7 @@ class Gate:
         denied (an allowed one is recorded when it closes, with its bytes)."""
         client.tunnel = tunnel
         if tunnel.decision.passes:
+            self.live.add(client, tunnel)
             tunnel.active = True
             self.runtime.metrics.active_connections.labels(tunnel.decision.account).inc()
         else:
@@ -268,8 +275,17 @@ class Gate:
     def refuse_tunnel(self, client: Client, tunnel: Tunnel, reason: str) -> None:
         """An allowed connection turned out not to be what was decided (its SNI, or raw TCP
         where requests must be inspected): denied and recorded now."""
+        self.live.remove(tunnel)
         tunnel.decision = self.refuse(tunnel.decision, reason)
         self.record_connection(client, tunnel)
+
+    def withdraw(self, client: Client, tunnel: Tunnel, reason: str) -> None:
+        """An open connection that the policy no longer allows (a rule expired, or a reload
+        withdrew it; livetunnels.py): denied and recorded now, with what it carried so far,
+        before its adapter closes it."""
+        tunnel.decision = self.refuse(tunnel.decision, reason, tunnel.decision.rule)
+        self.record_connection(client, tunnel, bytes_up=tunnel.bytes_up,
+                               bytes_down=tunnel.bytes_down, duration_ms=tunnel.duration_ms())
 
     def finish(self, client: Client) -> None:
         """The client has gone: counts its connection's bytes and records it."""
@@ -277,6 +293,7 @@ class Gate:
         if tunnel is None:
             return
         client.tunnel = None
+        self.live.remove(tunnel)
         metrics, account = self.runtime.metrics, tunnel.decision.account
         if tunnel.active:
             metrics.active_connections.labels(account).dec()
@@ -344,7 +361,8 @@ class Gate:
         return Exchange(decision, host, port, ip)
 
     def end_exchange(self, client: Client, exchange: Exchange, method: str, path: str,
-                     bytes_up: int | None, bytes_down: int | None) -> None:
+                     bytes_up: int | None, bytes_down: int | None,
+                     body: bytes | None = None) -> None:
         tunnel = client.tunnel
         if tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
             tunnel.bytes_up += bytes_up or 0
@@ -356,7 +374,7 @@ class Gate:
             metrics.bytes.labels(account, "down").inc(bytes_down or 0)
         self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
                     exchange.ip, method=method, path=path, bytes_up=bytes_up,
-                    bytes_down=bytes_down, duration_ms=exchange.duration_ms())
+                    bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body)
 
     # The record
 
@@ -384,9 +402,11 @@ class Gate:
                port: int | None, ip: Address | None, *, policy: Policy | None = None,
                reason: str | None = None, method: str | None = None, path: str | None = None,
                qtype: str | None = None, bytes_up: int | None = None,
-               bytes_down: int | None = None, duration_ms: float | None = None) -> None:
+               bytes_down: int | None = None, duration_ms: float | None = None,
+               body: bytes | None = None) -> None:
         """Counts the decision and writes its one audit event (`reason` overrides the
-        decision's, to add what happened after it)."""
+        decision's, to add what happened after it). `body`: the request's body when it was
+        read, for the operations only it tells apart (rules/operations.py)."""
         self.runtime.metrics.count(decision, stage)
         process = client.known_process()
         identity = client.identity
@@ -399,7 +419,9 @@ class Gate:
             decision=decision.result, rule=decision.rule, reason=reason or decision.reason,
             mode=decision.mode if decision.account else None,
             policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
-            duration_ms=duration_ms,
+            duration_ms=duration_ms, rule_id=decision.rule_id,
+            op=operation(method, path, body) if stage is Stage.REQUEST else None,
+            ancestry=list(process.ancestry) if process and process.ancestry else None,
             credential=decision.credential if stage is Stage.REQUEST else None,
             approval=decision.approval)
         if self.approvals is not None and decision.result is Result.DENY:

@@ -47,6 +47,7 @@ class Rule:
     preset: str | None = None
     preset_source: str | None = None  # the preset entry this rule came from
     credential: str | None = None  # injected into every request this rule allows
+    id: str = ""  # stable: the rule's `id:`, or derived from its account and content
 
     @property
     def inspects(self) -> bool:
