@@ -1,4 +1,5 @@
-"""The audit log: one JSON line per destination event (an AuditEvent, auditevent.py).
+"""The audit log: one JSON line per destination event (an AuditEvent, auditevent.py), in the
+form a line formatter gives it (JSON lines by default, OCSF with ocsf.line).
 
 Events are queued by the event loop and written by one thread, so a slow disk never blocks the
 proxy; `close()` drains the queue, so nothing accepted is lost on shutdown. Each batch is one
@@ -17,6 +18,7 @@ import os
 import queue
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .auditevent import AuditEvent
@@ -30,10 +32,13 @@ _GROW = object()  # wakes the writer to reserve more room
 
 
 class AuditLog:
-    def __init__(self, path: Path | None, slack: int = SLACK_BYTES) -> None:
-        """`path` None writes to standard output; `slack`: the room reserved beyond the
-        promised lines."""
+    def __init__(self, path: Path | None,
+                 formatter: Callable[[AuditEvent], str] = AuditEvent.line,
+                 slack: int = SLACK_BYTES) -> None:
+        """`path` None writes to standard output; `formatter` makes each event's line; `slack`:
+        the room reserved beyond the promised lines."""
         self.path = path
+        self.formatter = formatter
         self.events = 0
         self.write_errors = 0
         self.failing = False  # the last write failed: traffic may go unrecorded
@@ -121,7 +126,7 @@ class AuditLog:
                 self.space.reset(fd)
                 os.close(self._fd)
                 self._fd = fd
-        lines = [_line(item) for item in batch]
+        lines = [self._line(item) for item in batch]
         count = sum(line.count(b"\n") for line, _ in lines)
         dropped = 0
         if self.space.reservable:
@@ -147,12 +152,13 @@ class AuditLog:
             self.failing = False
 
 
-def _line(item: object) -> tuple[bytes, int]:
-    """A queued item as (bytes, room promised to it): an event, an event with its promise, or
-    lines relayed from a worker (promised by the worker, in its own reservation)."""
-    if isinstance(item, bytes):
-        return item, 0
-    if isinstance(item, tuple):
-        event, promised = item
-        return event.line().encode(), promised
-    return item.line().encode(), 0  # type: ignore[attr-defined]
+    def _line(self, item: object) -> tuple[bytes, int]:
+        """A queued item as (bytes, room promised to it): an event, an event with its
+        promise, or lines relayed from a worker (promised by the worker, in its own
+        reservation)."""
+        if isinstance(item, bytes):
+            return item, 0
+        if isinstance(item, tuple):
+            event, promised = item
+            return self.formatter(event).encode(), promised
+        return self.formatter(item).encode(), 0  # type: ignore[arg-type]

@@ -9,7 +9,9 @@ Scenarios, each route in turn:
   (a) plain HTTP keep-alive GETs of a 6-byte body, 32 connections (wrk): req/s, p50, p99;
   (b) a new CONNECT tunnel, TLS handshake and one GET per request, 32 at once (hey);
   (c) one 200 MB HTTPS download through a passed-through tunnel (curl): MB/s, median of 3;
-  (d) plain HTTP GETs of 10 MiB bodies, 8 connections (wrk): the proxy's peak RSS.
+  (d) plain HTTP GETs of 10 MiB bodies, 8 connections (wrk): the proxy's peak RSS;
+  (e) inspected HTTPS keep-alive GETs, 32 connections (hey): a rule with `methods` makes the
+      proxy terminate TLS, beside bare mitmdump's full interception.
 See bench/README.md for what each figure means. Everything started is stopped at the end.
 """
 
@@ -38,6 +40,7 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 HTTP_NAME, TLS_NAME = "web.test", "secure.test"
+INSPECT_NAME = "inspect.test"  # the same HTTPS origin, under a rule that inspects
 CONNECTIONS = 32
 BIG = 10 * 1024 * 1024  # scenario (d)
 BULK = 200 * 1000 * 1000  # scenario (c)
@@ -183,6 +186,9 @@ accounts:
         ports: [{http_port}]
       - host: {TLS_NAME}
         ports: [{https_port}]
+      - host: {INSPECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
       - cidr: 127.0.0.1/32
         ports: [{http_port}, {https_port}]
 """)
@@ -297,6 +303,10 @@ def hey_tunnels(route: Route, origin_port: int, seconds: float) -> Result:
     host = TLS_NAME if route.proxy is not None and route.host == TLS_NAME else "127.0.0.1"
     out = subprocess.run([*command, f"https://{host}:{origin_port}/"], capture_output=True,
                          text=True, timeout=seconds + 60, env=ENV)
+    return _hey_result(out)
+
+
+def _hey_result(out: subprocess.CompletedProcess[str]) -> Result:
     text = out.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
     if rate is None:
@@ -309,6 +319,18 @@ def hey_tunnels(route: Route, origin_port: int, seconds: float) -> Result:
     return Result(float(rate.group(1)), float(p50.group(1)) * 1000 if p50 else None,
                   float(p99.group(1)) * 1000 if p99 else None,
                   errors + sum(n for code, n in statuses.items() if code != 200))
+
+
+def hey_inspected(route: Route, origin_port: int, seconds: float) -> Result:
+    """Keep-alive GETs of `/` on the HTTPS origin through a proxy that terminates TLS (hey
+    does not verify certificates, so the proxy's own CA needs no installing)."""
+    assert route.proxy is not None
+    host = INSPECT_NAME if route.host == INSPECT_NAME else "127.0.0.1"
+    out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-t", "10",
+                          "-host", INSPECT_NAME, "-x", f"http://127.0.0.1:{route.port}",
+                          f"https://{host}:{origin_port}/"], capture_output=True, text=True,
+                         timeout=seconds + 60, env=ENV)
+    return _hey_result(out)
 
 
 def curl_bulk(route: Route, origin_port: int, downloads: int) -> Result:
@@ -428,7 +450,8 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def report(title: str, unit: str, results: dict[str, Result], reference: str) -> str:
-    ref, squid = results[reference].rate, results["squid"].rate
+    ref = results[reference].rate
+    squid = results["squid"].rate if "squid" in results else None  # (e): squid does not inspect
     memory = any(r.rss_peak_mib for r in results.values())
     headers = [title, unit, "p50 ms", "p99 ms", "errors", f"÷ {reference}", "÷ squid"]
     headers += ["RSS before MiB", "RSS peak MiB"] if memory else []
@@ -471,7 +494,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per route (a smoke run)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy agent-egress under (a), (b) and (c) into DIR")
-    parser.add_argument("--only", default="abcd", metavar="LETTERS",
+    parser.add_argument("--only", default="abcde", metavar="LETTERS",
                         help="run only these scenarios, e.g. 'b' (default: all)")
     parser.add_argument("--source", type=Path, metavar="DIR",
                         help="run agent-egress from this copy of the repository (PYTHONPATH), "
@@ -490,12 +513,16 @@ def main() -> None:
             stack.callback(service.stop)
             return Route(label, service, port, host)
 
-        dns = Dns({HTTP_NAME, TLS_NAME})
+        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME})
         stack.callback(dns.stop)
-        nginx, http_port, https_port = start_nginx(work, trustme.CA().issue_cert(TLS_NAME))
+        ca = trustme.CA()
+        ca_file = work / "origin-ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME))
         stack.callback(nginx.stop)
         policy = write_policy(work, http_port, https_port)
-        named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source),
+        named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source,
+                                            "--upstream-ca", str(ca_file)),
                         "agent-egress", HTTP_NAME)
         literal = Route("agent-egress, IP literal", named.proxy, named.port, "127.0.0.1")
         cores = len(os.sched_getaffinity(0))
@@ -510,10 +537,13 @@ def main() -> None:
                                        "stream_large_bodies=1m"), "mitmdump lazy", "127.0.0.1")
         passthrough = started(*start_mitmdump(work / "mitmdump-pass", "--ignore-hosts", ".*"),
                               "mitmdump passthrough", "127.0.0.1")
+        intercept = started(*start_mitmdump(work / "mitmdump-intercept", "--set",
+                                            f"ssl_verify_upstream_trusted_ca={ca_file}"),
+                            "mitmdump, full interception", "127.0.0.1")
         squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
         direct = Route("direct", None, 0, HTTP_NAME)
         nginx.wait_for_port(http_port)
-        proxies = (named, workers, addon, mitm, lazy, passthrough, squid)
+        proxies = (named, workers, addon, mitm, lazy, passthrough, intercept, squid)
         for route in proxies:
             assert route.proxy is not None
             route.proxy.wait_for_port(route.port)
@@ -535,6 +565,11 @@ def main() -> None:
         def memory(route: Route, warm: bool = False) -> Result:
             return peak_rss(route, http_port, seconds(warm), work)
 
+        def inspected(route: Route, warm: bool = False) -> Result:
+            return hey_inspected(route, https_port, seconds(warm))
+
+        inspecting = dataclasses.replace(named, host=INSPECT_NAME)
+
         scenarios = {
             "(a) plain HTTP keep-alive, 32 connections": (
                 "req/s", [direct, named, literal, workers, addon, mitm, lazy, squid], plain,
@@ -547,6 +582,8 @@ def main() -> None:
                 "mitmdump passthrough"),
             "(d) 10 MiB bodies, 8 connections": (
                 "MB/s", [named, literal, mitm, lazy, squid], memory, "mitmdump lazy"),
+            "(e) inspected HTTPS keep-alive, 32 connections": (
+                "req/s", [inspecting, intercept], inspected, "mitmdump, full interception"),
         }
         watch = CpuWatch([nginx.pid] + [r.proxy.pid for r in proxies if r.proxy])
         done: dict[str, tuple[dict[str, Result], str]] = {}

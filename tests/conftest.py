@@ -104,15 +104,20 @@ def package_index(package_root: Path) -> Iterator[Origin]:
     origin.stop()
 
 
-# Fixtures that start real processes or servers: a test using any of them is end to end.
+# Fixtures that start real processes or servers: a test using any of them is end to end; so is
+# every test of a module that builds and installs the package, runs import-linter over a copy of
+# the tree, or drives the deployment's tools (promtool, systemd-analyze, nft, rsyslogd, ...).
 _END_TO_END_FIXTURES = frozenset({"cli", "dns", "web", "secure", "git_origin", "package_index"})
+_END_TO_END_MODULES = frozenset({"test_packaging.py", "test_layers.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Marks the end-to-end tests `e2e`, so that `scripts/test -m "not e2e"` runs the fast,
     in-process rest."""
     for item in items:
-        if _END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+        path = Path(str(item.path))
+        if (_END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or path.name in _END_TO_END_MODULES or path.parent.name == "deploy"):
             item.add_marker(pytest.mark.e2e)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import tempfile
@@ -182,6 +181,22 @@ def test_allowed_http_and_https_pass_through_the_transparent_listener(devbox, ag
     assert {e["exe"] for e in events if e["event"] != "dns"} == {shutil.which("curl")}
 
 
+def test_fifty_kept_alive_requests_through_the_transparent_listener(cli, devbox, agent, proxy,
+                                                                     far_side, agent_home):
+    """Plain HTTP and inspected HTTPS, 50 requests on one connection each: every one is served
+    (an upstream connection whose address was pinned used to be reused by none, and the sixth
+    request waited for one of mitmproxy's 5 connections per address)."""
+    plain = curl(devbox, agent, *(f"http://web.test/kept{i}" for i in range(50)))
+    assert plain.stdout.count("hello from web.test GET /kept") == 50, plain.stderr
+    bundle = agent_home / "ca-bundle.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    inspected = as_agent(devbox, agent, "curl", "-sS", "--max-time", "30", "--cacert",
+                         str(bundle), *(f"https://inspect.test/kept{i}" for i in range(50)))
+    assert inspected.stdout.count("hello from inspect.test GET /kept") == 50, inspected.stderr
+
+
 @pytest.fixture
 def agent_home() -> Iterator[Path]:
     """A directory the agent account may write (pytest's own are root's only)."""
@@ -210,26 +225,18 @@ def test_git_clones_and_pip_installs_by_name(devbox, agent, proxy, far_side, age
         ("git.test", GIT, "allow", agent.pw_uid), ("index.test", INDEX, "allow", agent.pw_uid)}
 
 
-def rollout_environment() -> str:
-    """The account's environment as docs/rollout.md gives it: its `export` block."""
-    text = (ROOT / "docs" / "rollout.md").read_text()
-    section = text[text.index("## 2. The agent's login environment"):text.index("## 3.")]
-    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S)
-                if b.startswith("export ")]
-    return str(block)
-
-
 def test_clients_work_in_the_login_environment_of_the_rollout_guide(cli, devbox, agent, proxy,
                                                                     far_side, agent_home):
-    """The guide's variables send the clients to the explicit listener (the events name a
-    loopback client), and its CA bundle lets them verify both passed-through HTTPS (the far
-    side's CA stands in for the public ones) and inspected HTTPS."""
+    """The environment the guide has `agent-egress env` write sends the clients to the explicit
+    listener (the events name a loopback client), and its CA bundle lets them verify both
+    passed-through HTTPS (the far side's CA, added here, stands in for the public ones) and
+    inspected HTTPS."""
     bundle = agent_home / "ca-bundle.pem"
-    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
-    bundle.write_text(far_side.read_text() + proxy_ca.read_text())
     profile = agent_home / "profile.sh"
-    profile.write_text(rollout_environment().replace("/etc/agent-egress/ca-bundle.pem",
-                                                     str(bundle)))
+    profile.write_text(sh(cli, "env", "--state-dir", str(proxy.directory / "state"),
+                          "--ca-bundle", str(bundle)).stdout)
+    with bundle.open("a") as written:
+        written.write(far_side.read_text())
     for path in (bundle, profile):
         path.chmod(0o644)
 
