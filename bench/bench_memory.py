@@ -23,7 +23,9 @@ import trustme
 from bench_load import (
     NAMES,
     WORKERS,
+    Phase,
     Sampler,
+    failures,
     limits,
     nginx,
     policy,
@@ -126,7 +128,9 @@ def main() -> None:
     matching = match_audit(load.outcomes, events, plan.run)
     print(f"\n{len(results):,} requests, {results.count(OK):,} allowed ok, "
           f"{results.count(FAILED)} failed; audit: {matching.matched:,} matched, "
-          f"{len(matching.missing)} missing, {len(matching.duplicated)} duplicated\n")
+          f"{len(matching.missing)} missing, {len(matching.duplicated)} duplicated")
+    broken = failures(Phase("load", load.outcomes, events, plan.run, seconds, []))
+    print(f"failed: {broken}\n" if broken else "")
     reference = next(v for m, v in by_minute if m == int(args.settle))
     later = [(m, v) for m, v in by_minute if m > args.settle]
     print(table(["minute", "RSS MiB (median of the minute)", "vs minute "
