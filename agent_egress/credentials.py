@@ -26,7 +26,7 @@ from .rules import Credential, PolicyDocument, PolicyError, Problem, Scheme
 SCANNED_BODY = 64 * 1024  # the tripwire reads this much of a request body
 MIN_SECRET = 8  # a shorter value would trip on ordinary traffic
 MAX_SECRET = 16 * 1024
-_Stamp = tuple[int, int, int] | None
+_Stamp = tuple[int, int, int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +118,14 @@ def body_head(body: bytes, encoding: str | None) -> bytes:
 
 
 def stamp(path: str) -> _Stamp:
-    """What a file is now (inode, mtime, size), to see it change; None when it cannot be
-    read."""
+    """What a file is now (inode, mtime, size, and ctime: a change of owner, mode or ACL that
+    lets a governed account read the secret is a change too), to see it change; None when it
+    cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
 
 def load_secrets(document: PolicyDocument, governed: Mapping[int, str],
