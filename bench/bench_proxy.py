@@ -11,7 +11,9 @@ Scenarios, each route in turn:
   (c) one 200 MB HTTPS download through a passed-through tunnel (curl): MB/s, median of 3;
   (d) plain HTTP GETs of 10 MiB bodies, 8 connections (wrk): the proxy's peak RSS;
   (e) inspected HTTPS keep-alive GETs, 32 connections (hey): a rule with `methods` makes the
-      proxy terminate TLS, beside bare mitmdump's full interception.
+      proxy terminate TLS, beside bare mitmdump's full interception; and, on a second
+      agent-egress whose policy has a credential, the same rule (tripwire on) and one with
+      `credential` (the header injected: what injection costs).
 See bench/README.md for what each figure means. Everything started is stopped at the end.
 """
 
@@ -41,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 HTTP_NAME, TLS_NAME = "web.test", "secure.test"
 INSPECT_NAME = "inspect.test"  # the same HTTPS origin, under a rule that inspects
+INJECT_NAME = "inject.test"  # and under one that injects a credential
+DUMMY = "Authorization: Bearer dummy-held-by-the-agent"  # what (e)'s client sends
 CONNECTIONS = 32
 BIG = 10 * 1024 * 1024  # scenario (d)
 BULK = 200 * 1000 * 1000  # scenario (c)
@@ -195,6 +199,34 @@ accounts:
     return policy
 
 
+def write_credential_policy(directory: Path, https_port: int) -> Path:
+    """(e) with credentials: the inspecting rule, and one that injects a secret from a file."""
+    secret = directory / "bench-token"
+    secret.write_text(os.urandom(20).hex() + "\n")
+    secret.chmod(0o600)
+    policy = directory / "policy-credentials.yaml"
+    policy.write_text(f"""version: 1
+credentials:
+  bench-token:
+    file: {secret}
+accounts:
+  bench:
+    match:
+      uids: [{os.getuid()}]
+    allow:
+      - host: {INSPECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
+      - host: {INJECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
+        credential: bench-token
+      - cidr: 127.0.0.1/32
+        ports: [{https_port}]
+""")
+    return policy
+
+
 def _env(source: Path | None) -> dict[str, str]:
     return ENV if source is None else {**ENV, "PYTHONPATH": str(source.resolve())}
 
@@ -325,9 +357,11 @@ def hey_inspected(route: Route, origin_port: int, seconds: float) -> Result:
     """Keep-alive GETs of `/` on the HTTPS origin through a proxy that terminates TLS (hey
     does not verify certificates, so the proxy's own CA needs no installing)."""
     assert route.proxy is not None
-    host = INSPECT_NAME if route.host == INSPECT_NAME else "127.0.0.1"
+    named = route.host in (INSPECT_NAME, INJECT_NAME)
+    host = route.host if named else "127.0.0.1"
     out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-t", "10",
-                          "-host", INSPECT_NAME, "-x", f"http://127.0.0.1:{route.port}",
+                          "-host", route.host if named else INSPECT_NAME, "-H", DUMMY,
+                          "-x", f"http://127.0.0.1:{route.port}",
                           f"https://{host}:{origin_port}/"], capture_output=True, text=True,
                          timeout=seconds + 60, env=ENV)
     return _hey_result(out)
@@ -477,6 +511,12 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
                              f"< {TARGET_RSS_MIB} MiB {met}")
                 continue
             ratio = result.rate / results[reference].rate
+            if label == "agent-egress, credential injected":  # issue 15: what injection costs
+                without = results["agent-egress, tripwire on"].rate
+                met = "met" if result.rate >= 0.9 * without and not result.errors else "NOT met"
+                lines.append(f"- {name} {label}: {result.rate / without - 1:+.1%} against the "
+                             f"same rule without injection; target at most -10% {met}")
+                continue
             if "workers" in label and name.startswith("(b)"):  # issue 8: the gap to squid
                 of_squid = result.rate / results["squid"].rate
                 met = "met" if ratio >= 2 and of_squid >= 0.5 and not result.errors else "NOT met"
@@ -513,12 +553,13 @@ def main() -> None:
             stack.callback(service.stop)
             return Route(label, service, port, host)
 
-        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME})
+        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME, INJECT_NAME})
         stack.callback(dns.stop)
         ca = trustme.CA()
         ca_file = work / "origin-ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
-        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME))
+        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME,
+                                                                INJECT_NAME))
         stack.callback(nginx.stop)
         policy = write_policy(work, http_port, https_port)
         named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source,
@@ -529,6 +570,10 @@ def main() -> None:
         workers = started(*start_agent_egress(work / "agent-egress-workers", policy, dns,
                                               args.source, "--workers", str(cores)),
                           f"agent-egress, {cores} workers", HTTP_NAME)
+        credentialed = started(*start_agent_egress(
+            work / "agent-egress-credentials", write_credential_policy(work, https_port), dns,
+            args.source, "--upstream-ca", str(ca_file)), "agent-egress, tripwire on",
+            INSPECT_NAME)
         addon = started(*start_mitmdump_addon(work / "mitmdump-addon", policy, dns, args.source),
                         "mitmdump + addon", HTTP_NAME)
         mitm = started(*start_mitmdump(work / "mitmdump"), "mitmdump", "127.0.0.1")
@@ -543,7 +588,8 @@ def main() -> None:
         squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
         direct = Route("direct", None, 0, HTTP_NAME)
         nginx.wait_for_port(http_port)
-        proxies = (named, workers, addon, mitm, lazy, passthrough, intercept, squid)
+        proxies = (named, workers, credentialed, addon, mitm, lazy, passthrough, intercept,
+                   squid)
         for route in proxies:
             assert route.proxy is not None
             route.proxy.wait_for_port(route.port)
@@ -569,6 +615,8 @@ def main() -> None:
             return hey_inspected(route, https_port, seconds(warm))
 
         inspecting = dataclasses.replace(named, host=INSPECT_NAME)
+        injecting = dataclasses.replace(credentialed, label="agent-egress, credential injected",
+                                        host=INJECT_NAME)
 
         scenarios = {
             "(a) plain HTTP keep-alive, 32 connections": (
@@ -583,7 +631,8 @@ def main() -> None:
             "(d) 10 MiB bodies, 8 connections": (
                 "MB/s", [named, literal, mitm, lazy, squid], memory, "mitmdump lazy"),
             "(e) inspected HTTPS keep-alive, 32 connections": (
-                "req/s", [inspecting, intercept], inspected, "mitmdump, full interception"),
+                "req/s", [inspecting, credentialed, injecting, intercept], inspected,
+                "mitmdump, full interception"),
         }
         watch = CpuWatch([nginx.pid] + [r.proxy.pid for r in proxies if r.proxy])
         done: dict[str, tuple[dict[str, Result], str]] = {}
