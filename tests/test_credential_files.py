@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,12 @@ def test_validate_and_start_up_refuse_a_secret_a_governed_user_can_read(
 def test_a_reload_refuses_a_secret_a_governed_user_can_read_and_keeps_the_old(
         cli, base, agent, secret_group, tmp_path, dns, opening: Opening):
     seen: list[str | None] = []
-    origin = Origin(lambda request: (seen.append(request.headers.get("Authorization")),
-                                     _ok(request)))
+
+    def record(request: BaseHTTPRequestHandler) -> None:
+        seen.append(request.headers.get("Authorization"))
+        _ok(request)
+
+    origin = Origin(record)
     secret = secret_at(base, OLD)
     proxy = RunningProxy(cli, tmp_path, policy_text(secret, agent, origin.port),
                          "--upstream-dns", dns.address)
@@ -180,7 +185,7 @@ def fetch(proxy: RunningProxy, url: str) -> str:
                           capture_output=True, text=True, timeout=30).stdout
 
 
-def _ok(request) -> None:
+def _ok(request: BaseHTTPRequestHandler) -> None:
     request.send_response(200)
     request.send_header("Content-Length", "3")
     request.end_headers()

@@ -48,7 +48,7 @@ def origin():
 
 
 @pytest.fixture
-def secret_file(tmp_path) -> Path:
+def secret_file(tmp_path: Path) -> Path:
     path = tmp_path / "secrets" / "file-token"
     path.parent.mkdir(mode=0o700)
     path.write_text(FILE_SECRET + "\n")

@@ -70,7 +70,7 @@ def _basic(user: str, password: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def secret_dir(tmp_path_factory) -> Path:
+def secret_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("secrets")
     directory.chmod(0o700)
     for name, value in SECRETS.items():
@@ -81,7 +81,7 @@ def secret_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repos(git_repo: Path, tmp_path_factory) -> Path:
+def repos(git_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     served = tmp_path_factory.mktemp("served")
     for name in ("app.git", "other.git"):
         subprocess.run(["git", "clone", "-q", "--bare", str(git_repo / "repo.git"),
