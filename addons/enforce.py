@@ -29,6 +29,7 @@ from agent_egress.gate import Gate
 from agent_egress.rules import Address, Name, Stage, host_text
 
 from . import transparent, tripwire
+from .closing import mitmproxy_closer, untrusted_ca_reason
 from .passthrough import CountingTCPLayer, refuse_next_layer
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Enforcer:
                                                 _proxy_user(flow))
         if not tunnel.decision.passes:
             await self.gate.attribute(client)
+        tunnel.closer = mitmproxy_closer(flow.client_conn.id)
         self.gate.open(client, tunnel)
         if not tunnel.decision.passes:
             flow.response = denial(tunnel.decision, tunnel.destination,
@@ -175,6 +177,17 @@ class Enforcer:
             _refuse_hello(data, refusal)
         elif not tunnel.decision.inspect:
             data.ignore_connection = True
+
+    async def tls_failed_client(self, data: tls.TlsData) -> None:
+        """The client broke off the handshake of inspected TLS: most often it does not trust
+        the proxy's CA. Recorded, with what to install where (mitmproxy only logs it)."""
+        client = self.clients.get(data.context.client.id)
+        tunnel = client.tunnel if client is not None else None
+        if client is None or tunnel is None or not tunnel.decision.passes:
+            return
+        await self.gate.attribute(client)
+        self.gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(
+            tunnel.destination, data.conn.error or "handshake failed"))
 
     @_deny_on_error(_refuse_tcp)
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
@@ -267,10 +280,13 @@ class Enforcer:
         client = self.clients.get(flow.client_conn.id)
         if not isinstance(exchange, Exchange) or client is None:
             return
-        await self.gate.attribute(client)  # the client waits for this answer: it still exists
-        bytes_down = exchange.received.total if flow.response is not None else None
-        self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
-                               _body_size(flow.request), bytes_down)
+        try:
+            await self.gate.attribute(client)  # the client waits for its answer: it exists
+        finally:  # cancelled (the proxy is stopping) or not, the request is recorded
+            bytes_down = exchange.received.total if flow.response is not None else None
+            self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
+                                   _body_size(flow.request), bytes_down,
+                                   flow.request.raw_content)
 
     # Upstream
 

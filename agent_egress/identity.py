@@ -71,6 +71,7 @@ class Process:
     pid: int
     exe: str | None
     cmdline: str | None
+    ancestry: tuple[str, ...] = ()  # EXE[PID], this process first, then its parents
 
 
 class SocketOwners:
@@ -348,7 +349,7 @@ def find_process(inode: int, uid: int, secrets: Collection[str] = ()) -> Process
         except OSError:
             continue
         if inode in sockets:
-            process = _describe(int(name), secrets)
+            process = _describe(int(name), secrets, uid)
             _last_process[uid] = process.pid
             # A client opening connections at once has its next ones' sockets open already:
             # this scan finds them, so their own lookups need not read /proc again.
@@ -379,21 +380,56 @@ _socket_owners: dict[int, tuple[Process, int]] = {}
 _MAX_SOCKET_OWNERS = 4096
 
 
-def _describe(pid: int, secrets: Collection[str] = ()) -> Process:
-    try:
-        exe: str | None = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = None
+def _describe(pid: int, secrets: Collection[str] = (), uid: int | None = None) -> Process:
+    exe = _exe(pid)
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             data = f.read(MAX_CMDLINE + 1)
         cmdline: str | None = describe_cmdline(data, secrets)
     except OSError:
         cmdline = None
-    return Process(pid, exe, cmdline)
+    return Process(pid, exe, cmdline, ancestry(pid, uid, exe))
 
 
 MAX_CMDLINE = 4096
+MAX_ANCESTRY = 8
+
+
+def ancestry(pid: int, uid: int | None, exe: str | None = None) -> tuple[str, ...]:
+    """`pid` and its ancestors as `EXE[PID]`, nearest first, up to (not including) the first
+    process of another uid than `uid` (its own, if None), at most MAX_ANCESTRY: for an agent,
+    `curl[…]`, `bash[…]`, `codex[…]`. A process whose executable cannot be read (gone, or
+    another user's without the privilege) is named by its command name; the chain ends at
+    a process that has gone."""
+    chain: list[str] = []
+    current: int | None = pid
+    while current and len(chain) < MAX_ANCESTRY:
+        try:
+            owner = os.stat(f"/proc/{current}").st_uid
+            with open(f"/proc/{current}/stat", "rb") as f:
+                stat = f.read(4096)
+        except OSError:
+            break
+        if uid is None:
+            uid = owner
+        elif owner != uid:
+            break
+        command, _, rest = stat.rpartition(b")")
+        fields = rest.split()
+        name = os.path.basename(exe or _exe(current) or "")
+        if not name:
+            name = command.partition(b"(")[2].decode(errors="replace")
+        chain.append(f"{name}[{current}]")
+        exe = None
+        current = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    return tuple(chain)
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def describe_cmdline(data: bytes, secrets: Collection[str] = ()) -> str:

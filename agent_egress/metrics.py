@@ -3,7 +3,7 @@ decision, direction, signal, result; never a host or an address."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
@@ -72,6 +72,11 @@ class Metrics:
         self.prepare(policies.current)
         policies.on_change = self.prepare
 
+    def watch_requests(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Exposes agent_egress_access_requests{account,state} from `counts`: the access
+        requests opened or answered in the last 24 hours (approvals.py)."""
+        self.registry.register(_RequestsCollector(counts))
+
     def prepare(self, policy: Policy) -> None:
         """Zero series for every account, stage and decision: an alert on `increase()` sees
         an account's first denial, which a series created by that denial would hide."""
@@ -126,3 +131,21 @@ class _StateCollector(Collector):
         for account, count in counts.items():
             exposed.add_metric([account], count)
         yield exposed
+
+
+REQUEST_STATES = ("pending", "approved", "rejected", "expired")
+
+
+class _RequestsCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("agent_egress_access_requests",
+                                   "Access requests of the last 24 hours, by account and state",
+                                   labels=["account", "state"])
+        counts = self.counts()
+        for account in sorted({account for account, _ in counts}):
+            for state in REQUEST_STATES:
+                family.add_metric([account, state], counts.get((account, state), 0))
+        yield family

@@ -49,6 +49,7 @@ from agent_egress.rules import (
     Decision,
     HostError,
     Identity,
+    Mode,
     Name,
     Policy,
     Stage,
@@ -224,6 +225,8 @@ class PolicyResolver:
             for signal in event.signals:
                 self.runtime.metrics.dns_suspicious.labels(decision.account, signal).inc()
         if not decision.passes:
+            if decision.unmatched and decision.mode is Mode.ASK:
+                decision = self.gate.ask_later(decision, host.text if host else question.name)
             event.write(decision)
             code = EDE_BLOCKED if decision.account else EDE_PROHIBITED
             return _denial(packet, question, decision, code)

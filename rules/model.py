@@ -17,6 +17,7 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class Mode(StrEnum):
     ENFORCE = "enforce"
     LEARN = "learn"
+    ASK = "ask"  # unmatched traffic waits for a person's answer (agent_egress/approvals.py)
 
 
 class Result(StrEnum):
@@ -46,6 +47,7 @@ class Rule:
     preset: str | None = None
     preset_source: str | None = None  # the preset entry this rule came from
     credential: str | None = None  # injected into every request this rule allows
+    id: str = ""  # stable: the rule's `id:`, or derived from its account and content
 
     @property
     def inspects(self) -> bool:
@@ -86,6 +88,7 @@ class Account:
     match: Match
     allow: tuple[Rule, ...]
     deny: tuple[Rule, ...]
+    ask_timeout: float = 30.0  # ask mode: seconds an unmatched connection waits for an answer
 
 
 class Scheme(StrEnum):
