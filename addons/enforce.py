@@ -30,6 +30,7 @@ from agent_egress.rules import Address, Name, Stage, host_text
 
 from . import transparent, tripwire
 from .closing import mitmproxy_closer, untrusted_ca_reason
+from .limits import oversized_hello
 from .passthrough import CountingTCPLayer, refuse_next_layer
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,14 @@ class Enforcer:
             await transparent.dispatch(self.gate, nextlayer, client)
             return
         tunnel = client.tunnel
-        if tunnel is None or not tunnel.decision.passes or tunnel.decision.inspect:
+        if tunnel is None or not tunnel.decision.passes:
             return
         data = nextlayer.data_client()
-        if not starts_like_tls_record(data):
+        if too_large := oversized_hello(data):
+            self.gate.refuse_tunnel(client, tunnel, too_large)
+            refuse_next_layer(nextlayer, too_large)
+            return
+        if tunnel.decision.inspect or not starts_like_tls_record(data):
             return
         try:
             hello = parse_client_hello(data)

@@ -214,6 +214,9 @@ class _Client(asyncio.Protocol):
             return
         self.tunnel.closer = self.close
         tunnel = self.tunnels.gate.open(self.client, self.tunnel)
+        if not tunnel.decision.passes:  # the audit log has no room for its line
+            self.close()
+            return
         loop = asyncio.get_running_loop()
         try:
             _, upstream = await loop.create_connection(lambda: _Upstream(self),

@@ -10,7 +10,14 @@ its first byte, as Apache's mod_reqtimeout and nginx's client_header_timeout req
 answers are 431 and 408, then the connection is closed. Framing the parser cannot consume (an
 endless chunk-size line, data pipelined behind a request still being answered) is bounded by the
 same size, by closing the connection. A connection that sends nothing at all is left to
-mitmproxy's idle `tcp_timeout`."""
+mitmproxy's idle `tcp_timeout`.
+
+A TLS ClientHello is bounded likewise: mitmproxy's protocol detection buffers a connection's
+first bytes until the whole ClientHello has come, and its header may announce up to 16 MiB.
+Four connections sending a few MiB of one each left the proxy 14 MiB larger for good (the
+buffer is joined anew on every read, and the allocator keeps the freed blocks). A ClientHello
+that is unfinished and already larger than MAX_CLIENT_HELLO_BYTES, or announces more, is refused
+and the connection closed."""
 
 from __future__ import annotations
 
@@ -18,17 +25,23 @@ import logging
 import resource
 
 from h11._receivebuffer import ReceiveBuffer
+from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
+from mitmproxy.proxy.layers.tls import get_client_hello
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024  # large cookies and tokens fit; nginx allows 4 x 8 KiB by default
 REQUEST_HEAD_SECONDS = 20.0  # Apache's mod_reqtimeout default for the first header byte
 OPEN_FILES_CEILING = 1 << 20
+# Go's crypto/tls allows a handshake message 64 KiB; browsers' ClientHellos, post-quantum key
+# shares included, take under 2 KiB
+MAX_CLIENT_HELLO_BYTES = 64 * 1024
+_HANDSHAKE_CLIENT_HELLO = 1
 
 
 class BoundedHttp1Server(Http1Server):
@@ -93,6 +106,26 @@ class RequestHeadLimits:
             return
         chosen.connections.setdefault(chosen.context.client,
                                       BoundedHttp1Server(chosen.context.fork()))
+
+
+def oversized_hello(data: bytes) -> str | None:
+    """Why a connection whose first bytes are `data` must be refused: a TLS ClientHello, not
+    complete, that already takes (with its record headers) or announces more than
+    MAX_CLIENT_HELLO_BYTES; None otherwise (a whole ClientHello, anything else, or a small
+    part of one). Cheap for the usual small first read."""
+    if not starts_like_tls_record(data):
+        return None
+    announced = int.from_bytes(data[6:9]) if len(data) >= 9 and \
+        data[5] == _HANDSHAKE_CLIENT_HELLO else 0
+    if announced <= MAX_CLIENT_HELLO_BYTES and len(data) <= MAX_CLIENT_HELLO_BYTES:
+        return None
+    try:
+        if get_client_hello(data) is not None:
+            return None  # whole, and followed by more (TLS 1.3 early data)
+    except ValueError:
+        return None  # not TLS records after all: mitmproxy's TLS layer refuses it
+    return (f"TLS ClientHello larger than {MAX_CLIENT_HELLO_BYTES // 1024} KiB "
+            f"({max(announced, len(data))} bytes announced or sent)")
 
 
 def raise_open_file_limit() -> None:

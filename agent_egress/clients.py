@@ -29,6 +29,7 @@ class Client:
     process: Future[Process | None] | None = None
     tunnel: Tunnel | None = None  # the connection it asked for (CONNECT, transparent)
     pinned: dict[tuple[str, int], Address] = field(default_factory=dict)  # (name, port) -> ip
+    promised: int = 0  # audit room for the request just decided, until begin_exchange takes it
 
     def known_process(self) -> Process | None:
         """The process, if the background lookup has found it by now."""

@@ -23,6 +23,7 @@ class Tunnel:
     bytes_down: int = 0
     active: bool = False  # counted in agent_egress_active_connections
     unresolved: bool = False  # refused because the name could not be resolved, not by policy
+    promised: int = 0  # room the audit log set aside for its line (gate.promise)
     identity: Identity | None = None  # who it was decided for (with the proxy user)
     policy: Policy | None = None  # the policy it was decided (or last rechecked) under
     closer: Callable[[], None] | None = None  # closes it: set by the adapter that carries it
@@ -56,6 +57,7 @@ class Exchange:
     ip: Address | None
     started: float = field(default_factory=time.monotonic)
     received: Counted = field(default_factory=Counted)
+    promised: int = 0  # room the audit log set aside for its line (gate.promise)
 
     def duration_ms(self) -> int:
         return round((time.monotonic() - self.started) * 1000)

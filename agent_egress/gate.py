@@ -4,12 +4,18 @@ One sequence, written once, for every path that lets traffic through — the mit
 the fast path for allowed tunnels, transparent raw TCP and the resolver:
 
     identity -> account -> decision (timed for metrics) -> refusal while the audit log is
-    failing -> one audit event
+    failing -> room promised for its audit line before traffic flows -> one audit event
 
 Checks that refine a decision (the SNI, the Host header, the pinned address) hand the gate a
 reason; only the gate (and the pure engine in rules/) turns a reason into a denial, and only
 the gate writes audit events. Nothing here knows mitmproxy or dnslib: the adapters in addons/
 and dns/ translate their hooks and packets into these calls.
+
+No traffic flows on a decision whose line the audit log could not take: where traffic starts
+(a connection opened, a request about to be forwarded, a DNS query about to be answered or
+forwarded) the gate has the audit log promise room for its line, reserved on disk ahead of the
+file (agent_egress/auditspace.py), and refuses when there is none; the line hands the promise
+back when it is written.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import replace
 
 from .approvals import AccessRequest, Approvals, RequestError, State
 from .auditevent import AuditEvent, timestamp
+from .auditspace import LINE_PROMISE
 from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
@@ -63,7 +70,7 @@ class Gate:
                                         lambda: runtime.policies.secrets.values)
         self._accounts: dict[Identity, AccountChoice] = {}
         self._accounts_policy: Policy | None = None
-        self._held: list[AuditEvent] | None = None
+        self._held: list[tuple[AuditEvent, int]] | None = None
         # CONNECTs the fast path decided and then handed to mitmproxy, by client address
         self._handed_over: dict[tuple[str, int], tuple[str, int, Tunnel]] = {}
         self.live = LiveTunnels(self)  # allowed tunnels, decided again when rules change
@@ -139,6 +146,16 @@ class Gate:
     def refuse_client(self, reason: str) -> Decision:
         """A denial before any account is known (proxy authentication failed)."""
         return Decision(Result.DENY, None, reason, "", Mode.ENFORCE)
+
+    def promise(self, decision: Decision, size: int = LINE_PROMISE) -> tuple[Decision, int]:
+        """Room for the audit line of a passing `decision`, set aside before its traffic
+        flows: the decision and the bytes promised (to be handed to `record`), or the refusal
+        when the audit log has no room (with --on-audit-failure=deny, the default)."""
+        if not decision.passes or self.runtime.on_audit_failure != "deny":
+            return decision, 0
+        if not self.runtime.audit.promise(size):
+            return self.refuse(decision, UNRECORDED), 0
+        return decision, size
 
     def _recordable(self, decision: Decision) -> Decision:
         """With --on-audit-failure=deny (the default), nothing passes while the audit log
@@ -262,8 +279,10 @@ class Gate:
 
     def open(self, client: Client, tunnel: Tunnel) -> Tunnel:
         """`tunnel` is the client's connection now: counted if allowed, recorded at once if
-        denied (an allowed one is recorded when it closes, with its bytes)."""
+        denied (an allowed one is recorded when it closes, with its bytes, in the room promised
+        to it here; without room it is denied)."""
         client.tunnel = tunnel
+        tunnel.decision, tunnel.promised = self.promise(tunnel.decision)
         if tunnel.decision.passes:
             self.live.add(client, tunnel)
             tunnel.active = True
@@ -277,7 +296,8 @@ class Gate:
         where requests must be inspected): denied and recorded now."""
         self.live.remove(tunnel)
         tunnel.decision = self.refuse(tunnel.decision, reason)
-        self.record_connection(client, tunnel)
+        self.record_connection(client, tunnel, promised=tunnel.promised)
+        tunnel.promised = 0
 
     def withdraw(self, client: Client, tunnel: Tunnel, reason: str) -> None:
         """An open connection that the policy no longer allows (a rule expired, or a reload
@@ -285,10 +305,15 @@ class Gate:
         before its adapter closes it."""
         tunnel.decision = self.refuse(tunnel.decision, reason, tunnel.decision.rule)
         self.record_connection(client, tunnel, bytes_up=tunnel.bytes_up,
-                               bytes_down=tunnel.bytes_down, duration_ms=tunnel.duration_ms())
+                               bytes_down=tunnel.bytes_down, duration_ms=tunnel.duration_ms(),
+                               promised=tunnel.promised)
+        tunnel.promised = 0
 
     def finish(self, client: Client) -> None:
         """The client has gone: counts its connection's bytes and records it."""
+        if client.promised:  # a request decided and never forwarded
+            self.runtime.audit.release(client.promised)
+            client.promised = 0
         tunnel = client.tunnel
         if tunnel is None:
             return
@@ -302,7 +327,7 @@ class Gate:
         if tunnel.decision.passes:  # denials were recorded when they happened
             self.record_connection(client, tunnel, bytes_up=tunnel.bytes_up,
                                    bytes_down=tunnel.bytes_down,
-                                   duration_ms=tunnel.duration_ms())
+                                   duration_ms=tunnel.duration_ms(), promised=tunnel.promised)
 
     def hand_over(self, peer: tuple[str, int], host_raw: str, port: int,
                   tunnel: Tunnel) -> None:
@@ -346,19 +371,29 @@ class Gate:
             decision = await self.ask(decision, identity, host_raw, port, Stage.REQUEST, method,
                                       path)
         if tunnel is not None or not decision.passes:
+            decision = self._promise_request(client, decision, path)
             return decision, host, tunnel.ip if tunnel is not None else None, False
         original = client.original[0] if client.original else None
         try:
             decision, ip = await self.pinned(client, decision, host, port, original)
         except ResolveError as e:
             return self.refuse(decision, str(e), decision.rule), host, None, True
-        return decision, host, ip, False
+        return self._promise_request(client, decision, path), host, ip, False
+
+    def _promise_request(self, client: Client, decision: Decision, path: str) -> Decision:
+        """Room for the line of a request about to be forwarded, kept on the client until
+        begin_exchange takes it (the path goes into the line, escaped at worst 6 bytes for 1)."""
+        if client.promised:  # an earlier request's, never forwarded
+            self.runtime.audit.release(client.promised)
+        decision, client.promised = self.promise(decision, LINE_PROMISE + 6 * len(path))
+        return decision
 
     def begin_exchange(self, client: Client, decision: Decision, host: Host, port: int,
                        ip: Address | None) -> Exchange:
         if client.tunnel is None:
             self.runtime.metrics.active_connections.labels(decision.account).inc()
-        return Exchange(decision, host, port, ip)
+        promised, client.promised = client.promised, 0
+        return Exchange(decision, host, port, ip, promised=promised)
 
     def end_exchange(self, client: Client, exchange: Exchange, method: str, path: str,
                      bytes_up: int | None, bytes_down: int | None,
@@ -374,7 +409,8 @@ class Gate:
             metrics.bytes.labels(account, "down").inc(bytes_down or 0)
         self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
                     exchange.ip, method=method, path=path, bytes_up=bytes_up,
-                    bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body)
+                    bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body,
+                    promised=exchange.promised)
 
     # The record
 
@@ -393,20 +429,22 @@ class Gate:
             pass
 
     def record_connection(self, client: Client, tunnel: Tunnel, *, bytes_up: int | None = None,
-                          bytes_down: int | None = None,
-                          duration_ms: int | None = None) -> None:
+                          bytes_down: int | None = None, duration_ms: int | None = None,
+                          promised: int = 0) -> None:
         self.record(Stage.CONNECT, client, tunnel.decision, tunnel.host, tunnel.port, tunnel.ip,
-                    bytes_up=bytes_up, bytes_down=bytes_down, duration_ms=duration_ms)
+                    bytes_up=bytes_up, bytes_down=bytes_down, duration_ms=duration_ms,
+                    promised=promised)
 
     def record(self, stage: Stage, client: Client, decision: Decision, host: Host | str,
                port: int | None, ip: Address | None, *, policy: Policy | None = None,
                reason: str | None = None, method: str | None = None, path: str | None = None,
                qtype: str | None = None, bytes_up: int | None = None,
                bytes_down: int | None = None, duration_ms: float | None = None,
-               body: bytes | None = None) -> None:
+               body: bytes | None = None, promised: int = 0) -> None:
         """Counts the decision and writes its one audit event (`reason` overrides the
-        decision's, to add what happened after it). `body`: the request's body when it was
-        read, for the operations only it tells apart (rules/operations.py)."""
+        decision's, to add what happened after it) into the room `promised` to it. `body`: the
+        request's body when it was read, for the operations only it tells apart
+        (rules/operations.py)."""
         self.runtime.metrics.count(decision, stage)
         process = client.known_process()
         identity = client.identity
@@ -427,9 +465,9 @@ class Gate:
         if self.approvals is not None and decision.result is Result.DENY:
             self.approvals.note_denial(event, decision)
         if self._held is None:
-            self.runtime.audit.record(event)
+            self.runtime.audit.record(event, promised)
         else:
-            self._held.append(event)
+            self._held.append((event, promised))
 
     def begin_batch(self) -> None:
         """Until end_batch, events are held, to be queued together (a batch of DNS queries:

@@ -217,8 +217,9 @@ class PolicyResolver:
                 started: float) -> Reply:
         question, qtype, host = asked.question, asked.qtype, asked.host
         policy = self.runtime.policies.current
-        decision = self.gate.decide(policy, who.identity, question.name, None, Stage.DNS)
-        event = _Event(self.gate, policy, who, host or question.name, qtype, started)
+        decision, promised = self.gate.promise(
+            self.gate.decide(policy, who.identity, question.name, None, Stage.DNS))
+        event = _Event(self.gate, policy, who, host or question.name, qtype, started, promised)
         if host is not None and decision.account:
             event.signals = self.signals.observe(decision.account, host.text,
                                                  host.parents[0] if host.parents else None, qtype)
@@ -263,6 +264,7 @@ class PolicyResolver:
             return _upstream_failure(packet, question)
         except Exception:
             log.exception("forwarding %r failed", question.name)
+            self.runtime.audit.release(event.promised)
             return error_reply(packet, SERVFAIL, question)
         record, removed, outside = self._filtered(answer, decision.account, question, name,
                                                   policy)
@@ -365,16 +367,17 @@ class PolicyResolver:
 class _Event:
     """One audit event per query, written once its outcome is known."""
 
-    __slots__ = ("client", "gate", "host", "policy", "qtype", "signals", "started")
+    __slots__ = ("client", "gate", "host", "policy", "promised", "qtype", "signals", "started")
 
     def __init__(self, gate: Gate, policy: Policy, client: Client, host: Name | str,
-                 qtype: str, started: float) -> None:
+                 qtype: str, started: float, promised: int) -> None:
         self.gate = gate
         self.policy = policy
         self.client = client
         self.host = host
         self.qtype = qtype
         self.started = started
+        self.promised = promised  # audit room set aside for its line (gate.promise)
         self.signals: list[str] = []
 
     def write(self, decision: Decision, notes: str = "") -> None:
@@ -385,7 +388,8 @@ class _Event:
             reason += f"; suspected tunnelling: {', '.join(self.signals)}"
         self.gate.record(Stage.DNS, self.client, decision, self.host, None, None,
                          policy=self.policy, reason=reason, qtype=self.qtype,
-                         duration_ms=round((time.monotonic() - self.started) * 1000, 3))
+                         duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+                         promised=self.promised)
 
 
 def _name_or_none(text: str) -> Name | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -43,7 +44,14 @@ class Name:
 Host = Name | Address
 
 
-@functools.lru_cache(maxsize=65536)
+# Hosts normalised lately, each kept with the spelling it was asked in. An agent reaches a few
+# hundred hosts; names new on every request (a load test, a tunnel through DNS names) only
+# cycle through the cache. Each entry takes about 300 bytes: at 65,536 the cache alone grew the
+# proxy by 27 MiB over its first ten minutes under such load.
+NORMALIZED_HOSTS = 16384
+
+
+@functools.lru_cache(maxsize=NORMALIZED_HOSTS)
 def normalize_host(raw: str) -> Host:
     """The canonical form of a host as a client or a policy spells it; raises HostError."""
     text = raw.strip()
@@ -104,10 +112,12 @@ def _name(labels: list[str], raw: str) -> Name:
 
 
 def _parents(text: str) -> tuple[str, ...]:
+    """The parents of `text`, nearest first; interned, so that the names under one parent
+    share its string."""
     parents = []
     dot = text.find(".")
     while dot >= 0:
-        parents.append(text[dot + 1:])
+        parents.append(sys.intern(text[dot + 1:]))
         dot = text.find(".", dot + 1)
     return tuple(parents)
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from support.dnsserver import FaultyDNS
@@ -39,20 +40,31 @@ def fetch(proxy: RunningProxy, url: str) -> str:
                           capture_output=True, text=True, timeout=30).stdout
 
 
+def fetch_through_tunnel(proxy: RunningProxy, url: str) -> str:
+    """GET `url` inside a CONNECT tunnel: the tunnel's line is written when it closes."""
+    return subprocess.run(["curl", "-sS", "--max-time", "10", "-p", "-x", proxy.url, url],
+                          capture_output=True, text=True, timeout=30).stdout
+
+
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("unshare"),
                     reason="a private tmpfs needs root and unshare")
 @pytest.mark.parametrize("on_failure", ["deny", "allow"])
 def test_a_full_audit_disk(cli, tmp_path, dns, web, on_failure):
     disk = tmp_path / "disk"
     disk.mkdir()
-    # a 16 KiB tmpfs in a mount namespace of the proxy's own: a few events fill it
+    # a 64 KiB tmpfs in a mount namespace of the proxy's own: some 80 events fill it
     proxy = RunningProxy(
         cli, tmp_path, policy(web.port), "--upstream-dns", dns.address,
         "--on-audit-failure", on_failure, "--audit-log", str(disk / "audit.jsonl"),
         prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c",
-                f"mount -t tmpfs -o size=16k tmpfs {disk} && exec \"$@\"", "sh"))
+                f"mount -t tmpfs -o size=64k tmpfs {disk} && exec \"$@\"", "sh"))
     try:
-        answers = [fetch(proxy, f"http://web.test:{web.port}/{i}") for i in range(60)]
+        # plain requests and tunnels in turn, then a burst of both at once
+        answers = [(fetch_through_tunnel if i % 2 else fetch)(
+            proxy, f"http://web.test:{web.port}/full-{i}") for i in range(80)]
+        with ThreadPoolExecutor(8) as pool:
+            burst = list(pool.map(lambda i: (fetch_through_tunnel if i % 2 else fetch)(
+                proxy, f"http://web.test:{web.port}/burst-{i}"), range(40)))
         refused = [a for a in answers if "the audit log cannot be written" in a]
         with urllib.request.urlopen(proxy.metrics_url, timeout=10) as response:
             metrics = response.read().decode()
@@ -65,12 +77,37 @@ def test_a_full_audit_disk(cli, tmp_path, dns, web, on_failure):
                                  "+tries=1", "web.test"],
                                 capture_output=True, text=True, timeout=30).stdout
         if on_failure == "deny":
+            # every request that reached the origin, and every tunnel it went through, has
+            # its line (a tunnel's is written as it closes): the file is read in the proxy's
+            # mount namespace
+            log = Path(f"/proc/{proxy.process.pid}/root") / str(disk / "audit.jsonl")[1:]
+            reached = {path for _, _, path in web.requests if path.startswith(("/full-",
+                                                                               "/burst-"))}
+            tunnelled = {p for p in reached if int(p.rsplit("-", 1)[1]) % 2}
+
+            def lines() -> list[str]:
+                return log.read_text().splitlines()
+
+            def recorded() -> tuple[set[str], int]:
+                events = [json.loads(line) for line in lines() if line.endswith("}")]
+                allowed = [e for e in events if e["decision"] == "allow"]
+                return ({e["path"] for e in allowed if e["event"] == "request"},
+                        sum(e["event"] == "connect" for e in allowed))
+
+            wait_until(lambda: recorded()[1] >= len(tunnelled))
+            paths, tunnels = recorded()
+            assert reached and reached <= paths, reached - paths
+            assert tunnels >= len(tunnelled)  # some tunnels had no room for a request
             assert answers[0].startswith("hello") and refused
             assert all(a.startswith("hello") for a in answers[:answers.index(refused[0])])
+            # once the room reserved for lines is used up, nothing passes
+            assert not any(a.startswith("hello") for a in answers[-10:] + burst)
             assert "NXDOMAIN" in lookup and "the audit log cannot be written" in lookup
             assert len(dns.zone.queries) == asked
+            for line in lines():  # and nothing was cut short when the disk filled
+                json.loads(line)
         else:
-            assert all(a.startswith("hello") for a in answers) and not refused
+            assert all(a.startswith("hello") for a in answers + burst) and not refused
             assert "NXDOMAIN" not in lookup
         assert proxy.process.poll() is None
     finally:

@@ -6,6 +6,7 @@ milliseconds; the end-to-end tests with real clients are beside them."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import ssl
 from ipaddress import ip_address
@@ -18,8 +19,10 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.test import taddons, tflow
 from mitmproxy.tls import ClientHello
 
+from agent_egress import auditspace
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.audit import AuditLog
+from agent_egress.auditspace import LINE_PROMISE
 from agent_egress.clients import Client
 from agent_egress.gate import UNRECORDED, Gate
 from agent_egress.metrics import Metrics
@@ -218,3 +221,27 @@ def _hello(sni: str) -> ClientHello:
     hello = parse_client_hello(outgoing.read())
     assert hello is not None and hello.sni == sni
     return hello
+
+
+def test_no_traffic_without_room_for_its_line(gate, monkeypatch):
+    """A connection is let through only once the audit log has promised room for the line it
+    writes when it closes; the lines of those let through are written whatever the disk
+    does meanwhile."""
+    path = gate.runtime.audit.path
+    gate.runtime.audit.close()
+    gate.runtime.audit = AuditLog(path, slack=3 * LINE_PROMISE)
+
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(auditspace, "fallocate_keep_size", no_room)  # the disk fills
+    clients = [Client(f"127.0.0.1:{50000 + i}", AGENT) for i in range(4)]
+    tunnels = [gate.open(c, asyncio.run(gate.connection(c, "allowed.test", 443)))
+               for c in clients]
+    assert [t.decision.passes for t in tunnels] == [True, True, True, False]
+    assert tunnels[3].decision.reason == UNRECORDED
+    request = asyncio.run(gate.request(agent(), "allowed.test", 80, "GET", "/", "allowed.test"))
+    assert request[0].reason == UNRECORDED
+    for client in clients:
+        gate.finish(client)
+    allowed = [e for e in events(gate) if e["decision"] == "allow"]
+    assert [e["client"] for e in allowed] == [c.address for c in clients[:3]]

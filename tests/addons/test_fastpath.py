@@ -233,3 +233,42 @@ def test_a_refused_connect_is_decided_once(proxy, secure):
         sock.sendall(f"CONNECT other.test:{secure.port} HTTP/1.1\r\n\r\n".encode())
         assert sock.recv(100).startswith(b"HTTP/1.1 403")
     assert decisions() - before == 1
+
+
+def _endless_hello(announced: int, record: int) -> bytes:
+    """The start of a ClientHello announcing `announced` bytes, cut into records of `record`
+    bytes each, 4 MiB of it: more than any client sends, and never finished."""
+    body = b"\x01" + announced.to_bytes(3) + b"\x03\x03" + b"\x00" * (4 * 1024 * 1024)
+    return b"".join(b"\x16\x03\x01" + len(chunk).to_bytes(2) + chunk
+                    for chunk in (body[i:i + record] for i in range(0, len(body), record)))
+
+
+@pytest.mark.parametrize(("announced", "record"), [
+    (0xFFFFFF, 16384),  # announces 16 MiB
+    (60 * 1024, 1),  # announces what fits, sends it a byte per record: five times as much
+])
+def test_an_endless_client_hello_is_refused_at_64_kib(proxy, raw_origin, announced, record):
+    """mitmproxy buffers the ClientHello until it is whole: without a bound, four of these
+    left the proxy 14 MiB larger for good."""
+    data = _endless_hello(announced, record)
+    sent = 0
+    with connect(proxy, f"secure.test:{raw_origin.port}") as sock:
+        client = f"127.0.0.1:{sock.getsockname()[1]}"
+        sock.settimeout(10)
+        try:
+            # a first read the fast path hands to mitmproxy, then the rest once it is there
+            sent = sock.send(data[:100])
+            time.sleep(0.3)
+            while sent < len(data):
+                sent += sock.send(data[sent:sent + 65536])
+            closed = sock.recv(65536) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            closed = True
+        except TimeoutError:
+            closed = False
+    assert closed and sent < len(data) // 2, f"the proxy took {sent} bytes of a ClientHello"
+    (event,) = proxy.wait_for_events(lambda e: e["event"] == "connect"
+                                     and e["decision"] == "deny"
+                                     and e["client"] == client
+                                     and "ClientHello larger than 64 KiB" in e["reason"])
+    assert event["host"] == "secure.test"
