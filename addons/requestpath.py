@@ -1,0 +1,575 @@
+"""Plain HTTP/1.1 requests on the explicit listener without mitmproxy's layers.
+
+An agent's plain-HTTP requests through the proxy are mostly kept-alive GETs and POSTs with a
+Content-Length. For each request head (read strictly, agent_egress/http1.py) the same gate as
+mitmproxy's path: identity, the decision on method and path, the Host and target checks, the
+pinned address, the audit line when the response has been relayed. The request goes to the
+origin in origin-form over a kept-alive connection of this client's (one per destination), and
+the response comes back as it arrives, framed as the origin framed it (Content-Length as is,
+chunked re-chunked as llhttp read it, close-delimited until the origin closes), with flow
+control both ways.
+
+Anything else goes to mitmproxy at a request boundary, the bytes from that request's head on
+replayed (addons/handover.py), and mitmproxy decides it as always: a head request_head does not
+take (HTTP/1.0, chunked bodies, Expect, upgrades, framing in doubt, a head split over reads,
+an https:// or origin-form target), and a request whose rule injects a credential or must be
+inspected. A denied request is answered here, as mitmproxy's path answers it, and the
+connection closed. Set AGENT_EGRESS_FAST_REQUESTS=0 to send every request to mitmproxy (the
+tests run both ways).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+import httptools
+from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy.layers.http._http1 import make_error_response
+
+from agent_egress.addons.denial import denial
+from agent_egress.addons.handover import Handover, replay
+from agent_egress.addons.limits import MAX_HEAD_BYTES
+from agent_egress.clients import Client
+from agent_egress.connections import Exchange
+from agent_egress.gate import Gate
+from agent_egress.http1 import (
+    HEAD_END,
+    LAST_CHUNK,
+    RequestHead,
+    ResponseFraming,
+    chunk,
+    request_head,
+    response_framing,
+)
+from agent_egress.rules import Address, Decision, Stage, host_text
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 600.0  # as mitmproxy's connection handler: a connection quiet this long is closed
+UNRESOLVED_STATUS = 502
+POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
+
+
+def enabled() -> bool:
+    """Off with AGENT_EGRESS_FAST_REQUESTS=0: every request then goes through mitmproxy."""
+    return os.environ.get("AGENT_EGRESS_FAST_REQUESTS", "1") != "0"
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class Listener(Protocol):
+    """What the listener's fast paths share (addons/fastpath.py's FastTunnels)."""
+
+    gate: Gate
+    handover: Handover
+    own_addresses: Callable[[], set[tuple[str, int]]]
+    live: set[Any]
+
+    def left(self, client: Any) -> None: ...
+
+    def keep(self, task: asyncio.Task[Any]) -> None: ...
+
+
+def needs_mitmproxy(decision: Decision) -> bool:
+    """Requests whose rule injects a credential, or must be inspected, are mitmproxy's until
+    this path does what its hooks do for them."""
+    return decision.inspect or bool(getattr(decision, "credential", None))
+
+
+class PlainClient(asyncio.Protocol):
+    """One client connection's plain-HTTP requests, one at a time (pipelined ones wait)."""
+
+    def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
+        self.listener = listener
+        self.gate = listener.gate
+        self.transport = transport
+        self.client: Client = self.gate.client(transport.get_extra_info("peername"),
+                                               transport.get_extra_info("sockname"))
+        self.received = bytearray()  # the client's bytes not yet taken
+        self.head: RequestHead | None = None  # the request being served
+        self.exchange: Exchange | None = None  # its record, once allowed
+        self.upstream: Upstream | None = None  # where it went
+        self.body_left = 0  # of its body, still to come from the client
+        self.upstream_full = False  # the upstream's send buffer is full: the client waits
+        self.client_full = False  # the client's send buffer is full: the upstream waits
+        self.client_eof = False  # the client has sent all it will send
+        self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
+        self.closing = False
+        self.last_active = time.monotonic()
+        self.idle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            IDLE_TIMEOUT, self._check_idle)
+        listener.live.add(self)
+
+    def take(self, received: bytes) -> None:
+        """Starts on what the client sent so far (the protocol is already this one)."""
+        self.data_received(received)
+
+    # The client's bytes
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.body_left and self.upstream is not None and not self.received:
+            body = data[:self.body_left]
+            self._send_body(body)
+            data = data[len(body):]
+            if not data:
+                return
+        self.received += data
+        if self.head is None:
+            self._next()
+        else:
+            self._update_reading()
+
+    def _send_body(self, body: bytes) -> None:
+        if self.upstream is None:
+            return
+        self.upstream.transport.write(body)
+        self.body_left -= len(body)
+        self.upstream.bytes_up += len(body)
+
+    def _next(self) -> None:
+        """Takes the next request head, if a whole one has come."""
+        if self.closing:
+            return
+        if not self.received:
+            self._update_reading()
+            return
+        end = self.received.find(HEAD_END)
+        if end < 0 or end + len(HEAD_END) > MAX_HEAD_BYTES:
+            self._hand_over()  # split over reads, or too large: mitmproxy bounds and decides
+            return
+        head = request_head(bytes(self.received[:end + len(HEAD_END)]))
+        if head is None:
+            self._hand_over()
+            return
+        del self.received[:end + len(HEAD_END)]
+        self.head = head
+        self.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._guarded(self._serve(head)))
+        self.listener.keep(task)
+
+    def _update_reading(self) -> None:
+        """Reads from the client while it has something to do: a request head to take, or a
+        body the upstream can take."""
+        if self.closing:
+            return
+        wanted = self.head is None or (
+            self.body_left > 0 and self.upstream is not None and not self.upstream_full and
+            len(self.received) < MAX_HEAD_BYTES)
+        if wanted:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    async def _guarded(self, coroutine: Any) -> None:
+        try:
+            await coroutine
+        except Exception:
+            log.exception("fast request failed; closing the connection")
+            self.abort()
+
+    # One request
+
+    async def _serve(self, head: RequestHead) -> None:
+        gate, client = self.gate, self.client
+        decision, host, ip, unresolved = await gate.request(
+            client, head.host, head.port, head.method, head.path, head.host_header,
+            head.authority)
+        if self.closing:
+            return
+        if not decision.passes:
+            await gate.attribute(client)
+            gate.record(Stage.REQUEST, client, decision, host, head.port, ip,
+                        method=head.method, path=head.path)
+            response = denial(decision, f"{host_text(host)}:{head.port}",
+                              UNRESOLVED_STATUS if unresolved else 403)
+            self._answer_and_close(assemble_response(response))
+            return
+        if needs_mitmproxy(decision) or ip is None or (
+                str(ip), head.port) in self.listener.own_addresses():
+            self.received[:0] = head.raw
+            self.head = None
+            self._hand_over()
+            return
+        self.exchange = gate.begin_exchange(client, decision, host, head.port, ip)
+        key = (host_text(host), str(ip), head.port)
+        upstream = self._pooled(key)
+        if upstream is None:
+            try:
+                upstream = await self._dial(key, ip, head.port)
+            except OSError as e:
+                self._upstream_failed(f"Cannot connect to {host_text(host)}:{head.port}: "
+                                      f"{e.strerror or e}")
+                return
+            if self.transport.is_closing():
+                upstream.transport.close()
+                return
+        self.upstream = upstream
+        upstream.begin(self, head.method)
+        upstream.transport.write(head.origin_form())
+        self.body_left = head.content_length
+        if self.body_left:
+            body = bytes(self.received[:self.body_left])
+            del self.received[:len(body)]
+            self._send_body(body)
+        self._update_reading()
+
+    def _pooled(self, key: tuple[str, str, int]) -> Upstream | None:
+        idle = self.pool.get(key)
+        while idle:
+            upstream = idle.pop()
+            if not upstream.transport.is_closing():
+                return upstream
+        return None
+
+    async def _dial(self, key: tuple[str, str, int], ip: Address, port: int) -> Upstream:
+        loop = asyncio.get_running_loop()
+        _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), port)
+        return upstream
+
+    def response_done(self, upstream: Upstream, reusable: bool, keep_client: bool) -> None:
+        """The upstream relayed the whole response."""
+        head = self.head
+        self.upstream = None
+        if head is None:
+            return
+        reusable = reusable and self.body_left == 0
+        keep_client = (keep_client and self.body_left == 0 and head.keep_alive and
+                       not self.client_eof)
+        self._end_exchange(head, upstream.bytes_down)
+        if reusable and not self.closing:
+            idle = self.pool.setdefault(upstream.key, [])
+            if len(idle) < POOLED_PER_CLIENT:
+                upstream.idle()
+                idle.append(upstream)
+            else:
+                upstream.transport.close()
+        else:
+            upstream.transport.close()
+        self.head, self.body_left, self.upstream_full = None, 0, False
+        if not keep_client:
+            self.close()
+            return
+        self._next()
+
+    def response_failed(self, upstream: Upstream, answered: bool, reason: str) -> None:
+        """The upstream broke off: before its response began (a 502), or during it (the
+        client's connection is closed: a broken transfer for it too)."""
+        self.upstream = None
+        upstream.transport.close()
+        if answered or self.head is None:
+            if self.head is not None:
+                self._end_exchange(self.head, upstream.bytes_down)
+            self.abort()
+        else:
+            self._upstream_failed(reason)
+
+    def _upstream_failed(self, reason: str) -> None:
+        log.info("%s: %s", self.client.address, reason)
+        if self.head is not None:
+            self._end_exchange(self.head, None)
+        self._answer_and_close(make_error_response(502, reason))
+
+    def _end_exchange(self, head: RequestHead, bytes_down: int | None) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is None:
+            return
+        lookup = self.client.process
+        if lookup is None or lookup.done():
+            self.gate.end_exchange(self.client, exchange, head.method, head.path,
+                                   head.content_length, bytes_down)
+            return
+        # the line names the client's process: wait (bounded) for the lookup, as mitmproxy's
+        # path does
+        async def end() -> None:
+            await self.gate.attribute(self.client)
+            self.gate.end_exchange(self.client, exchange, head.method, head.path,
+                                   head.content_length, bytes_down)
+        self.listener.keep(asyncio.get_running_loop().create_task(end()))
+
+    def _answer_and_close(self, answer: bytes) -> None:
+        self.head = None
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+        self.close()
+
+    def _hand_over(self) -> None:
+        """Gives the connection to mitmproxy, from the request head in `received` on."""
+        self.closing = True
+        self._close_pool()
+        self._stop_idle()
+        self.listener.left(self)
+        coroutine = replay(self.transport, bytes(self.received), self.listener.handover)
+        self.listener.keep(asyncio.get_running_loop().create_task(coroutine))
+
+    # Flow control: the side that cannot keep up pauses the other's reading.
+
+    def pause_writing(self) -> None:
+        self.client_full = True
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client_full = False
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+
+    def upstream_paused(self, paused: bool) -> None:
+        self.upstream_full = paused
+        self._update_reading()
+
+    # The end
+
+    def eof_received(self) -> bool:
+        if self.head is None and not self.received:
+            return False  # between requests: closes
+        if self.body_left:
+            self.abort()  # the body will not come
+            return False
+        self.client_eof = True
+        return True  # the response is still to be written; closed after it
+
+    def _check_idle(self) -> None:
+        quiet = time.monotonic() - self.last_active
+        if quiet < IDLE_TIMEOUT:
+            wait = IDLE_TIMEOUT - quiet
+        elif self.head is not None:  # waiting for the origin: its own timeouts apply
+            wait = IDLE_TIMEOUT
+        else:
+            self.close()
+            return
+        self.idle = asyncio.get_running_loop().call_later(wait, self._check_idle)
+
+    def _stop_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+
+    def _close_pool(self) -> None:
+        for idle in self.pool.values():
+            for upstream in idle:
+                upstream.transport.close()
+        self.pool.clear()
+
+    def close(self) -> None:
+        """Closes the client's connection once what was written to it is sent."""
+        self.closing = True
+        self.transport.close()
+        self._close_pool()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.transport.abort()
+        self._close_pool()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._stop_idle()
+        self.listener.left(self)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.transport.close()
+            if self.head is not None:
+                self._end_exchange(self.head, upstream.bytes_down)
+        elif self.head is not None:
+            self._end_exchange(self.head, None)
+        self._close_pool()
+
+
+class Upstream(asyncio.Protocol):
+    """A kept-alive connection to an origin: relays one response at a time to its client."""
+
+    def __init__(self, key: tuple[str, str, int]) -> None:
+        self.key = key
+        self.transport: asyncio.Transport
+        self.client: PlainClient | None = None
+        self.method = ""
+        self.buffer = bytearray()  # a response head still coming
+        self.parser: httptools.HttpResponseParser | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_read = False
+        self.message_complete = False
+        self.messages = 0  # begun on this parser: more than one, and the origin sent too much
+        self.framing: ResponseFraming | None = None
+        self.left = 0  # of a Content-Length body
+        self.answered = False  # something of the response went to the client
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # asyncio's or uvloop's
+
+    def begin(self, client: PlainClient, method: str) -> None:
+        self.client, self.method = client, method
+        self.buffer.clear()
+        self.framing, self.answered, self.head_read = None, False, False
+        self.bytes_up = self.bytes_down = 0
+        self._new_parser()
+        if client.client_full:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def idle(self) -> None:
+        self.client = None
+        self.parser = None
+        self.transport.resume_reading()  # to see the origin close it
+
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers = []
+        self.head_read = self.message_complete = False
+        self.messages = 0
+
+    # llhttp's callbacks
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_read = True
+
+    def on_body(self, body: bytes) -> None:
+        self.bytes_down += len(body)
+        if self.client is not None:
+            self.client.transport.write(chunk(body))
+
+    def on_message_complete(self) -> None:
+        self.message_complete = True
+
+    # The origin's bytes
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self.transport.close()  # unasked-for bytes on an idle connection
+            return
+        client.last_active = time.monotonic()
+        framing = self.framing
+        if framing is None:
+            self._head(data)
+        elif framing.body == "length":
+            self._length_body(data)
+        elif framing.body == "chunked":
+            self._chunked_body(data)
+        else:  # until the origin closes
+            self.bytes_down += len(data)
+            client.transport.write(data)
+
+    def _head(self, data: bytes) -> None:
+        client = self.client
+        if client is None or self.parser is None:
+            return
+        self.buffer += data
+        end = self.buffer.find(HEAD_END)
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                self._fail("response head too large")
+            return
+        head = bytes(self.buffer[:end + len(HEAD_END)])
+        rest = bytes(self.buffer[end + len(HEAD_END):])
+        self.buffer.clear()
+        try:
+            self.parser.feed_data(head)
+        except httptools.HttpParserError as e:
+            self._fail(f"invalid response from the origin: {e}")
+            return
+        framing = response_framing(self.parser, self.headers, self.message_complete,
+                                   self.method) if self.head_read else None
+        if framing is None:
+            self._fail("a response the proxy cannot relay as it is (framing)")
+            return
+        self.answered = True
+        client.transport.write(head)
+        if framing.status < 200:  # an interim response: the final one follows
+            self._new_parser()
+            if rest:
+                self._head(rest)
+            return
+        self.framing = framing
+        if framing.body == "none":
+            self._done(reusable=not rest)
+        elif framing.body == "length":
+            self.left = framing.length
+            if rest:
+                self._length_body(rest)
+        elif rest:
+            self.data_received(rest)
+
+    def _length_body(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            return
+        body = data[:self.left] if len(data) > self.left else data
+        self.left -= len(body)
+        self.bytes_down += len(body)
+        client.transport.write(body)
+        if not self.left:
+            self._done(reusable=len(body) == len(data))
+
+    def _chunked_body(self, data: bytes) -> None:
+        if self.parser is None or self.client is None:
+            return
+        extra = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            if not self.message_complete:
+                self._fail(f"invalid chunked body from the origin: {e}")
+                return
+            extra = True  # bytes after the last chunk of a response that closes
+        if self.message_complete:
+            self.client.transport.write(LAST_CHUNK)
+            # bytes after the last chunk (another response begun) make the connection unusable
+            self._done(reusable=self.messages == 1 and not extra)
+
+    def _done(self, reusable: bool) -> None:
+        client, self.client = self.client, None
+        framing, self.framing = self.framing, None
+        keep_alive = framing is not None and framing.keep_alive
+        if client is not None:
+            client.response_done(self, reusable and keep_alive, keep_client=keep_alive)
+
+    def _fail(self, reason: str) -> None:
+        client, self.client = self.client, None
+        self.transport.close()
+        if client is not None:
+            client.response_failed(self, self.answered, reason)
+
+    # Flow control and the end
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.upstream_paused(False)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if self.framing is not None and self.framing.body == "close":
+            self.framing = None
+            client.response_done(self, reusable=False, keep_client=False)
+        else:
+            reason = f": {exc}" if exc else ""
+            client.response_failed(self, self.answered,
+                                   f"the origin closed the connection{reason}")
+
