@@ -102,6 +102,7 @@ class PlainClient(asyncio.Protocol):
         self.client_eof = False  # the client has sent all it will send
         self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
         self.closing = False
+        self.own: set[tuple[str, int]] | None = None  # where this proxy listens
         self.last_active = time.monotonic()
         self.idle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             IDLE_TIMEOUT, self._check_idle)
@@ -151,22 +152,20 @@ class PlainClient(asyncio.Protocol):
             return
         del self.received[:end + len(HEAD_END)]
         self.head = head
-        self.transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._guarded(self._serve(head)))
         self.listener.keep(task)
 
     def _update_reading(self) -> None:
-        """Reads from the client while it has something to do: a request head to take, or a
-        body the upstream can take."""
+        """Reads from the client unless what it sent ahead is not yet wanted (pipelined
+        requests, a body before its upstream is ready: up to MAX_HEAD_BYTES of it) or the
+        upstream cannot take the body as fast. Not paused for each request: every pause and
+        resume is a system call."""
         if self.closing:
             return
-        wanted = self.head is None or (
-            self.body_left > 0 and self.upstream is not None and not self.upstream_full and
-            len(self.received) < MAX_HEAD_BYTES)
-        if wanted:
-            self.transport.resume_reading()
-        else:
+        if len(self.received) >= MAX_HEAD_BYTES or (self.body_left and self.upstream_full):
             self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     async def _guarded(self, coroutine: Any) -> None:
         try:
@@ -192,8 +191,7 @@ class PlainClient(asyncio.Protocol):
                               UNRESOLVED_STATUS if unresolved else 403)
             self._answer_and_close(assemble_response(response))
             return
-        if needs_mitmproxy(decision) or ip is None or (
-                str(ip), head.port) in self.listener.own_addresses():
+        if needs_mitmproxy(decision) or ip is None or self._is_own(str(ip), head.port):
             self.received[:0] = head.raw
             self.head = None
             self._hand_over()
@@ -220,6 +218,13 @@ class PlainClient(asyncio.Protocol):
             del self.received[:len(body)]
             self._send_body(body)
         self._update_reading()
+
+    def _is_own(self, ip: str, port: int) -> bool:
+        """Whether `ip`:`port` is where this proxy listens (mitmproxy refuses such a loop);
+        the listeners' addresses are looked up once per client connection."""
+        if self.own is None:
+            self.own = self.listener.own_addresses()
+        return (ip, port) in self.own
 
     def _pooled(self, key: tuple[str, str, int]) -> Upstream | None:
         idle = self.pool.get(key)
@@ -492,6 +497,12 @@ class Upstream(asyncio.Protocol):
             self._fail("a response the proxy cannot relay as it is (framing)")
             return
         self.answered = True
+        if framing.body == "length" and len(rest) == framing.length:  # all in: one write
+            self.bytes_down += len(rest)
+            client.transport.write(head + rest)
+            self.framing = framing
+            self._done(reusable=True)
+            return
         client.transport.write(head)
         if framing.status < 200:  # an interim response: the final one follows
             self._new_parser()

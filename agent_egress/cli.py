@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="processes accepting on the explicit proxy listener, or 'auto' for "
                           "one per CPU (default 1); the resolver, metrics and the transparent "
                           "listener stay in the first")
+    run.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                     help="the event loop: uvloop where installed (auto, the default), or "
+                          "asyncio's own")
     run.set_defaults(command=_run)
 
     learn = commands.add_parser(
@@ -285,7 +288,7 @@ def _workers(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, StartupError, parse_listen, serve
+    from .runner import RunConfig, StartupError, event_loop, parse_listen, run_loop, serve
 
     logging.basicConfig(level=logging.INFO, format="agent-egress: %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -304,8 +307,9 @@ def _run(args: argparse.Namespace) -> int:
                                                                    DEFAULT_METRICS_PORT),
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
-            on_audit_failure=args.on_audit_failure, workers=args.workers)
-        return asyncio.run(serve(config))
+            on_audit_failure=args.on_audit_failure, workers=args.workers,
+            loop=event_loop(args.loop))
+        return run_loop(serve(config), config.loop)
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)
         return EXIT_USAGE
