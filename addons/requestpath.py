@@ -488,7 +488,7 @@ class Upstream(asyncio.Protocol):
         self.buffer.clear()
         try:
             self.parser.feed_data(head)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._fail(f"invalid response from the origin: {e}")
             return
         framing = response_framing(self.parser, self.headers, self.message_complete,
@@ -536,7 +536,7 @@ class Upstream(asyncio.Protocol):
         extra = False
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             if not self.message_complete:
                 self._fail(f"invalid chunked body from the origin: {e}")
                 return

@@ -93,7 +93,7 @@ def request_head(head: bytes) -> RequestHead | None:
     parser = httptools.HttpRequestParser(collector)
     try:
         parser.feed_data(head)
-    except httptools.HttpParserError:  # HttpParserUpgrade too
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return None
     if not collector.complete or collector.url != target or parser.get_method() != method:
         return None
