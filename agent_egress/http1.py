@@ -21,8 +21,9 @@ from .rules import HostError, parse_port, split_host_port
 HEAD_END = b"\r\n\r\n"
 # Methods with a plain request/response exchange; anything else is mitmproxy's
 METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
-# http://authority/path: no userinfo, no fragment; the path starts with a slash
-_ABSOLUTE_HTTP = re.compile(rb"http://([A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]+)(/[!-~]*)")
+# http://host[:port]/path: a name or address (no userinfo, no escapes), then a path
+_ABSOLUTE_HTTP = re.compile(
+    rb"http://((?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?)(/[!-~]*)")
 # Sent to the origin by the proxy, never the client's to pass on
 _PROXY_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"keep-alive"})
 _SINGLE = (b"host", b"content-length")
