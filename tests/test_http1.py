@@ -70,7 +70,7 @@ def first_head(data: bytes) -> bytes | None:
     return None if end < 0 else data[:end + len(HEAD_END)]
 
 
-def mitmproxy_reads(head: bytes):  # type: ignore[no-untyped-def]
+def mitmproxy_reads(head: bytes):
     """What mitmproxy's HTTP/1 server reads from `head`: its request and body size."""
     buffer = ReceiveBuffer()
     buffer += head
