@@ -25,27 +25,19 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-import httptools
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http._http1 import make_error_response
 
 from agent_egress.addons.denial import denial
 from agent_egress.addons.handover import Handover, replay
 from agent_egress.addons.limits import MAX_HEAD_BYTES
+from agent_egress.addons.origin import Upstream
 from agent_egress.clients import Client
 from agent_egress.connections import Exchange
 from agent_egress.gate import Gate
-from agent_egress.http1 import (
-    HEAD_END,
-    LAST_CHUNK,
-    RequestHead,
-    ResponseFraming,
-    chunk,
-    request_head,
-    response_framing,
-)
+from agent_egress.http1 import HEAD_END, RequestHead, request_head
 from agent_egress.rules import Address, Decision, Stage, host_text
 
 log = logging.getLogger(__name__)
@@ -53,6 +45,7 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 600.0  # as mitmproxy's connection handler: a connection quiet this long is closed
 UNRESOLVED_STATUS = 502
 POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
+CONNECT_TIMEOUT = 30.0  # for a new upstream connection; then the client gets a 502
 
 
 def enabled() -> bool:
@@ -202,9 +195,9 @@ class PlainClient(asyncio.Protocol):
         if upstream is None:
             try:
                 upstream = await self._dial(key, ip, head.port)
-            except OSError as e:
+            except OSError as e:  # TimeoutError too
                 self._upstream_failed(f"Cannot connect to {host_text(host)}:{head.port}: "
-                                      f"{e.strerror or e}")
+                                      f"{e.strerror or e or 'timed out'}")
                 return
             if self.transport.is_closing():
                 upstream.transport.close()
@@ -236,7 +229,8 @@ class PlainClient(asyncio.Protocol):
 
     async def _dial(self, key: tuple[str, str, int], ip: Address, port: int) -> Upstream:
         loop = asyncio.get_running_loop()
-        _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), port)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), port)
         return upstream
 
     def response_done(self, upstream: Upstream, reusable: bool, keep_client: bool) -> None:
@@ -388,199 +382,3 @@ class PlainClient(asyncio.Protocol):
         elif self.head is not None:
             self._end_exchange(self.head, None)
         self._close_pool()
-
-
-class Upstream(asyncio.Protocol):
-    """A kept-alive connection to an origin: relays one response at a time to its client."""
-
-    def __init__(self, key: tuple[str, str, int]) -> None:
-        self.key = key
-        self.transport: asyncio.Transport
-        self.client: PlainClient | None = None
-        self.method = ""
-        self.buffer = bytearray()  # a response head still coming
-        self.parser: httptools.HttpResponseParser | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_read = False
-        self.message_complete = False
-        self.messages = 0  # begun on this parser: more than one, and the origin sent too much
-        self.framing: ResponseFraming | None = None
-        self.left = 0  # of a Content-Length body
-        self.answered = False  # something of the response went to the client
-        self.bytes_up = 0
-        self.bytes_down = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # asyncio's or uvloop's
-
-    def begin(self, client: PlainClient, method: str) -> None:
-        self.client, self.method = client, method
-        self.buffer.clear()
-        self.framing, self.answered, self.head_read = None, False, False
-        self.bytes_up = self.bytes_down = 0
-        self._new_parser()
-        if client.client_full:
-            self.transport.pause_reading()
-        else:
-            self.transport.resume_reading()
-
-    def idle(self) -> None:
-        self.client = None
-        self.parser = None
-        self.transport.resume_reading()  # to see the origin close it
-
-    def _new_parser(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers = []
-        self.head_read = self.message_complete = False
-        self.messages = 0
-
-    # llhttp's callbacks
-
-    def on_message_begin(self) -> None:
-        self.messages += 1
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.head_read = True
-
-    def on_body(self, body: bytes) -> None:
-        self.bytes_down += len(body)
-        if self.client is not None:
-            self.client.transport.write(chunk(body))
-
-    def on_message_complete(self) -> None:
-        self.message_complete = True
-
-    # The origin's bytes
-
-    def data_received(self, data: bytes) -> None:
-        client = self.client
-        if client is None:
-            self.transport.close()  # unasked-for bytes on an idle connection
-            return
-        client.last_active = time.monotonic()
-        framing = self.framing
-        if framing is None:
-            self._head(data)
-        elif framing.body == "length":
-            self._length_body(data)
-        elif framing.body == "chunked":
-            self._chunked_body(data)
-        else:  # until the origin closes
-            self.bytes_down += len(data)
-            client.transport.write(data)
-
-    def _head(self, data: bytes) -> None:
-        client = self.client
-        if client is None or self.parser is None:
-            return
-        self.buffer += data
-        end = self.buffer.find(HEAD_END)
-        if end < 0:
-            if len(self.buffer) > MAX_HEAD_BYTES:
-                self._fail("response head too large")
-            return
-        head = bytes(self.buffer[:end + len(HEAD_END)])
-        rest = bytes(self.buffer[end + len(HEAD_END):])
-        self.buffer.clear()
-        try:
-            self.parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
-            self._fail(f"invalid response from the origin: {e}")
-            return
-        framing = response_framing(self.parser, self.headers, self.message_complete,
-                                   self.method) if self.head_read else None
-        if framing is None:
-            self._fail("a response the proxy cannot relay as it is (framing)")
-            return
-        self.answered = True
-        if framing.body == "length" and len(rest) == framing.length:  # all in: one write
-            self.bytes_down += len(rest)
-            client.transport.write(head + rest)
-            self.framing = framing
-            self._done(reusable=True)
-            return
-        client.transport.write(head)
-        if framing.status < 200:  # an interim response: the final one follows
-            self._new_parser()
-            if rest:
-                self._head(rest)
-            return
-        self.framing = framing
-        if framing.body == "none":
-            self._done(reusable=not rest)
-        elif framing.body == "length":
-            self.left = framing.length
-            if rest:
-                self._length_body(rest)
-        elif rest:
-            self.data_received(rest)
-
-    def _length_body(self, data: bytes) -> None:
-        client = self.client
-        if client is None:
-            return
-        body = data[:self.left] if len(data) > self.left else data
-        self.left -= len(body)
-        self.bytes_down += len(body)
-        client.transport.write(body)
-        if not self.left:
-            self._done(reusable=len(body) == len(data))
-
-    def _chunked_body(self, data: bytes) -> None:
-        if self.parser is None or self.client is None:
-            return
-        extra = False
-        try:
-            self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
-            if not self.message_complete:
-                self._fail(f"invalid chunked body from the origin: {e}")
-                return
-            extra = True  # bytes after the last chunk of a response that closes
-        if self.message_complete:
-            self.client.transport.write(LAST_CHUNK)
-            # bytes after the last chunk (another response begun) make the connection unusable
-            self._done(reusable=self.messages == 1 and not extra)
-
-    def _done(self, reusable: bool) -> None:
-        client, self.client = self.client, None
-        framing, self.framing = self.framing, None
-        keep_alive = framing is not None and framing.keep_alive
-        if client is not None:
-            client.response_done(self, reusable and keep_alive, keep_client=keep_alive)
-
-    def _fail(self, reason: str) -> None:
-        client, self.client = self.client, None
-        self.transport.close()
-        if client is not None:
-            client.response_failed(self, self.answered, reason)
-
-    # Flow control and the end
-
-    def pause_writing(self) -> None:
-        if self.client is not None:
-            self.client.upstream_paused(True)
-
-    def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.upstream_paused(False)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        client, self.client = self.client, None
-        if client is None:
-            return
-        if self.framing is not None and self.framing.body == "close":
-            self.framing = None
-            client.response_done(self, reusable=False, keep_client=False)
-        else:
-            reason = f": {exc}" if exc else ""
-            client.response_failed(self, self.answered,
-                                   f"the origin closed the connection{reason}")
-
