@@ -55,12 +55,15 @@ class Upstream(asyncio.Protocol):
         self.answered = False  # something of the response went to the client
         self.bytes_up = 0
         self.bytes_down = 0
+        self.reused = False  # has served a response before
+        self.heard = False  # the origin has sent something since the request went out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # asyncio's or uvloop's
 
     def begin(self, client: Client, method: str) -> None:
         self.client, self.method = client, method
+        self.heard = False
         self.buffer.clear()
         self.framing, self.answered, self.head_read = None, False, False
         self.bytes_up = self.bytes_down = 0
@@ -71,6 +74,7 @@ class Upstream(asyncio.Protocol):
             self.transport.resume_reading()
 
     def idle(self) -> None:
+        self.reused = True  # its next request may cross the origin closing it
         self.client = None
         self.parser = None
         self.transport.resume_reading()  # to see the origin close it
@@ -108,6 +112,7 @@ class Upstream(asyncio.Protocol):
             self.transport.close()  # unasked-for bytes on an idle connection
             return
         client.last_active = time.monotonic()
+        self.heard = True
         framing = self.framing
         if framing is None:
             self._head(data)

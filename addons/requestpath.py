@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from ipaddress import ip_address
 from typing import Any, Protocol
 
 from mitmproxy.net.http.http1 import assemble_response
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 600.0  # as mitmproxy's connection handler: a connection quiet this long is closed
 UNRESOLVED_STATUS = 502
 POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
+RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})  # sent again when a kept-alive upstream
+# connection turns out closed before any answer (idempotent and bodiless, RFC 9110 9.2.2)
 CONNECT_TIMEOUT = 30.0  # for a new upstream connection; then the client gets a 502
 
 
@@ -202,6 +205,9 @@ class PlainClient(asyncio.Protocol):
             if self.transport.is_closing():
                 upstream.transport.close()
                 return
+        self._send(upstream, head)
+
+    def _send(self, upstream: Upstream, head: RequestHead) -> None:
         self.upstream = upstream
         upstream.begin(self, head.method)
         upstream.transport.write(head.origin_form())
@@ -211,6 +217,20 @@ class PlainClient(asyncio.Protocol):
             del self.received[:len(body)]
             self._send_body(body)
         self._update_reading()
+
+    async def _resend(self, head: RequestHead, key: tuple[str, str, int]) -> None:
+        """Sends `head` again on a new connection: the kept-alive one it went out on was
+        closed by the origin before answering (its idle timeout crossed our request)."""
+        try:
+            upstream = await self._dial(key, ip_address(key[1]), key[2])
+        except OSError as e:
+            self._upstream_failed(f"Cannot connect to {key[0]}:{key[2]}: "
+                                  f"{e.strerror or e or 'timed out'}")
+            return
+        if self.transport.is_closing():
+            upstream.transport.close()
+            return
+        self._send(upstream, head)
 
     def _is_own(self, ip: str, port: int) -> bool:
         """Whether `ip`:`port` is where this proxy listens (mitmproxy refuses such a loop);
@@ -263,6 +283,13 @@ class PlainClient(asyncio.Protocol):
         client's connection is closed: a broken transfer for it too)."""
         self.upstream = None
         upstream.transport.close()
+        head = self.head
+        if (head is not None and upstream.reused and not upstream.heard and not self.closing
+                and head.method in RETRYABLE and head.content_length == 0):
+            task = asyncio.get_running_loop().create_task(
+                self._guarded(self._resend(head, upstream.key)))
+            self.listener.keep(task)
+            return
         if answered or self.head is None:
             if self.head is not None:
                 self._end_exchange(self.head, upstream.bytes_down)

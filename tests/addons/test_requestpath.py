@@ -52,6 +52,7 @@ ANSWERS = {
     "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
     "/broken": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
     "/switch": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+    "/then-drop": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     "/too-much": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
 }
 
@@ -60,6 +61,7 @@ class ScriptedOrigin:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.connections = 0
+        self.dropped = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -83,6 +85,10 @@ class ScriptedOrigin:
                     writer.write(ANSWERS[target])
                 await writer.drain()
                 if target in ("/close", "/broken", "/too-much", "/switch"):
+                    break
+                if target == "/then-drop":  # the next request crosses our idle timeout
+                    await reader.readuntil(b"\r\n\r\n")
+                    self.dropped += 1
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -317,6 +323,20 @@ def test_bytes_after_a_response_make_the_upstream_unusable(serve):
         responses, _ = await s.exchange(s.get("/too-much"), s.get("/hello"))
         assert [(r.status_code, r.body) for r in responses] == [(200, b"ok"), (200, b"hello")]
         assert s.origin.connections == 2
+    serve(test)
+
+
+@pytest.mark.parametrize("method, status", [("GET", 200), ("POST", 502)])
+def test_a_kept_alive_upstream_closed_under_a_request_is_retried_if_that_is_safe(
+        serve, method, status):
+    async def test(s: Setup) -> None:
+        body = b"x" if method == "POST" else b""
+        responses, _ = await s.exchange(s.get("/then-drop"),
+                                        s.get("/hello", method=method, body=body),
+                                        methods=["GET", method], answers=2)
+        assert [r.status_code for r in responses] == [200, status]
+        assert s.origin.dropped == 1
+        assert s.origin.connections == (2 if method == "GET" else 1)
     serve(test)
 
 
