@@ -122,8 +122,11 @@ class FastTunnels:
             self._emptied.set()
 
     def keep(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Holds `task` until it is done (the loop keeps only weak references); one that
+        finished in its eager first step (most requests) needs nothing."""
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 class _Client(asyncio.Protocol):

@@ -64,7 +64,8 @@ class Upstream(asyncio.Protocol):
     def begin(self, client: Client, method: str) -> None:
         self.client, self.method = client, method
         self.heard = False
-        self.buffer.clear()
+        if self.buffer:
+            self.buffer.clear()
         self.framing, self.answered, self.head_read = None, False, False
         self.bytes_up = self.bytes_down = 0
         self._new_parser()
@@ -128,15 +129,18 @@ class Upstream(asyncio.Protocol):
         client = self.client
         if client is None or self.parser is None:
             return
-        self.buffer += data
-        end = self.buffer.find(HEAD_END)
+        if self.buffer:
+            self.buffer += data
+            data = bytes(self.buffer)
+        end = data.find(HEAD_END)
         if end < 0:
+            if not self.buffer:
+                self.buffer += data
             if len(self.buffer) > MAX_HEAD_BYTES:
                 self._fail("response head too large")
             return
-        head = bytes(self.buffer[:end + len(HEAD_END)])
-        rest = bytes(self.buffer[end + len(HEAD_END):])
         self.buffer.clear()
+        head, rest = data[:end + len(HEAD_END)], data[end + len(HEAD_END):]
         try:
             self.parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:

@@ -99,6 +99,7 @@ class PlainClient(asyncio.Protocol):
         self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
         self.closing = False
         self.own: set[tuple[str, int]] | None = None  # where this proxy listens
+        self.ip_texts: dict[Address, str] = {}  # the pinned addresses, spelled
         self.last_active = time.monotonic()
         self.idle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             IDLE_TIMEOUT, self._check_idle)
@@ -118,6 +119,9 @@ class PlainClient(asyncio.Protocol):
             data = data[len(body):]
             if not data:
                 return
+        if self.head is None and not self.received:
+            self._next(data)  # the common case: a whole request head in one read
+            return
         self.received += data
         if self.head is None:
             self._next()
@@ -131,22 +135,25 @@ class PlainClient(asyncio.Protocol):
         self.body_left -= len(body)
         self.upstream.bytes_up += len(body)
 
-    def _next(self) -> None:
-        """Takes the next request head, if a whole one has come."""
+    def _next(self, data: bytes | None = None) -> None:
+        """Takes the next request head, if a whole one has come: from `received`, or from
+        `data` just read when nothing else is waiting."""
         if self.closing:
             return
-        if not self.received:
-            self._update_reading()
-            return
-        end = self.received.find(HEAD_END)
-        if end < 0 or end + len(HEAD_END) > MAX_HEAD_BYTES:
-            self._hand_over()  # split over reads, or too large: mitmproxy bounds and decides
-            return
-        head = request_head(bytes(self.received[:end + len(HEAD_END)]))
-        if head is None:
+        if data is None:
+            if not self.received:
+                self._update_reading()
+                return
+            data = bytes(self.received)
+            self.received.clear()
+        end = data.find(HEAD_END) + len(HEAD_END)
+        head = request_head(data[:end]) if len(HEAD_END) <= end <= MAX_HEAD_BYTES else None
+        if head is None:  # split over reads, too large or in doubt: mitmproxy decides
+            self.received[:0] = data
             self._hand_over()
             return
-        del self.received[:end + len(HEAD_END)]
+        if end < len(data):
+            self.received[:0] = data[end:]
         self.head = head
         task = asyncio.get_running_loop().create_task(self._guarded(self._serve(head)))
         self.listener.keep(task)
@@ -187,13 +194,14 @@ class PlainClient(asyncio.Protocol):
                               UNRESOLVED_STATUS if unresolved else 403)
             self._answer_and_close(assemble_response(response))
             return
-        if needs_mitmproxy(decision) or ip is None or self._is_own(str(ip), head.port):
+        ip_text = self._spelled(ip) if ip is not None else ""
+        if needs_mitmproxy(decision) or ip is None or self._is_own(ip_text, head.port):
             self.received[:0] = head.raw
             self.head = None
             self._hand_over()
             return
         self.exchange = gate.begin_exchange(client, decision, host, head.port, ip)
-        key = (host_text(host), str(ip), head.port)
+        key = (host_text(host), ip_text, head.port)
         upstream = self._pooled(key)
         if upstream is None:
             try:
@@ -231,6 +239,12 @@ class PlainClient(asyncio.Protocol):
             upstream.transport.close()
             return
         self._send(upstream, head)
+
+    def _spelled(self, ip: Address) -> str:
+        text = self.ip_texts.get(ip)
+        if text is None:
+            text = self.ip_texts[ip] = str(ip)
+        return text
 
     def _is_own(self, ip: str, port: int) -> bool:
         """Whether `ip`:`port` is where this proxy listens (mitmproxy refuses such a loop);

@@ -145,8 +145,13 @@ def response_framing(parser: httptools.HttpResponseParser, headers: list[tuple[b
     Transfer-Encoding other than chunked alone, a 101)."""
     status = parser.get_status_code()
     keep_alive = parser.should_keep_alive()
-    lengths = [value for name, value in headers if name.lower() == b"content-length"]
-    codings = [value for name, value in headers if name.lower() == b"transfer-encoding"]
+    lengths, codings = [], []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths.append(value)
+        elif lower == b"transfer-encoding":
+            codings.append(value)
     if status == 101 or len(lengths) > 1 or len(codings) > 1 or (lengths and codings):
         return None
     if method == "HEAD" or status < 200 or status in (204, 304) or message_complete:
