@@ -48,6 +48,7 @@ class Upstream(asyncio.Protocol):
         self.parser: httptools.HttpResponseParser | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_read = False
+        self.keep_alive = False
         self.message_complete = False
         self.messages = 0  # begun on this parser: more than one, and the origin sent too much
         self.framing: ResponseFraming | None = None
@@ -96,6 +97,8 @@ class Upstream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_read = True
+        if self.parser is not None:  # now: llhttp forgets `Connection: close` at the end
+            self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.bytes_down += len(body)
@@ -146,8 +149,8 @@ class Upstream(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._fail(f"invalid response from the origin: {e}")
             return
-        framing = response_framing(self.parser, self.headers, self.message_complete,
-                                   self.method) if self.head_read else None
+        framing = response_framing(self.parser.get_status_code(), self.keep_alive, self.headers,
+                                   self.message_complete, self.method) if self.head_read else None
         if framing is None:
             self._fail("a response the proxy cannot relay as it is (framing)")
             return

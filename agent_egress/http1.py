@@ -59,13 +59,15 @@ class RequestHead:
 class _Collector:
     """llhttp's callbacks for one head."""
 
-    __slots__ = ("url", "headers", "complete", "message_complete")
+    __slots__ = ("url", "headers", "complete", "message_complete", "parser", "keep_alive")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
         self.message_complete = False
+        self.parser: httptools.HttpRequestParser | None = None
+        self.keep_alive = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -75,6 +77,8 @@ class _Collector:
 
     def on_headers_complete(self) -> None:
         self.complete = True
+        # now: once the message is complete, llhttp has forgotten `Connection: close`
+        self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
 
     def on_message_complete(self) -> None:
         self.message_complete = True
@@ -91,7 +95,7 @@ def request_head(head: bytes) -> RequestHead | None:
     if match is None:
         return None
     collector = _Collector()
-    parser = httptools.HttpRequestParser(collector)
+    parser = collector.parser = httptools.HttpRequestParser(collector)
     try:
         parser.feed_data(head)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -124,8 +128,8 @@ def request_head(head: bytes) -> RequestHead | None:
         return None
     return RequestHead(method.decode("ascii"), authority, host, port,
                        match.group(2).decode("ascii"), tuple(headers),
-                       host_header.decode("ascii"), content_length,
-                       parser.should_keep_alive(), head)
+                       host_header.decode("ascii"), content_length, collector.keep_alive,
+                       head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +142,13 @@ class ResponseFraming:
     keep_alive: bool  # the origin keeps the connection for another request
 
 
-def response_framing(parser: httptools.HttpResponseParser, headers: list[tuple[bytes, bytes]],
+def response_framing(status: int, keep_alive: bool, headers: list[tuple[bytes, bytes]],
                      message_complete: bool, method: str) -> ResponseFraming | None:
-    """The framing of a response head that `parser` (strict) has just read, for a request
-    with `method`; None for framing the fast path does not relay (two Content-Lengths, a
+    """The framing of a response head that llhttp (strict) has just read, for a request with
+    `method`: its status, whether llhttp would keep the connection (asked when the head
+    was read: once the message is complete llhttp has forgotten `Connection: close`), its
+    headers; None for framing the fast path does not relay (two Content-Lengths, a
     Transfer-Encoding other than chunked alone, a 101)."""
-    status = parser.get_status_code()
-    keep_alive = parser.should_keep_alive()
     lengths, codings = [], []
     for name, value in headers:
         lower = name.lower()

@@ -10,7 +10,11 @@ import pytest
 from h11._receivebuffer import ReceiveBuffer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy.net.http.http1 import expected_http_body_size, read_request_head
+from mitmproxy.net.http.http1 import (
+    connection_close,
+    expected_http_body_size,
+    read_request_head,
+)
 
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
 
@@ -89,6 +93,7 @@ def assert_both_read_the_same(head: bytes, taken: RequestHead) -> None:
     assert request.headers.fields == taken.headers
     assert request.host_header == taken.host_header
     assert body_size == taken.content_length
+    assert taken.keep_alive == (not connection_close(request.http_version, request.headers))
     forwarded, forwarded_size = mitmproxy_reads(taken.origin_form())
     assert (forwarded.method, forwarded.path, forwarded_size) == (
         taken.method, taken.path, taken.content_length)

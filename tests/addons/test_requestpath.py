@@ -52,6 +52,8 @@ ANSWERS = {
     "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
     "/broken": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
     "/switch": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+    "/close-length": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    "/empty-close": b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
     "/then-drop": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     "/too-much": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
 }
@@ -84,7 +86,8 @@ class ScriptedOrigin:
                 else:
                     writer.write(ANSWERS[target])
                 await writer.drain()
-                if target in ("/close", "/broken", "/too-much", "/switch"):
+                if target in ("/close", "/broken", "/too-much", "/switch", "/close-length",
+                              "/empty-close"):
                     break
                 if target == "/then-drop":  # the next request crosses our idle timeout
                     await reader.readuntil(b"\r\n\r\n")
@@ -291,6 +294,19 @@ def test_a_close_delimited_response_ends_with_the_connection(serve):
             (200, b"until the origin closes")]
         assert closed
         assert [e["bytes_down"] for e in s.events()] == [len(b"until the origin closes")]
+    serve(test)
+
+
+@pytest.mark.parametrize("request_close, path", [
+    (True, "/hello"), (False, "/close-length"), (False, "/empty-close")])
+def test_connection_close_either_way_closes_the_client_after_the_response(serve, request_close,
+                                                                        path):
+    async def test(s: Setup) -> None:
+        headers = ["Connection: close"] if request_close else []
+        responses, closed = await s.exchange(s.get(path, *headers), s.get("/hello"), answers=2)
+        assert len(responses) == 1 and responses[0].status_code in (200, 204)
+        assert closed
+        assert [t for _, t, _, _ in s.origin.requests] == [path]
     serve(test)
 
 
