@@ -51,6 +51,7 @@ class Upstream(asyncio.Protocol):
         self.keep_alive = False
         self.message_complete = False
         self.messages = 0  # begun on this parser: more than one, and the origin sent too much
+        self.chunks: list[bytes] = []  # of a chunked body, re-chunked, to write at once
         self.framing: ResponseFraming | None = None
         self.left = 0  # of a Content-Length body
         self.answered = False  # something of the response went to the client
@@ -102,8 +103,7 @@ class Upstream(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.bytes_down += len(body)
-        if self.client is not None:
-            self.client.transport.write(chunk(body))
+        self.chunks.append(chunk(body))
 
     def on_message_complete(self) -> None:
         self.message_complete = True
@@ -196,11 +196,16 @@ class Upstream(asyncio.Protocol):
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             if not self.message_complete:
+                self.chunks.clear()
                 self._fail(f"invalid chunked body from the origin: {e}")
                 return
             extra = True  # bytes after the last chunk of a response that closes
         if self.message_complete:
-            self.client.transport.write(LAST_CHUNK)
+            self.chunks.append(LAST_CHUNK)
+        if self.chunks:
+            self.client.transport.write(b"".join(self.chunks))
+            self.chunks.clear()
+        if self.message_complete:
             # bytes after the last chunk (another response begun) make the connection unusable
             self._done(reusable=self.messages == 1 and not extra)
 
