@@ -10,6 +10,8 @@ from mitmproxy import http
 from agent_egress.rules import NO_RULE, Decision
 
 HEADER_PREFIX = "X-Agent-Egress-"
+WHY = ("run `agent-egress why` for your recent denials and the `agent-egress request` command "
+       "that asks an operator for access")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -23,6 +25,8 @@ def denial(decision: Decision, destination: str, status: int = 403) -> http.Resp
     if decision.hint:
         facts.append(("Next", decision.hint))
     refused = status == 403
+    if refused:
+        facts.append(("Help", WHY))
     body = ("agent-egress denied this connection.\n" if refused else
             "agent-egress could not reach this destination.\n") + "".join(
         f"{name.lower() + ':':13}{value}\n" for name, value in facts)
@@ -32,7 +36,8 @@ def denial(decision: Decision, destination: str, status: int = 403) -> http.Resp
     response = http.Response.make(status, body.encode(), headers)
     # Clients that hide the body of a refused CONNECT (curl, pip) still print the reason phrase.
     phrase = "Forbidden by agent-egress" if refused else "Bad Gateway (agent-egress)"
-    response.reason = _header_safe(f"{phrase}: {decision.reason}")[:300]
+    response.reason = _header_safe(f"{phrase}: {decision.reason}")[:300] + (
+        " (see agent-egress why)" if refused else "")
     return response
 
 

@@ -28,7 +28,8 @@ from agent_egress.connections import Exchange
 from agent_egress.gate import Gate
 from agent_egress.rules import Address, Name, Stage, host_text
 
-from . import transparent
+from . import transparent, tripwire
+from .closing import mitmproxy_closer, untrusted_ca_reason
 from .passthrough import CountingTCPLayer, refuse_next_layer
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Enforcer:
                                                 _proxy_user(flow))
         if not tunnel.decision.passes:
             await self.gate.attribute(client)
+        tunnel.closer = mitmproxy_closer(flow.client_conn.id)
         self.gate.open(client, tunnel)
         if not tunnel.decision.passes:
             flow.response = denial(tunnel.decision, tunnel.destination,
@@ -176,6 +178,17 @@ class Enforcer:
         elif not tunnel.decision.inspect:
             data.ignore_connection = True
 
+    async def tls_failed_client(self, data: tls.TlsData) -> None:
+        """The client broke off the handshake of inspected TLS: most often it does not trust
+        the proxy's CA. Recorded, with what to install where (mitmproxy only logs it)."""
+        client = self.clients.get(data.context.client.id)
+        tunnel = client.tunnel if client is not None else None
+        if client is None or tunnel is None or not tunnel.decision.passes:
+            return
+        await self.gate.attribute(client)
+        self.gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(
+            tunnel.destination, data.conn.error or "handshake failed"))
+
     @_deny_on_error(_refuse_tcp)
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         client = self.clients[flow.client_conn.id]
@@ -218,6 +231,11 @@ class Enforcer:
         decision, host, ip, unresolved = await self.gate.request(
             client, host_raw, port, request.method, request.path, request.host_header,
             request.authority, _proxy_user(flow))
+        caught = self.gate.carried(decision, tripwire.head_parts(request))
+        if caught is not decision:
+            decision, unresolved = caught, False
+        elif decision.passes and decision.credential is not None:
+            decision = tripwire.inject(self.gate, request, decision)
         if not decision.passes:
             await self.gate.attribute(client)
             self.gate.record(Stage.REQUEST, client, decision, host, port, ip,
@@ -228,6 +246,20 @@ class Enforcer:
         if not request.is_http2 and not request.is_http3:
             request.authority = ""  # the origin gets origin-form: only Host names the host
         flow.metadata[_EXCHANGE] = self.gate.begin_exchange(client, decision, host, port, ip)
+        tripwire.watch_streamed_body(self.gate, flow, _EXCHANGE)
+
+    @_deny_on_error(_refuse_flow)
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The whole body is here (mitmproxy buffers up to stream_large_bodies), nothing of it
+        sent yet: its start must not carry a credential."""
+        exchange = flow.metadata.get(_EXCHANGE)
+        if not isinstance(exchange, Exchange) or flow.response is not None or \
+                flow.request.stream:
+            return
+        caught = self.gate.carried(exchange.decision, tripwire.body_parts(flow.request))
+        if caught is not exchange.decision:
+            flow.metadata[_EXCHANGE] = tripwire.refused(exchange, caught)
+            flow.response = denial(caught, f"{host_text(exchange.host)}:{exchange.port}")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Streams every response body on as it arrives: an origin that breaks off mid-body
@@ -248,10 +280,13 @@ class Enforcer:
         client = self.clients.get(flow.client_conn.id)
         if not isinstance(exchange, Exchange) or client is None:
             return
-        await self.gate.attribute(client)  # the client waits for this answer: it still exists
-        bytes_down = exchange.received.total if flow.response is not None else None
-        self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
-                               _body_size(flow.request), bytes_down)
+        try:
+            await self.gate.attribute(client)  # the client waits for its answer: it exists
+        finally:  # cancelled (the proxy is stopping) or not, the request is recorded
+            bytes_down = exchange.received.total if flow.response is not None else None
+            self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
+                                   _body_size(flow.request), bytes_down,
+                                   flow.request.raw_content)
 
     # Upstream
 

@@ -222,6 +222,7 @@ class _Client(asyncio.Protocol):
         if self.client is None or self.tunnel is None:
             self.close()  # never: a ClientHello is only taken after an allowed CONNECT
             return
+        self.tunnel.closer = self.close
         tunnel = self.tunnels.gate.open(self.client, self.tunnel)
         loop = asyncio.get_running_loop()
         try:

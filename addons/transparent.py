@@ -13,6 +13,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from agent_egress.clients import Client
 from agent_egress.gate import Gate
 
+from .closing import mitmproxy_closer
 from .passthrough import refuse_next_layer
 
 _HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} [/*]")  # the start of an HTTP/1 request line
@@ -34,11 +35,13 @@ async def dispatch(gate: Gate, nextlayer: layer.NextLayer, client: Client) -> No
         if hello is None:
             return
         target = hello.sni if hello.sni else str(address)
-        tunnel = gate.open(client, await gate.connection(client, target, port, original=address))
+        tunnel = await gate.connection(client, target, port, original=address)
     elif _HTTP_REQUEST.match(data):
         return
     else:
-        tunnel = gate.open(client, gate.raw_tcp(client, address, port))
+        tunnel = gate.raw_tcp(client, address, port)
+    tunnel.closer = mitmproxy_closer(nextlayer.context.client.id)
+    gate.open(client, tunnel)
     if not tunnel.decision.passes:
         refuse_next_layer(nextlayer, tunnel.decision.reason)
     elif not tunnel.decision.inspect:

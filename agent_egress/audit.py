@@ -1,4 +1,5 @@
-"""The audit log: one JSON line per destination event (an AuditEvent, auditevent.py).
+"""The audit log: one JSON line per destination event (an AuditEvent, auditevent.py), in the
+form a line formatter gives it (JSON lines by default, OCSF with ocsf.line).
 
 Events are queued by the event loop and written by one thread, so a slow disk never blocks the
 proxy; `close()` drains the queue, so nothing accepted is lost on shutdown. Each batch is one
@@ -13,6 +14,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .auditevent import AuditEvent
@@ -29,9 +31,11 @@ _STOP = object()
 
 
 class AuditLog:
-    def __init__(self, path: Path | None) -> None:
-        """`path` None writes to standard output."""
+    def __init__(self, path: Path | None,
+                 formatter: Callable[[AuditEvent], str] = AuditEvent.line) -> None:
+        """`path` None writes to standard output; `formatter` makes each event's line."""
         self.path = path
+        self.formatter = formatter
         self.events = 0
         self.write_errors = 0
         self.failing = False  # the last write failed: traffic may go unrecorded
@@ -96,7 +100,8 @@ class AuditLog:
             else:
                 os.close(self._fd)
                 self._fd = fd
-        data = b"".join(item if isinstance(item, bytes) else item.line().encode()  # type: ignore
+        line = self.formatter
+        data = b"".join(item if isinstance(item, bytes) else line(item).encode()  # type: ignore
                         for item in batch)
         count = sum(item.count(b"\n") if isinstance(item, bytes) else 1 for item in batch)
         try:

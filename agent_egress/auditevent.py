@@ -61,12 +61,11 @@ class AuditEvent:
     def parse(cls, line: str) -> AuditEvent:
         """The event a line holds; ValueError saying what is wrong with it otherwise. Keys
         that an older version did not write are None."""
-        try:
-            data = json.loads(line)
-        except ValueError:
-            raise ValueError("not a JSON object (truncated or corrupt line)") from None
-        if type(data) is not dict:  # json gives exact types: dict, str, int, never subclasses
-            raise ValueError("not a JSON object")
+        return cls.from_dict(load_object(line))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditEvent:
+        """The event a decoded JSON line holds (`data` is consumed); ValueError as `parse`."""
         unknown = data.keys() - _KEYSET
         if unknown:
             raise ValueError(f"not an agent-egress audit event (unknown keys {sorted(unknown)})")
@@ -77,7 +76,7 @@ class AuditEvent:
                 raise ValueError(f"{key} is {type(data.get(key)).__name__}, expected {expected}")
         try:
             data["event"] = Stage(data["event"])
-            data["decision"] = Result(data.get("decision"))
+            data["decision"] = Result(str(data.get("decision")))
             if data.get("mode") is not None:
                 data["mode"] = Mode(data["mode"])
         except ValueError:
@@ -102,6 +101,17 @@ _CHECKED: tuple[tuple[str, frozenset[type], str], ...] = tuple(
         "path": (str, _NONE), "reason": (str, _NONE), "mode": (str, _NONE),
         "ancestry": (list, _NONE),
     }.items())
+
+
+def load_object(line: str) -> dict[str, Any]:
+    """The JSON object a line holds; ValueError otherwise."""
+    try:
+        data = json.loads(line)
+    except ValueError:
+        raise ValueError("not a JSON object (truncated or corrupt line)") from None
+    if type(data) is not dict:  # json gives exact types: dict, str, int, never subclasses
+        raise ValueError("not a JSON object")
+    return data
 
 
 def timestamp() -> str:

@@ -1,5 +1,6 @@
-"""Reading audit logs back: plain, gzipped or standard input, one event at a time, with every
-unreadable line reported (file:line) and skipped rather than stopping the read."""
+"""Reading audit logs back: plain, gzipped or standard input, JSON lines or OCSF (told apart
+line by line), one event at a time, with every unreadable line reported (file:line) and skipped
+rather than stopping the read."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, cast
 
-from .auditevent import AuditEvent
+from . import ocsf
+from .auditevent import AuditEvent, load_object
 
 
 def read_events(paths: Iterable[str],
@@ -38,10 +40,19 @@ def _events(path: str, lines: IO[str], complain: Callable[[str], None]) -> Itera
             if line.isspace():  # lines are never empty: only blank ones are skipped
                 continue
             try:
-                event = AuditEvent.parse(line)
+                event = parse_line(line)
             except ValueError as problem:
                 complain(f"{path}:{number}: {problem}; line skipped")
             else:
                 yield event
     except (EOFError, gzip.BadGzipFile, OSError) as e:
         complain(f"{path}:{number + 1}: the file ends early or is corrupt ({e}); read up to here")
+
+
+def parse_line(line: str) -> AuditEvent:
+    """The event an audit line holds, written as JSON lines or as OCSF (which has a
+    `class_uid`, a key no JSON-lines event has); ValueError saying what is wrong otherwise."""
+    data = load_object(line)
+    if "class_uid" in data:
+        return ocsf.event(data)
+    return AuditEvent.from_dict(data)

@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-log", metavar="F",
                      help="JSON-lines audit log; '-' for standard output (default "
                           "STATE_DIR/audit.jsonl)")
+    run.add_argument("--audit-format", choices=("jsonl", "ocsf"), default="jsonl",
+                     help="audit lines as agent-egress JSON lines (default) or OCSF 1.x events "
+                          "(HTTP, Network and DNS Activity); learn, replay and report read both")
     run.add_argument("--on-audit-failure", choices=("deny", "allow"), default="deny",
                      help="when the audit log cannot be written: deny all traffic until it "
                           "can (default), or allow it unrecorded")
@@ -128,6 +131,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                      help="the event loop: uvloop where installed (auto, the default), or "
                           "asyncio's own")
+    run.add_argument("--control", metavar="PATH",
+                     help="the control socket for why/request/pending/approve/reject, or 'off' "
+                          "(default /run/agent-egress/control.sock as root, else under "
+                          "$XDG_RUNTIME_DIR)")
+    run.add_argument("--operators", metavar="GROUP",
+                     help="members of this group (primary or supplementary) may use pending, "
+                          "approve and reject, besides root")
+    run.add_argument("--notify", metavar="URL",
+                     help="POST a JSON document to URL for every new access request")
+    run.add_argument("--request-lifetime", metavar="DURATION", default="24h",
+                     help="an access request nobody answers expires after this (default "
+                          "%(default)s)")
     run.set_defaults(command=_run)
 
     learn = commands.add_parser(
@@ -184,9 +199,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Summarises audit logs (plain, gzipped, or '-' for standard input): for "
                     "each account, every destination with its counts by decision, first and "
                     "last seen, and the processes that reached it. Unreadable lines are "
-                    "reported with their line number and skipped.")
-    report.add_argument("--format", choices=("table", "json", "csv"), default="table",
-                        help="output format (default %(default)s)")
+                    "reported with their line number and skipped. Logs may be JSON lines or "
+                    "OCSF; --format ocsf converts the events themselves to OCSF lines.")
+    report.add_argument("--format", choices=("table", "json", "csv", "ocsf"), default="table",
+                        help="output format (default %(default)s); 'ocsf': every event as an "
+                             "OCSF 1.x JSON line instead of a summary")
     report.add_argument("logs", nargs="+", metavar="LOG",
                         help="audit logs: plain, gzipped, or '-' for standard input")
     report.set_defaults(command=_report)
@@ -271,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("file", metavar="FILE", nargs="?", type=Path,
                       help="the file to create (default: standard output)")
     init.set_defaults(command=_init)
+
+    from .controlclient import add_commands
+    add_commands(commands)  # why, request, pending, approve, reject
     return parser
 
 
@@ -288,7 +308,15 @@ def _workers(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, StartupError, event_loop, parse_listen, run_loop, serve
+    from .runner import (
+        RunConfig,
+        StartupError,
+        event_loop,
+        parse_listen,
+        run_loop,
+        serve,
+        with_control,
+    )
 
     logging.basicConfig(level=logging.INFO, format="agent-egress: %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -308,7 +336,8 @@ def _run(args: argparse.Namespace) -> int:
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
             on_audit_failure=args.on_audit_failure, workers=args.workers,
-            loop=event_loop(args.loop))
+            audit_format=args.audit_format, loop=event_loop(args.loop))
+        config = with_control(config, args)
         return run_loop(serve(config), config.loop)
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)
@@ -346,9 +375,10 @@ def _learn(args: argparse.Namespace) -> int:
             print(printable(f"# flagged, not proposed: {flag.destination}: {flag.why} "
                             f"({flag.evidence.describe()})"))
     if window is not None:
-        for account, rule, description in stale_rules(policy, learned.used_rules, args.account):
-            print(printable(f"# stale: account {account}: rule {rule} ({description}) was not "
-                            f"used in the last {args.stale}"))
+        for account, rule, rule_id, description in stale_rules(policy, learned.used_rules,
+                                                               args.account):
+            print(printable(f"# stale: account {account}: rule {rule} [{rule_id}] "
+                            f"({description}) was not used in the last {args.stale}"))
     if args.apply:
         for account, proposals in learned.proposals.items():
             if proposals:
@@ -555,9 +585,14 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .credentials import load_secrets
+    from .nftables import governed_accounts
     from .policylint import lint
 
     document = load_policy(args.file)
+    governed = governed_accounts(Policy(document))
+    governed.pop(os.getuid(), None)
+    load_secrets(document, governed)  # as the proxy will: each one readable, and trusted
     for warning in (*document.warnings, *lint(document)):
         print(printable(str(warning)), file=sys.stderr)
     rules = sum(len(a.allow) + len(a.deny) for a in document.accounts.values())
@@ -650,7 +685,8 @@ def _resolver(servers: list[str]) -> Resolve | None:
 def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str | None,
              path: str | None) -> dict[str, object]:
     return {
-        "decision": decision.result.value, "rule": decision.rule, "reason": decision.reason,
+        "decision": decision.result.value, "rule": decision.rule, "rule_id": decision.rule_id,
+        "reason": decision.reason,
         "account": decision.account, "mode": decision.mode.value, "stage": stage.value,
         "host": host, "port": port,
         "method": (method or "GET") if stage is Stage.REQUEST else None,
@@ -661,7 +697,8 @@ def _as_json(decision: Decision, stage: Stage, host: str, port: int, method: str
 
 def _print_decision(decision: Decision, stage: Stage) -> None:
     print(f"decision  {decision.result.value}")
-    print(f"rule      {decision.rule or 'no rule matched'}")
+    print(f"rule      {decision.rule or 'no rule matched'}"
+          + (f" (id {decision.rule_id})" if decision.rule_id else ""))
     print(f"reason    {printable(decision.reason)}")  # it quotes the path as given
     print(f"account   {printable(decision.account)} ({decision.mode.value}), checked at the "
           f"{stage.value} stage")

@@ -4,6 +4,7 @@ user), the source address, and in the background the process that holds the sock
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,8 +39,11 @@ class Client:
 
 
 class ClientIdentifier:
-    def __init__(self, owners: SocketOwners | None) -> None:
+    def __init__(self, owners: SocketOwners | None,
+                 secrets: Callable[[], Collection[str]] = tuple) -> None:
+        """`secrets`: the configured credentials' values now, kept out of command lines."""
         self.owners = owners
+        self.secrets = secrets
         # One thread: scanning /proc is slow, and best effort is enough for who-ran-what.
         self._lookups = ThreadPoolExecutor(1, thread_name_prefix="process-lookup")
         self._pending = 0
@@ -78,7 +82,7 @@ class ClientIdentifier:
         if self._pending >= MAX_PENDING_LOOKUPS:
             return None
         self._pending += 1
-        lookup = self._lookups.submit(find_process, owner.inode, owner.uid)
+        lookup = self._lookups.submit(find_process, owner.inode, owner.uid, self.secrets())
         lookup.add_done_callback(self._lookup_done)
         self._by_socket[owner.inode] = lookup
         if len(self._by_socket) > KNOWN_SOCKETS:

@@ -4,9 +4,10 @@ address it pinned, when it started, the bytes that went each way."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .rules import Address, Decision, Host, host_text
+from .rules import Address, Decision, Host, Identity, Policy, host_text
 
 
 @dataclass(eq=False)
@@ -22,6 +23,9 @@ class Tunnel:
     bytes_down: int = 0
     active: bool = False  # counted in agent_egress_active_connections
     unresolved: bool = False  # refused because the name could not be resolved, not by policy
+    identity: Identity | None = None  # who it was decided for (with the proxy user)
+    policy: Policy | None = None  # the policy it was decided (or last rechecked) under
+    closer: Callable[[], None] | None = None  # closes it: set by the adapter that carries it
 
     @property
     def destination(self) -> str:

@@ -30,6 +30,7 @@ _ACL_HEADER = struct.Struct("=I")
 _ACL_ENTRY = struct.Struct("=HHI")
 _ACL_USER, _ACL_GROUP = 0x02, 0x08
 _WRITE = 0x2
+_READ = 0x4
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Step:
     path: str
     st: os.stat_result
     acl_writers: tuple[tuple[str, int], ...] = ()  # ("user" | "group", id) with write access
+    acl_readers: tuple[tuple[str, int], ...] = ()  # ("user" | "group", id) with read access
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,29 @@ class Chain:
             reason = _step_reason(step, governed, groups)
             if reason is not None:
                 return reason
+        return None
+
+    def readable_reason(self, governed: Mapping[int, str]) -> str | None:
+        """Why one of the accounts could read the file itself (a secret), or None."""
+        step = self.steps[-1]
+        st = step.st
+        if st.st_uid in governed:
+            return (f"{step.path} belongs to uid {st.st_uid}, which account "
+                    f"{governed[st.st_uid]} governs: that account could read it")
+        if st.st_mode & stat.S_IROTH:
+            return f"{step.path} is readable by every user, governed accounts included"
+        if not st.st_mode & stat.S_IRGRP:
+            return None
+        groups = _groups_of(governed)
+        for uid, account in governed.items():
+            if st.st_gid in groups.get(uid, ()):
+                return (f"{step.path} is readable by group {_group_name(st.st_gid)}, which uid "
+                        f"{uid} of account {account} is in: that account could read it")
+            for kind, ident in step.acl_readers:
+                if (kind == "user" and ident == uid) or (kind == "group" and
+                                                         ident in groups.get(uid, ())):
+                    return (f"{step.path} is readable by uid {uid} of account {account} "
+                            "through its access ACL")
         return None
 
 
@@ -150,21 +175,26 @@ def _next_name(pending: deque[str], peek: bool = False) -> str | None:
 
 
 def _step(path: str, fd: int) -> Step:
-    return Step(path, os.fstat(fd), _acl_writers(fd))
+    return Step(path, os.fstat(fd), *_acl_named(fd))
 
 
-def _acl_writers(fd: int) -> tuple[tuple[str, int], ...]:
-    """Named users and groups that an access ACL lets write (the mask is the group bits)."""
+def _acl_named(fd: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+    """Named users and groups that an access ACL lets write, and those it lets read (the
+    mask is the group bits)."""
     try:
         data = os.getxattr(fd, _ACL_XATTR)
     except OSError:
-        return ()  # no ACL (ENODATA), or none supported here
-    writers = []
+        return (), ()  # no ACL (ENODATA), or none supported here
+    writers, readers = [], []
     for offset in range(_ACL_HEADER.size, len(data) - _ACL_ENTRY.size + 1, _ACL_ENTRY.size):
         tag, perm, ident = _ACL_ENTRY.unpack_from(data, offset)
-        if perm & _WRITE and tag in (_ACL_USER, _ACL_GROUP):
-            writers.append(("user" if tag == _ACL_USER else "group", ident))
-    return tuple(writers)
+        if tag in (_ACL_USER, _ACL_GROUP):
+            entry = ("user" if tag == _ACL_USER else "group", ident)
+            if perm & _WRITE:
+                writers.append(entry)
+            if perm & _READ:
+                readers.append(entry)
+    return tuple(writers), tuple(readers)
 
 
 def _groups_of(governed: Iterable[int]) -> dict[int, set[int]]:

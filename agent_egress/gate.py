@@ -18,12 +18,15 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
+from .approvals import AccessRequest, Approvals, RequestError, State
 from .auditevent import AuditEvent, timestamp
 from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
+from .livetunnels import LiveTunnels
 from .pinning import Refusal, pin
 from .rules import (
     AccountChoice,
@@ -39,6 +42,7 @@ from .rules import (
     Stage,
     host_text,
 )
+from .rules.operations import operation
 from .runtime import Runtime
 from .upstream import ResolveError
 
@@ -51,17 +55,22 @@ ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's 
 
 
 class Gate:
+    approvals: Approvals | None = None  # access requests (ask mode, `why`); set by the runner
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.clients = ClientIdentifier(runtime.owners)
+        self.clients = ClientIdentifier(runtime.owners,
+                                        lambda: runtime.policies.secrets.values)
         self._accounts: dict[Identity, AccountChoice] = {}
         self._accounts_policy: Policy | None = None
         self._held: list[AuditEvent] | None = None
         # CONNECTs the fast path decided and then handed to mitmproxy, by client address
         self._handed_over: dict[tuple[str, int], tuple[str, int, Tunnel]] = {}
+        self.live = LiveTunnels(self)  # allowed tunnels, decided again when rules change
 
     def close(self) -> None:
         self.clients.close()
+        self.live.close()
 
     @property
     def policy(self) -> Policy:
@@ -100,7 +109,32 @@ class Gate:
 
     def refuse(self, decision: Decision, reason: str, rule: str | None = None) -> Decision:
         """A denial for the same account and mode as `decision`, for `reason`."""
-        return Decision(Result.DENY, rule, reason, decision.account, decision.mode)
+        return Decision(Result.DENY, rule, reason, decision.account, decision.mode,
+                        rule_id=decision.rule_id if rule is not None and rule == decision.rule
+                        else None)
+
+    # Credentials: the header a rule injects, and the tripwire on every visible request
+
+    def credential_header(self, decision: Decision) -> tuple[str, str] | Decision:
+        """The header to set on a request `decision` allows with a credential (counted as
+        injected), or the denial when the proxy holds no such secret."""
+        name = decision.credential
+        header = self.runtime.policies.secrets.header(name) if name else None
+        if header is None:
+            return self.refuse(decision, f"credential {name} is not loaded")
+        self.runtime.metrics.credentials_injected.labels(decision.account, name).inc()
+        return header
+
+    def carried(self, decision: Decision, parts: Iterable[bytes]) -> Decision:
+        """`decision`, or a denial naming the credential when one of `parts` (of a request as
+        the client sent it: URL, headers, start of the body) carries a credential's value."""
+        secrets = self.runtime.policies.secrets
+        name = secrets.carried(parts) if secrets and decision.account else None
+        if name is None:
+            return decision
+        self.runtime.metrics.credential_leaks.labels(decision.account, name).inc()
+        return Decision(Result.DENY, None, f"carries credential {name}", decision.account,
+                        decision.mode, credential=name)
 
     def refuse_client(self, reason: str) -> Decision:
         """A denial before any account is known (proxy authentication failed)."""
@@ -143,8 +177,10 @@ class Gate:
         """The decision for a connection to `host_raw`:`port` (a CONNECT, or the SNI of a
         transparent connection to `original`), its upstream address resolved and checked."""
         policy = self.policy
-        decision = self.decide(policy, _with_proxy_user(client.identity, proxy_user), host_raw,
-                               port, Stage.CONNECT)
+        identity = _with_proxy_user(client.identity, proxy_user)
+        decision = self.decide(policy, identity, host_raw, port, Stage.CONNECT)
+        if decision.unmatched and decision.mode is Mode.ASK:
+            decision = await self.ask(decision, identity, host_raw, port, Stage.CONNECT)
         host = host_or_none(host_raw)
         ip, unresolved = None, False
         if decision.passes and host is not None:
@@ -153,7 +189,7 @@ class Gate:
             except ResolveError as e:
                 decision, unresolved = self.refuse(decision, str(e), decision.rule), True
         return Tunnel(host if host is not None else Name(host_raw, ()), port, decision, ip,
-                      unresolved=unresolved)
+                      unresolved=unresolved, identity=identity, policy=policy)
 
     def raw_tcp(self, client: Client, address: Address, port: int) -> Tunnel:
         """Raw TCP (SSH, databases) names no host: it may reach an address only if the resolver
@@ -182,7 +218,45 @@ class Gate:
                 break
         name, decision = tried[-1] if tried[-1][1].passes else tried[0]
         return Tunnel(host_or_none(name) or address, port, decision,
-                      address if decision.passes else None)
+                      address if decision.passes else None, policy=policy)
+
+    # Ask mode: where no rule matched, a person may still say yes
+
+    async def ask(self, decision: Decision, identity: Identity, host_raw: str, port: int,
+                  stage: Stage, method: str | None = None,
+                  path: str | None = None) -> Decision:
+        """Holds an unmatched connection or request (ask mode) up to the account's
+        ask_timeout while its access request waits for an operator. Approved (the rule is in
+        the policy by then): decided again, on the new policy, with the request's id in
+        `approval`. Otherwise the denial says what became of the request."""
+        approvals = self.approvals
+        account = self.policy.accounts().get(decision.account)
+        host = host_or_none(host_raw)
+        if approvals is None or account is None or host is None:
+            return replace(decision, reason=f"{decision.reason}; nobody can be asked from "
+                           "here (ask mode needs the control socket, run --control, and holds "
+                           "connections in the first process only): denied")
+        try:
+            request = await approvals.hold(decision.account, host_text(host), port,
+                                           path.split("?", 1)[0] if path else None,
+                                           account.ask_timeout)
+        except RequestError as e:
+            return replace(decision, reason=f"{decision.reason}; {e}")
+        if request.state is State.APPROVED:
+            again = self.decide(self.policy, identity, host_raw, port, stage, method, path)
+            return replace(again, approval=request.id) if again.passes else again
+        return _asked(decision, request, account.ask_timeout)
+
+    def ask_later(self, decision: Decision, host: str) -> Decision:
+        """A DNS query in ask mode is answered at once; it opens (or joins) the access
+        request, so that a retry after approval works."""
+        if self.approvals is None:
+            return decision
+        try:
+            request, _ = self.approvals.open(decision.account, host, None, None)
+        except RequestError as e:
+            return replace(decision, reason=f"{decision.reason}; {e}")
+        return _asked(decision, request, None)
 
     # Connections: opened, refused after the fact, closed
 
@@ -191,6 +265,7 @@ class Gate:
         denied (an allowed one is recorded when it closes, with its bytes)."""
         client.tunnel = tunnel
         if tunnel.decision.passes:
+            self.live.add(client, tunnel)
             tunnel.active = True
             self.runtime.metrics.active_connections.labels(tunnel.decision.account).inc()
         else:
@@ -200,8 +275,17 @@ class Gate:
     def refuse_tunnel(self, client: Client, tunnel: Tunnel, reason: str) -> None:
         """An allowed connection turned out not to be what was decided (its SNI, or raw TCP
         where requests must be inspected): denied and recorded now."""
+        self.live.remove(tunnel)
         tunnel.decision = self.refuse(tunnel.decision, reason)
         self.record_connection(client, tunnel)
+
+    def withdraw(self, client: Client, tunnel: Tunnel, reason: str) -> None:
+        """An open connection that the policy no longer allows (a rule expired, or a reload
+        withdrew it; livetunnels.py): denied and recorded now, with what it carried so far,
+        before its adapter closes it."""
+        tunnel.decision = self.refuse(tunnel.decision, reason, tunnel.decision.rule)
+        self.record_connection(client, tunnel, bytes_up=tunnel.bytes_up,
+                               bytes_down=tunnel.bytes_down, duration_ms=tunnel.duration_ms())
 
     def finish(self, client: Client) -> None:
         """The client has gone: counts its connection's bytes and records it."""
@@ -209,6 +293,7 @@ class Gate:
         if tunnel is None:
             return
         client.tunnel = None
+        self.live.remove(tunnel)
         metrics, account = self.runtime.metrics, tunnel.decision.account
         if tunnel.active:
             metrics.active_connections.labels(account).dec()
@@ -257,6 +342,9 @@ class Gate:
             reason = reason or host_header_refusal(host_header, host, port)
         if reason and decision.account:
             decision = self.refuse(decision, reason)
+        if decision.unmatched and decision.mode is Mode.ASK:
+            decision = await self.ask(decision, identity, host_raw, port, Stage.REQUEST, method,
+                                      path)
         if tunnel is not None or not decision.passes:
             return decision, host, tunnel.ip if tunnel is not None else None, False
         original = client.original[0] if client.original else None
@@ -273,7 +361,8 @@ class Gate:
         return Exchange(decision, host, port, ip)
 
     def end_exchange(self, client: Client, exchange: Exchange, method: str, path: str,
-                     bytes_up: int | None, bytes_down: int | None) -> None:
+                     bytes_up: int | None, bytes_down: int | None,
+                     body: bytes | None = None) -> None:
         tunnel = client.tunnel
         if tunnel is not None:  # inspected: the tunnel's total is the sum of its requests
             tunnel.bytes_up += bytes_up or 0
@@ -285,7 +374,7 @@ class Gate:
             metrics.bytes.labels(account, "down").inc(bytes_down or 0)
         self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
                     exchange.ip, method=method, path=path, bytes_up=bytes_up,
-                    bytes_down=bytes_down, duration_ms=exchange.duration_ms())
+                    bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body)
 
     # The record
 
@@ -313,9 +402,11 @@ class Gate:
                port: int | None, ip: Address | None, *, policy: Policy | None = None,
                reason: str | None = None, method: str | None = None, path: str | None = None,
                qtype: str | None = None, bytes_up: int | None = None,
-               bytes_down: int | None = None, duration_ms: float | None = None) -> None:
+               bytes_down: int | None = None, duration_ms: float | None = None,
+               body: bytes | None = None) -> None:
         """Counts the decision and writes its one audit event (`reason` overrides the
-        decision's, to add what happened after it)."""
+        decision's, to add what happened after it). `body`: the request's body when it was
+        read, for the operations only it tells apart (rules/operations.py)."""
         self.runtime.metrics.count(decision, stage)
         process = client.known_process()
         identity = client.identity
@@ -328,7 +419,13 @@ class Gate:
             decision=decision.result, rule=decision.rule, reason=reason or decision.reason,
             mode=decision.mode if decision.account else None,
             policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
-            duration_ms=duration_ms)
+            duration_ms=duration_ms, rule_id=decision.rule_id,
+            op=operation(method, path, body) if stage is Stage.REQUEST else None,
+            ancestry=list(process.ancestry) if process and process.ancestry else None,
+            credential=decision.credential if stage is Stage.REQUEST else None,
+            approval=decision.approval)
+        if self.approvals is not None and decision.result is Result.DENY:
+            self.approvals.note_denial(event, decision)
         if self._held is None:
             self.runtime.audit.record(event)
         else:
@@ -343,6 +440,22 @@ class Gate:
         held, self._held = self._held, None
         if held:
             self.runtime.audit.record_all(held)
+
+
+def _asked(decision: Decision, request: AccessRequest, waited: float | None) -> Decision:
+    """The denial of an unmatched destination in ask mode, naming its access request."""
+    hint: str | None
+    if request.state is State.PENDING:
+        what = f"access request {request.id} is pending" + (
+            f" (waited {waited:g}s for an operator)" if waited is not None else "")
+        hint = (f"an operator approves it with `agent-egress approve {request.id}`; retry "
+                "then (`agent-egress why` shows your denials)")
+    else:
+        by = f" by {request.closed_by}" if request.closed_by else ""
+        answer = f": {request.answer}" if request.answer else ""
+        what = f"access request {request.id} was {request.state}{by}{answer}"
+        hint = decision.hint
+    return replace(decision, reason=f"{decision.reason}; {what}", hint=hint)
 
 
 def _with_proxy_user(identity: Identity, proxy_user: str | None) -> Identity:

@@ -71,6 +71,7 @@ class Process:
     pid: int
     exe: str | None
     cmdline: str | None
+    ancestry: tuple[str, ...] = ()  # EXE[PID], this process first, then its parents
 
 
 class SocketOwners:
@@ -113,6 +114,26 @@ class SocketOwners:
         owner = self.owner(peer, original_dst)
         return None if owner is not None and owner.inode and owner.uid == os.geteuid() \
             else owner
+
+    def resolver_client_owner(self, client: tuple[str, int], server: tuple[str, int],
+                              protocol: int) -> SocketOwner | None:
+        """The owner of a query to the resolver at `server` from `client`. A query nftables
+        redirected here comes from a socket whose peer is the server it asked for, not this
+        one, and NAT may have moved its port: conntrack names its real addresses. Without
+        conntrack, the socket bound at `client` is taken, whoever its peer."""
+        owner = self.owner(client, server, protocol)
+        if owner is not None:
+            return owner
+        if self.conntrack.readable:
+            original = self.conntrack.original((_unmap(server[0]), server[1]),
+                                               (_unmap(client[0]), client[1]), protocol)
+            if self.conntrack.readable:  # it answered
+                if original is None:
+                    return None
+                source, destination = original
+                return self.owner((str(source[0]), source[1]),
+                                  (str(destination[0]), destination[1]), protocol)
+        return self.owner_of_local(client, protocol)
 
     def owner_of_local(self, local: tuple[str, int], protocol: int) -> SocketOwner | None:
         """The socket bound to `local`, whoever its peer: for a client whose connection was
@@ -328,7 +349,7 @@ def find_process(inode: int, uid: int, secrets: Collection[str] = ()) -> Process
         except OSError:
             continue
         if inode in sockets:
-            process = _describe(int(name), secrets)
+            process = _describe(int(name), secrets, uid)
             _last_process[uid] = process.pid
             # A client opening connections at once has its next ones' sockets open already:
             # this scan finds them, so their own lookups need not read /proc again.
@@ -359,21 +380,56 @@ _socket_owners: dict[int, tuple[Process, int]] = {}
 _MAX_SOCKET_OWNERS = 4096
 
 
-def _describe(pid: int, secrets: Collection[str] = ()) -> Process:
-    try:
-        exe: str | None = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = None
+def _describe(pid: int, secrets: Collection[str] = (), uid: int | None = None) -> Process:
+    exe = _exe(pid)
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             data = f.read(MAX_CMDLINE + 1)
         cmdline: str | None = describe_cmdline(data, secrets)
     except OSError:
         cmdline = None
-    return Process(pid, exe, cmdline)
+    return Process(pid, exe, cmdline, ancestry(pid, uid, exe))
 
 
 MAX_CMDLINE = 4096
+MAX_ANCESTRY = 8
+
+
+def ancestry(pid: int, uid: int | None, exe: str | None = None) -> tuple[str, ...]:
+    """`pid` and its ancestors as `EXE[PID]`, nearest first, up to (not including) the first
+    process of another uid than `uid` (its own, if None), at most MAX_ANCESTRY: for an agent,
+    `curl[…]`, `bash[…]`, `codex[…]`. A process whose executable cannot be read (gone, or
+    another user's without the privilege) is named by its command name; the chain ends at
+    a process that has gone."""
+    chain: list[str] = []
+    current: int | None = pid
+    while current and len(chain) < MAX_ANCESTRY:
+        try:
+            owner = os.stat(f"/proc/{current}").st_uid
+            with open(f"/proc/{current}/stat", "rb") as f:
+                stat = f.read(4096)
+        except OSError:
+            break
+        if uid is None:
+            uid = owner
+        elif owner != uid:
+            break
+        command, _, rest = stat.rpartition(b")")
+        fields = rest.split()
+        name = os.path.basename(exe or _exe(current) or "")
+        if not name:
+            name = command.partition(b"(")[2].decode(errors="replace")
+        chain.append(f"{name}[{current}]")
+        exe = None
+        current = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    return tuple(chain)
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
 
 
 def describe_cmdline(data: bytes, secrets: Collection[str] = ()) -> str:

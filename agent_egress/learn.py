@@ -26,6 +26,8 @@ from .rules import (
     normalize_host,
 )
 from .rules.hosts import looks_encoded
+from .rules.model import READ_METHODS
+from .rules.operations import READS, WRITES
 from .rules.suffixes import is_public_suffix
 from .terminal import counted
 
@@ -42,6 +44,8 @@ class Evidence:
     stages: set[str] = field(default_factory=set)
     ports: set[int] = field(default_factory=set)
     reason: str = ""
+    ops: set[str] = field(default_factory=set)  # recognised operations (`op`)
+    other_writes: int = 0  # requests that write and are no recognised read
 
     def add(self, event: AuditEvent) -> None:
         ts = event.ts or ""
@@ -55,13 +59,29 @@ class Evidence:
         if exe and exe not in self.processes and len(self.processes) < MAX_PROCESSES:
             self.processes.append(exe)
         self.reason = self.reason or (event.reason or "")
+        if event.op:
+            self.ops.add(event.op)
+        if event.event == "request" and event.op not in READS and (
+                event.method or "GET").upper() not in READ_METHODS:
+            self.other_writes += 1
+
+    @property
+    def writes(self) -> list[str]:
+        """What the events say was a write (op), for a loud flag."""
+        return sorted(self.ops & WRITES)
+
+    @property
+    def only_read(self) -> bool:
+        """Recognised reads (git fetch, LFS download) and nothing that writes."""
+        return bool(self.ops) and self.ops <= READS and not self.other_writes
 
     def merged(self, other: Evidence) -> Evidence:
         processes = self.processes + [p for p in other.processes if p not in self.processes]
         return Evidence(self.count + other.count, min(self.first, other.first),
                         max(self.last, other.last), processes[:MAX_PROCESSES],
                         self.stages | other.stages, self.ports | other.ports,
-                        self.reason or other.reason)
+                        self.reason or other.reason, self.ops | other.ops,
+                        self.other_writes + other.other_writes)
 
     def describe(self) -> str:
         seen = f"{self.first} to {self.last}" if self.first != self.last else self.first
@@ -95,8 +115,8 @@ def learn(policy: Policy, events: Iterable[AuditEvent], account: str | None = No
           stale_since: timedelta | None = None) -> Learned:
     seen: dict[tuple[str, str], Evidence] = defaultdict(Evidence)
     learned = Learned()
-    last_use: dict[tuple[str, str], str] = {}  # (account, rule id) -> its latest use
-    rule_ids: dict[str, str] = {}  # rule as logged -> rule id
+    last_use: dict[tuple[str, str], str] = {}  # (account, rule key) -> its latest use
+    rule_lines: dict[str, str] = {}  # FILE:LINE as logged -> its key, for events before ids
     latest = ""
     count = 0
     for event in events:
@@ -109,13 +129,13 @@ def learn(policy: Policy, events: Iterable[AuditEvent], account: str | None = No
             continue
         if event.decision is Result.ALLOW:
             rule = event.rule
-            if rule:
-                rule_id = rule_ids.get(rule)
-                if rule_id is None:
-                    rule_id = rule_ids[rule] = _rule_id(rule)
-                key = (name, rule_id)
-                if ts >= last_use.get(key, ""):
-                    last_use[key] = ts
+            used = f"id {event.rule_id}" if event.rule_id else None
+            if used is None and rule:
+                used = rule_lines.get(rule)
+                if used is None:
+                    used = rule_lines[rule] = f"line {_rule_line(rule)}"
+            if used is not None and ts >= last_use.get((name, used), ""):
+                last_use[(name, used)] = ts
             continue
         seen[(name, event.host)].add(event)
     learned.events = count
@@ -151,6 +171,11 @@ def _classify(policy: Policy, account: str, host_text: str, evidence: Evidence,
     if not evidence.reason.startswith(NO_RULE):
         flag(f"denied for another reason: {evidence.reason}")
         return
+    if evidence.writes:
+        flag(f"WRITES: {', '.join(evidence.writes)} seen; any rule for this host would allow "
+             "them: add one by hand only if this account is meant to write there (else "
+             "`access: read-only`)")
+        return
     if "(rule " in evidence.reason:
         flag("a rule covers this host with restrictions (methods, paths, ports, read-only or "
              "expiry); widen that rule by hand if intended")
@@ -161,32 +186,38 @@ def _classify(policy: Policy, account: str, host_text: str, evidence: Evidence,
     if looks_encoded(host.text):
         flag("looks like encoded data (high-entropy label): possible DNS tunnelling")
         return
+    access = "read-only" if evidence.only_read else None
     learned.proposals.setdefault(account, []).append(
-        Proposal(NewRule(host=host.text, ports=sorted(evidence.ports)), (host.text,), evidence))
+        Proposal(NewRule(host=host.text, ports=sorted(evidence.ports), access=access),
+                 (host.text,), evidence))
 
 
 def _collapse(proposals: list[Proposal]) -> list[Proposal]:
     """Siblings under one parent become `*.parent` (never over a public suffix), and names
-    that cover most of a built-in preset become that preset."""
+    that cover most of a built-in preset become that preset. Only proposals of one access
+    collapse together: a read-only name never becomes part of a rule that allows writes."""
     by_name = {p.covers[0]: p for p in proposals}
     out: list[Proposal] = []
     for preset, rules in sorted(builtin_presets().items()):
         hosts = {r.host for r in rules if r.host and not r.host.startswith("*.")}
-        observed = hosts & by_name.keys()
-        if len(observed) >= 2 and len(observed) * 2 >= len(hosts):
-            evidence = _merge([by_name.pop(h).evidence for h in sorted(observed)])
-            out.append(Proposal(NewRule(preset=preset), tuple(sorted(observed)), evidence))
-    families: dict[str, list[str]] = defaultdict(list)
-    for name in by_name:
+        for access in (None, "read-only"):
+            observed = {h for h in hosts & by_name.keys() if by_name[h].rule.access == access}
+            if len(observed) >= 2 and len(observed) * 2 >= len(hosts):
+                evidence = _merge([by_name.pop(h).evidence for h in sorted(observed)])
+                out.append(Proposal(NewRule(preset=preset, access=access),
+                                    tuple(sorted(observed)), evidence))
+    families: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+    for name, proposal in by_name.items():
         parent = name.split(".", 1)[1] if "." in name else ""
         if "." in parent and not is_public_suffix(parent):
-            families[parent].append(name)
-    for parent, names in sorted(families.items()):
+            families[(parent, proposal.rule.access)].append(name)
+    for (parent, access), names in sorted(families.items(), key=lambda f: (f[0][0],
+                                                                          f[0][1] or "")):
         if len(names) >= SIBLINGS_FOR_WILDCARD:
             members = [by_name.pop(n) for n in sorted(names)]
             evidence = _merge([m.evidence for m in members])
-            out.append(Proposal(NewRule(host=f"*.{parent}", ports=sorted(evidence.ports)),
-                                tuple(sorted(names)), evidence))
+            out.append(Proposal(NewRule(host=f"*.{parent}", ports=sorted(evidence.ports),
+                                        access=access), tuple(sorted(names)), evidence))
     out.extend(by_name[name] for name in sorted(by_name))
     return out
 
@@ -195,9 +226,10 @@ def _merge(evidence: list[Evidence]) -> Evidence:
     return functools.reduce(Evidence.merged, evidence)
 
 
-def _rule_id(source: str) -> str:
+def _rule_line(source: str) -> str:
     """`file:line` by the file's name alone: the proxy may have been given another spelling
-    of the same path than learn is."""
+    of the same path than learn is. Only for events written before rules had ids: a line
+    moves when the file is edited above it."""
     file, _, line = source.rpartition(":")
     return f"{os.path.basename(file)}:{line}"
 
@@ -214,13 +246,16 @@ def _recently_used(last_use: dict[tuple[str, str], str], latest: str,
     return {f"{name}\0{rule}" for (name, rule), ts in last_use.items() if ts >= since}
 
 
-def stale_rules(policy: Policy, used: set[str], account: str | None) -> list[tuple[str, str, str]]:
-    """(account, rule, description) of allow rules no allow event used."""
+def stale_rules(policy: Policy, used: set[str],
+                account: str | None) -> list[tuple[str, str, str, str]]:
+    """(account, rule, rule id, description) of allow rules no allow event used: by the
+    rule's stable id (events from before ids: by its line)."""
     out = []
     for name, acct in policy.accounts().items():
         if account and name != account:
             continue
-        for rule in dict((r.source, r) for r in acct.allow).values():
-            if f"{name}\0{_rule_id(rule.source)}" not in used:
-                out.append((name, rule.source, rule.describe()))
+        for rule in dict((r.id or r.source, r) for r in acct.allow).values():
+            if f"{name}\0id {rule.id}" not in used and \
+                    f"{name}\0line {_rule_line(rule.source)}" not in used:
+                out.append((name, rule.source, rule.id, rule.describe()))
     return out

@@ -3,8 +3,7 @@ decision, direction, signal, result; never a host or an address."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
@@ -22,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .listeners import exposed_listeners
-from .rules import Decision, Policy, Query, Result, Stage
+from .rules import Decision, Policy, Result, Stage
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -80,6 +79,13 @@ class Metrics:
         self.dns_suspicious = Counter(
             "agent_egress_dns_suspicious", "DNS queries that look like tunnelling, by signal",
             ["account", "signal"], registry=self.registry)
+        self.credentials_injected = Counter(
+            "agent_egress_credentials_injected", "Requests the proxy added a credential to, by "
+            "account and credential", ["account", "credential"], registry=self.registry)
+        self.credential_leaks = Counter(
+            "agent_egress_credential_leaks", "Requests denied for carrying a credential's "
+            "value, by account and credential", ["account", "credential"],
+            registry=self.registry)
         self.build_info = Gauge(
             "agent_egress_build_info", "agent-egress version", ["version"],
             registry=self.registry)
@@ -93,6 +99,11 @@ class Metrics:
         self.prepare(policies.current)
         policies.on_change = self.prepare
 
+    def watch_requests(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Exposes agent_egress_access_requests{account,state} from `counts`: the access
+        requests opened or answered in the last 24 hours (approvals.py)."""
+        self.registry.register(_RequestsCollector(counts))
+
     def prepare(self, policy: Policy) -> None:
         """Zero series for every account, stage and decision: an alert on `increase()` sees
         an account's first denial, which a series created by that denial would hide."""
@@ -100,12 +111,8 @@ class Metrics:
             for stage in Stage:
                 for decision in Result:
                     self.decisions.labels(account, stage.value, decision.value)
-
-    def decide(self, policy: Policy, query: Query) -> Decision:
-        started = time.perf_counter()
-        decision = policy.decide(query)
-        self.decision_seconds.observe(time.perf_counter() - started)
-        return decision
+            for credential in policy.document.credentials:
+                self.credential_leaks.labels(account, credential)
 
     def count(self, decision: Decision, stage: Stage) -> None:
         key = (decision.account, stage, decision.result)
@@ -151,3 +158,21 @@ class _StateCollector(Collector):
         for account, count in counts.items():
             exposed.add_metric([account], count)
         yield exposed
+
+
+REQUEST_STATES = ("pending", "approved", "rejected", "expired")
+
+
+class _RequestsCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[tuple[str, str], int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("agent_egress_access_requests",
+                                   "Access requests of the last 24 hours, by account and state",
+                                   labels=["account", "state"])
+        counts = self.counts()
+        for account in sorted({account for account, _ in counts}):
+            for state in REQUEST_STATES:
+                family.add_metric([account, state], counts.get((account, state), 0))
+        yield family

@@ -29,6 +29,7 @@ class NewRule:
     cidr: str | None = None
     preset: str | None = None
     ports: Sequence[int] | None = None
+    access: str | None = None  # "read-only"
     expires: str | None = None
     comment: str | None = None
 
@@ -38,6 +39,8 @@ class NewRule:
                  else f"preset: {self.preset}"]
         if self.ports:
             parts.append(f"ports: [{', '.join(str(p) for p in sorted(self.ports))}]")
+        if self.access:
+            parts.append(f"access: {self.access}")
         if self.expires:
             parts.append(f"expires: {self.expires}")
         return "{" + ", ".join(parts) + "}"
@@ -108,6 +111,8 @@ def _entry(rule: NewRule) -> CommentedMap:
         ports = CommentedSeq(sorted(rule.ports))
         ports.fa.set_flow_style()
         entry["ports"] = ports
+    if rule.access:
+        entry["access"] = rule.access
     if rule.expires:
         entry["expires"] = rule.expires
     return entry

@@ -10,10 +10,12 @@ from typing import Any
 
 from .auditevent import AuditEvent
 from .rules import NO_RULE, Decision, Policy, Query, Result, Stage
+from .rules.engine import READ_ONLY_REFUSAL
+from .rules.operations import path_for
 
 # Decisions the policy engine made (and can make again). Others came from address, TLS or
 # authentication checks that need the live connection, and are not replayed.
-_POLICY_REASONS = ("allowed by rule", NO_RULE, "denied by rule")
+_POLICY_REASONS = ("allowed by rule", NO_RULE, "denied by rule", READ_ONLY_REFUSAL)
 _DECISIONS_KEPT = 65_536  # distinct queries remembered; memory stays flat
 
 
@@ -50,7 +52,9 @@ def replay(policy: Policy, events: Iterable[AuditEvent]) -> Replayed:
             skipped += 1
             continue
         stage = event.event
-        key = (account, host, event.port, stage, event.method, event.path)
+        # the log keeps no query string: `op` says what a git request was (a push reads as a
+        # fetch without it)
+        key = (account, host, event.port, stage, event.method, path_for(event.op, event.path))
         decision = decided.get(key)
         if decision is None:
             if len(decided) >= _DECISIONS_KEPT:
@@ -62,10 +66,13 @@ def replay(policy: Policy, events: Iterable[AuditEvent]) -> Replayed:
         destination = host if event.port is None else f"{host}:{event.port}"
         if stage is Stage.REQUEST:
             destination += f" {event.method or 'GET'} {event.path or '/'}"
+            if event.op:
+                destination += f" ({event.op})"
         newly = "denied" if passed else "allowed"
         change = changes.get((account, destination, newly))
         if change is None:
-            reason = decision.reason + (f" ({decision.rule})" if decision.rule else "")
+            rule = ", ".join(r for r in (decision.rule, decision.rule_id) if r)
+            reason = decision.reason + (f" ({rule})" if rule else "")
             change = changes[(account, destination, newly)] = Change(
                 account, destination, newly, 0, reason)
         change.events += 1

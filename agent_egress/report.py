@@ -10,12 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from . import ocsf
 from .auditevent import AuditEvent
 from .auditread import read_events
 from .rules import Result
 from .terminal import printable
 
 MAX_PROCESSES = 5
+MAX_RULES = 5
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Destination:
         (r.value for r in Result), 0))
     processes: list[str] = field(default_factory=list)
     last_denial: str | None = None
+    rule_ids: list[str] = field(default_factory=list)  # the rules that decided, by stable id
+    ops: list[str] = field(default_factory=list)  # operations recognised (git-push, ...)
 
     @property
     def name(self) -> str:
@@ -45,7 +49,8 @@ class Destination:
         return {"account": self.account, "destination": self.name, "host": self.host,
                 "port": self.port, "events": self.events, **self.counts,
                 "first_seen": self.first_seen, "last_seen": self.last_seen,
-                "processes": self.processes, "last_denial": self.last_denial}
+                "processes": self.processes, "last_denial": self.last_denial,
+                "rule_ids": self.rule_ids, "ops": self.ops}
 
 
 def summarize(events: Iterable[AuditEvent]) -> list[Destination]:
@@ -65,6 +70,11 @@ def summarize(events: Iterable[AuditEvent]) -> list[Destination]:
         found.counts[event.decision] += 1
         if event.decision is not Result.ALLOW:
             found.last_denial = event.reason
+        if event.rule_id and event.rule_id not in found.rule_ids and \
+                len(found.rule_ids) < MAX_RULES:
+            found.rule_ids.append(event.rule_id)
+        if event.op and event.op not in found.ops:
+            found.ops.append(event.op)
         process = os.path.basename(event.exe or "") or None
         if process and process not in found.processes and len(found.processes) < MAX_PROCESSES:
             found.processes.append(process)
@@ -73,6 +83,10 @@ def summarize(events: Iterable[AuditEvent]) -> list[Destination]:
 
 
 def report(paths: list[str], fmt: str, out: TextIO = sys.stdout) -> int:
+    if fmt == "ocsf":  # not a summary: the log itself, converted
+        for event in read_events(paths):
+            out.write(ocsf.line(event))
+        return 0
     destinations = summarize(read_events(paths))
     if fmt == "json":
         json.dump([d.as_dict() for d in destinations], out, indent=2)
@@ -80,11 +94,13 @@ def report(paths: list[str], fmt: str, out: TextIO = sys.stdout) -> int:
     elif fmt == "csv":
         writer = csv.writer(out)
         columns = ["account", "destination", "events", "allow", "deny", "would_deny",
-                   "first_seen", "last_seen", "processes", "last_denial"]
+                   "first_seen", "last_seen", "processes", "last_denial", "rule_ids", "ops"]
         writer.writerow(columns)
         for d in destinations:
             row = d.as_dict()
             row["processes"] = " ".join(d.processes)
+            row["rule_ids"] = " ".join(d.rule_ids)
+            row["ops"] = " ".join(sorted(d.ops))
             writer.writerow([printable(str(row[c])) if isinstance(row[c], str) else row[c]
                              for c in columns])
     else:
@@ -114,3 +130,7 @@ def _table(destinations: list[Destination], out: TextIO) -> None:
                   f"{printable(d.first_seen):24}  {printable(d.last_seen):24}  {processes}\n")
         if d.last_denial and d.counts["allow"] == 0:
             out.write(f"  {'':{width}}  why: {printable(d.last_denial)}\n")
+        if d.ops or d.rule_ids:
+            facts = [f"ops {', '.join(sorted(d.ops))}"] if d.ops else []
+            facts += [f"rules {', '.join(d.rule_ids)}"] if d.rule_ids else []
+            out.write(f"  {'':{width}}  {printable('; '.join(facts))}\n")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import fcntl
+import grp
 import json
 import logging
 import os
@@ -13,7 +15,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from ipaddress import ip_address
 from pathlib import Path
 from typing import IO, Any
@@ -23,12 +25,14 @@ from mitmproxy import certs, options
 from mitmproxy.addons import core, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
+from . import ocsf
 from .addons.enforce import Enforcer
 from .addons.fastpath import ExplicitListener
 from .addons.limits import RequestHeadLimits, raise_open_file_limit
 from .addons.nextlayer import ClientFirstNextLayer
 from .addons.proxyauth import ProxyAuthenticator
 from .audit import AuditLog
+from .control import Control, ControlError, open_control
 from .dns.resolver import PolicyResolver
 from .dns.server import DnsServer
 from .filetrust import untrusted_reason
@@ -65,6 +69,12 @@ class RunConfig:
     upstream_ca: Path | None
     on_audit_failure: str = "deny"
     workers: int = 1  # processes accepting on the explicit proxy listener
+    audit_format: str = "jsonl"  # or "ocsf" (ocsf.FORMATS)
+    control: str | None = None  # the control socket's path; None: off
+    control_default: bool = False  # the path is the default one: failing to use it warns
+    operators: str | None = None
+    notify: str | None = None
+    request_lifetime: float = 24 * 3600.0
     loop: str = "asyncio"  # the event loop: asyncio's or uvloop (see event_loop)
 
     def to_json(self) -> str:
@@ -102,6 +112,44 @@ def run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
 
         return asyncio.run(main, loop_factory=uvloop.new_event_loop)
     return asyncio.run(main)
+
+
+def with_control(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """`config` with `run`'s flags for the control socket (control.py); raises
+    StartupError."""
+    from .loginenv import default_control_path
+    from .notify import check_url
+    from .policyedit import parse_duration
+
+    try:
+        lifetime = parse_duration(args.request_lifetime).total_seconds()
+        notify = check_url(args.notify) if args.notify else None
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    if args.operators:
+        try:
+            grp.getgrnam(args.operators)
+        except KeyError:
+            raise StartupError(f"--operators {args.operators}: no such group") from None
+    control = None if args.control == "off" else args.control or str(default_control_path())
+    return replace(config, control=control, control_default=not args.control,
+                   operators=args.operators, notify=notify, request_lifetime=lifetime)
+
+
+async def start_control(config: RunConfig, gate: Gate) -> Control | None:
+    """The control socket, or None when it is off. A default path that cannot be used is a
+    warning (the proxy runs without it, and ask mode denies as enforce does); a path given
+    with --control that cannot be used stops the start."""
+    if config.control is None:
+        return None
+    try:
+        return await open_control(gate, Path(config.control), config.operators, config.notify,
+                                  config.request_lifetime)
+    except ControlError as e:
+        if not config.control_default:
+            raise StartupError(str(e)) from None
+        log.warning("%s; running without a control socket", e)
+        return None
 
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:
@@ -333,7 +381,7 @@ async def serve(config: RunConfig) -> int:
         guarded += [config.policy, config.policy.resolve().parent]
     for warning in check_tamper(guarded, policies.current):
         log.warning("%s", warning)
-    audit = AuditLog(config.audit_log)
+    audit = AuditLog(config.audit_log, ocsf.formatter(config.audit_format))
     runtime = runtime_for(config, policies, audit)
     pool = WorkerPool(config, audit)
     stop = asyncio.Event()
@@ -352,6 +400,7 @@ async def serve(config: RunConfig) -> int:
     probes = asyncio.create_task(warn_unanswered(servers)) if servers else None
     gate = Gate(runtime)
     enforcer = Enforcer(gate)
+    controlling: Control | None = None
     dns_server: DnsServer | None = None
     master: Master | None = None
     proxy_task: asyncio.Task[None] | None = None
@@ -359,6 +408,10 @@ async def serve(config: RunConfig) -> int:
     shared: list[socket.socket] = []
     try:
         lines = []
+        controlling = await start_control(config, gate)
+        if controlling is not None:
+            who = ", ".join(["root", *([f"group {config.operators}"] if config.operators else [])])
+            lines.append(f"control socket {config.control} (operators: {who})")
         if config.metrics is not None:
             try:
                 metrics_server = runtime.metrics.serve(
@@ -410,7 +463,8 @@ async def serve(config: RunConfig) -> int:
                 lines.insert(0, f"proxy listening on {_format(*bound['regular'])}{processes}")
         lines.append(f"policy {config.policy or EMBEDDED_POLICY} ({policies.current.digest}), "
                      f"accounts: {', '.join(policies.current.accounts()) or 'none'}")
-        lines.append(f"audit log {config.audit_log or 'standard output'}; CA for inspected "
+        form = " (OCSF)" if config.audit_format == "ocsf" else ""
+        lines.append(f"audit log {config.audit_log or 'standard output'}{form}; CA for inspected "
                      f"HTTPS {ca_certificate(config.state_dir)}")
         print("\n".join(f"agent-egress: {line}" for line in lines), flush=True)
         waits = [asyncio.create_task(stop.wait())] + ([proxy_task] if proxy_task else [])
@@ -432,6 +486,8 @@ async def serve(config: RunConfig) -> int:
             await stop_proxy(master, proxy_task)
         if dns_server is not None:
             await dns_server.stop()
+        if controlling is not None:
+            await controlling.stop()
         audit.close()
         if runtime.owners is not None:
             runtime.owners.close()

@@ -4,17 +4,20 @@ reload), the audit log, the upstream resolver and the socket-owner lookup."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .answers import AnswerMemory
 from .audit import AuditLog
+from .credentials import Secrets, load_secrets, stamp
 from .filetrust import read_checked
 from .identity import SocketOwners
 from .metrics import Metrics
@@ -48,17 +51,21 @@ class PolicyHolder:
     In the running proxy, reloads (`request_reload`, `watch`) read, parse and index the file in
     a worker thread, so that the event loop keeps answering during the seconds a large policy
     takes; the loop only swaps the reference and runs `on_change`. `reload` does it all in the
-    caller's thread, for callers without a loop."""
+    caller's thread, for callers without a loop.
+
+    The credentials' secrets (credentials.py) are read with the policy and swapped with it:
+    `secrets` always belongs to `current`. A change to a secret file reloads both."""
 
     def __init__(self, path: Path | None,
                  on_change: Callable[[Policy], None] | None = None) -> None:
         self.path = path
-        self.current = _load(path, None) if path else embedded_policy()
+        self.current, self.secrets = _load(path, None) if path else (embedded_policy(),
+                                                                         Secrets())
         self.on_change = on_change
         self.loaded_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
-        self._stamp = self._file_stamp()
+        self._stamp = self._stamps()
         self._lock: asyncio.Lock | None = None
         self._queued = False
         self._tasks: set[asyncio.Task[bool]] = set()
@@ -67,7 +74,7 @@ class PolicyHolder:
         """Reloads in this thread (blocking it for as long as the file takes)."""
         if self.path is None:
             return True
-        self._stamp = self._file_stamp()
+        self._stamp = self._stamps()
         return self._apply(_attempt(self.path, self.current))
 
     async def reload_off_loop(self) -> bool:
@@ -79,13 +86,14 @@ class PolicyHolder:
             self._lock = asyncio.Lock()
         async with self._lock:
             self._queued = False
-            self._stamp = self._file_stamp()
-            outcome = await asyncio.to_thread(_attempt, self.path, self.current)
+            self._stamp = self._stamps()
+            with _short_gil_turns():
+                outcome = await asyncio.to_thread(_attempt, self.path, self.current)
             retired = [self.current]
             applied = self._apply(outcome)
-            del outcome
             if applied:
-                # a 100,000-rule policy takes a moment to free: let a thread drop it
+                # A 100,000-rule policy takes tens of milliseconds to free: this reference is
+                # dropped in a thread, which frees it when it is the last.
                 await asyncio.to_thread(retired.clear)
             return applied
 
@@ -103,23 +111,28 @@ class PolicyHolder:
         """Reloads when the file changes (also when it is replaced by a rename)."""
         while True:
             await asyncio.sleep(interval)
-            if self.path is not None and self._file_stamp() != self._stamp:
+            if self.path is not None and self._stamps() != self._stamp:
                 await self.reload_off_loop()
 
-    def _apply(self, outcome: Policy | PolicyError | UntrustedPolicy) -> bool:
-        if not isinstance(outcome, Policy):
+    def _apply(self, outcome: tuple[Policy, Secrets] | PolicyError | UntrustedPolicy) -> bool:
+        if not isinstance(outcome, tuple):
             self.reloads_failed += 1
             log.error("policy reload refused, keeping policy %s in force:%s%s",
                       self.current.digest, "\n" if isinstance(outcome, PolicyError) else " ",
                       outcome)
             return False
-        self.current = outcome
+        self.current, self.secrets = outcome
         self.loaded_at = time.time()
         self.reloads_ok += 1
         if self.on_change is not None:
-            self.on_change(outcome)
-        log.info("policy reloaded from %s: %s", self.path, outcome.digest)
+            self.on_change(self.current)
+        log.info("policy reloaded from %s: %s", self.path, self.current.digest)
         return True
+
+    def _stamps(self) -> tuple[object, ...]:
+        """The policy file's stamp and its secret files' (a rotated secret reloads)."""
+        return self._file_stamp(), *sorted((path, stamp(path))
+                                           for path in self.secrets.files())
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         if self.path is None:
@@ -131,7 +144,24 @@ class PolicyHolder:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _attempt(path: Path, current: Policy) -> Policy | PolicyError | UntrustedPolicy:
+RELOAD_SWITCH_INTERVAL = 0.0005
+
+
+@contextlib.contextmanager
+def _short_gil_turns() -> Iterator[None]:
+    """While a thread parses, the event loop's thread waits for the GIL after each system call
+    it makes, up to the switch interval (5 ms) every time, and a request through the proxy
+    makes dozens: a tenth of the interval for the reload's duration keeps those waits short."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, RELOAD_SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _attempt(path: Path, current: Policy
+             ) -> tuple[Policy, Secrets] | PolicyError | UntrustedPolicy:
     """The new policy, or why not; safe to run in any thread (touches no state)."""
     try:
         return _load(path, current)
@@ -139,10 +169,11 @@ def _attempt(path: Path, current: Policy) -> Policy | PolicyError | UntrustedPol
         return e
 
 
-def _load(path: Path, current: Policy | None) -> Policy:
-    """Reads the file through a checked chain (see filetrust.py), then parses it. The
-    accounts that may not have written it are those the policy in force governs and those
-    the new one does; the proxy's own uid aside (it owns its files: start-up warns)."""
+def _load(path: Path, current: Policy | None) -> tuple[Policy, Secrets]:
+    """Reads the file through a checked chain (see filetrust.py), then parses it, then reads
+    its credentials' secrets. The accounts that may not have written it (nor read a secret)
+    are those the policy in force governs and those the new one does; the proxy's own uid
+    aside (it owns its files: start-up warns)."""
     file = str(path)
     try:
         data, chain = read_checked(path)
@@ -162,7 +193,10 @@ def _load(path: Path, current: Policy | None) -> Policy:
     gc.unfreeze()
     if reason := chain.untrusted_reason(_governed(policy)):
         raise UntrustedPolicy(reason)
-    return policy
+    governed = _governed(policy)
+    if current is not None:
+        governed.update(_governed(current))
+    return policy, load_secrets(policy.document, governed)
 
 
 def _governed(policy: Policy) -> dict[int, str]:

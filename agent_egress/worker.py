@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
+from . import ocsf
 from .addons.enforce import Enforcer
 from .audit import AuditLog
 from .gate import Gate
@@ -36,7 +37,7 @@ async def serve_worker(config: RunConfig, listener: socket.socket,
         say({"error": f"cannot load the policy: {e}"})
         await writer.drain()
         return 1
-    audit = AuditLog(config.audit_log)
+    audit = AuditLog(config.audit_log, ocsf.formatter(config.audit_format))
     runtime = runtime_for(config, policies, audit)
     enforcer = Enforcer(Gate(runtime))
     stop = asyncio.Event()

@@ -10,7 +10,11 @@ Scenarios, each route in turn:
   (b) a new CONNECT tunnel, TLS handshake and one GET per request, 32 at once (hey);
   (c) one 200 MB HTTPS download through a passed-through tunnel (curl): MB/s, median of 3;
   (d) plain HTTP GETs of 10 MiB bodies, 8 connections (wrk): the proxy's peak RSS;
-  (e) plain HTTP keep-alive GETs offered at 2,000 req/s, 20 connections (hey -q): p50, p99.
+  (e) inspected HTTPS keep-alive GETs, 32 connections (hey): a rule with `methods` makes the
+      proxy terminate TLS, beside bare mitmdump's full interception; and, on a second
+      agent-egress whose policy has a credential, the same rule (tripwire on) and one with
+      `credential` (the header injected: what injection costs).
+  (f) plain HTTP keep-alive GETs offered at 2,000 req/s, 20 connections (hey -q): p50, p99.
 See bench/README.md for what each figure means. Everything started is stopped at the end.
 """
 
@@ -39,6 +43,9 @@ from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 HTTP_NAME, TLS_NAME = "web.test", "secure.test"
+INSPECT_NAME = "inspect.test"  # the same HTTPS origin, under a rule that inspects
+INJECT_NAME = "inject.test"  # and under one that injects a credential
+DUMMY = "Authorization: Bearer dummy-held-by-the-agent"  # what (e)'s client sends
 CONNECTIONS = 32
 BIG = 10 * 1024 * 1024  # scenario (d)
 BULK = 200 * 1000 * 1000  # scenario (c)
@@ -186,8 +193,39 @@ accounts:
         ports: [{http_port}]
       - host: {TLS_NAME}
         ports: [{https_port}]
+      - host: {INSPECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
       - cidr: 127.0.0.1/32
         ports: [{http_port}, {https_port}]
+""")
+    return policy
+
+
+def write_credential_policy(directory: Path, https_port: int) -> Path:
+    """(e) with credentials: the inspecting rule, and one that injects a secret from a file."""
+    secret = directory / "bench-token"
+    secret.write_text(os.urandom(20).hex() + "\n")
+    secret.chmod(0o600)
+    policy = directory / "policy-credentials.yaml"
+    policy.write_text(f"""version: 1
+credentials:
+  bench-token:
+    file: {secret}
+accounts:
+  bench:
+    match:
+      uids: [{os.getuid()}]
+    allow:
+      - host: {INSPECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
+      - host: {INJECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
+        credential: bench-token
+      - cidr: 127.0.0.1/32
+        ports: [{https_port}]
 """)
     return policy
 
@@ -302,6 +340,10 @@ def hey_tunnels(route: Route, origin_port: int, seconds: float) -> Result:
     host = TLS_NAME if route.proxy is not None and route.host == TLS_NAME else "127.0.0.1"
     out = subprocess.run([*command, f"https://{host}:{origin_port}/"], capture_output=True,
                          text=True, timeout=seconds + 60, env=ENV)
+    return _hey_result(out)
+
+
+def _hey_result(out: subprocess.CompletedProcess[str]) -> Result:
     text = out.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
     if rate is None:
@@ -316,6 +358,20 @@ def hey_tunnels(route: Route, origin_port: int, seconds: float) -> Result:
                   errors + sum(n for code, n in statuses.items() if code != 200))
 
 
+def hey_inspected(route: Route, origin_port: int, seconds: float) -> Result:
+    """Keep-alive GETs of `/` on the HTTPS origin through a proxy that terminates TLS (hey
+    does not verify certificates, so the proxy's own CA needs no installing)."""
+    assert route.proxy is not None
+    named = route.host in (INSPECT_NAME, INJECT_NAME)
+    host = route.host if named else "127.0.0.1"
+    out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-t", "10",
+                          "-host", route.host if named else INSPECT_NAME, "-H", DUMMY,
+                          "-x", f"http://127.0.0.1:{route.port}",
+                          f"https://{host}:{origin_port}/"], capture_output=True, text=True,
+                         timeout=seconds + 60, env=ENV)
+    return _hey_result(out)
+
+
 def hey_offered(route: Route, origin_port: int, seconds: float) -> Result:
     """Keep-alive GETs of `/` on the plain-HTTP origin offered at OFFERED req/s in all (hey
     paces each of its connections): the latency a steady load sees, not the peak rate."""
@@ -326,19 +382,8 @@ def hey_offered(route: Route, origin_port: int, seconds: float) -> Result:
     else:
         command += ["-x", f"http://127.0.0.1:{route.port}"]
         url = f"http://{route.target(origin_port)}/"
-    out = subprocess.run([*command, url], capture_output=True, text=True,
-                         timeout=seconds + 60, env=ENV)
-    text = out.stdout
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if rate is None:
-        raise RuntimeError(f"hey: {text}{out.stderr}")
-    p50 = re.search(r"50% in ([\d.]+) secs", text)
-    p99 = re.search(r"99% in ([\d.]+) secs", text)
-    statuses = Counter({int(code): int(n) for code, n in
-                        re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)})
-    return Result(float(rate.group(1)), float(p50.group(1)) * 1000 if p50 else None,
-                  float(p99.group(1)) * 1000 if p99 else None,
-                  sum(n for code, n in statuses.items() if code != 200))
+    return _hey_result(subprocess.run([*command, url], capture_output=True, text=True,
+                                      timeout=seconds + 60, env=ENV))
 
 
 def curl_bulk(route: Route, origin_port: int, downloads: int) -> Result:
@@ -470,7 +515,8 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def report(title: str, unit: str, results: dict[str, Result], reference: str) -> str:
-    ref, squid = results[reference].rate, results["squid"].rate
+    ref = results[reference].rate
+    squid = results["squid"].rate if "squid" in results else None  # (e): squid does not inspect
     memory = any(r.rss_peak_mib for r in results.values())
     headers = [title, unit, "p50 ms", "p99 ms", "errors", f"÷ {reference}", "÷ squid"]
     headers += ["RSS before MiB", "RSS peak MiB"] if memory else []
@@ -489,7 +535,7 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
     for name, (results, reference) in scenarios.items():
         for label in (k for k in results if k.startswith(("agent-egress", "mitmdump + addon"))):
             result = results[label]
-            if name.startswith("(e)"):
+            if name.startswith("(f)"):
                 squid_p99 = results["squid"].p99_ms or 0
                 p99 = result.p99_ms or 0
                 met = "met" if p99 < squid_p99 and not result.errors else "NOT met"
@@ -509,6 +555,12 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
                              f"< {TARGET_RSS_MIB} MiB {met}")
                 continue
             ratio = result.rate / results[reference].rate
+            if label == "agent-egress, credential injected":  # issue 15: what injection costs
+                without = results["agent-egress, tripwire on"].rate
+                met = "met" if result.rate >= 0.9 * without and not result.errors else "NOT met"
+                lines.append(f"- {name} {label}: {result.rate / without - 1:+.1%} against the "
+                             f"same rule without injection; target at most -10% {met}")
+                continue
             if "workers" in label and name.startswith("(b)"):  # issue 8: the gap to squid
                 of_squid = result.rate / results["squid"].rate
                 met = "met" if ratio >= 2 and of_squid >= 0.5 and not result.errors else "NOT met"
@@ -526,7 +578,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per route (a smoke run)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy agent-egress under (a), (b) and (c) into DIR")
-    parser.add_argument("--only", default="abcde", metavar="LETTERS",
+    parser.add_argument("--only", default="abcdef", metavar="LETTERS",
                         help="run only these scenarios, e.g. 'b' (default: all)")
     parser.add_argument("--source", type=Path, metavar="DIR",
                         help="run agent-egress from this copy of the repository (PYTHONPATH), "
@@ -545,18 +597,27 @@ def main() -> None:
             stack.callback(service.stop)
             return Route(label, service, port, host)
 
-        dns = Dns({HTTP_NAME, TLS_NAME})
+        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME, INJECT_NAME})
         stack.callback(dns.stop)
-        nginx, http_port, https_port = start_nginx(work, trustme.CA().issue_cert(TLS_NAME))
+        ca = trustme.CA()
+        ca_file = work / "origin-ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME,
+                                                                INJECT_NAME))
         stack.callback(nginx.stop)
         policy = write_policy(work, http_port, https_port)
-        named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source),
+        named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source,
+                                            "--upstream-ca", str(ca_file)),
                         "agent-egress", HTTP_NAME)
         literal = Route("agent-egress, IP literal", named.proxy, named.port, "127.0.0.1")
         cores = len(os.sched_getaffinity(0))
         workers = started(*start_agent_egress(work / "agent-egress-workers", policy, dns,
                                               args.source, "--workers", str(cores)),
                           f"agent-egress, {cores} workers", HTTP_NAME)
+        credentialed = started(*start_agent_egress(
+            work / "agent-egress-credentials", write_credential_policy(work, https_port), dns,
+            args.source, "--upstream-ca", str(ca_file)), "agent-egress, tripwire on",
+            INSPECT_NAME)
         on_asyncio = started(*start_agent_egress(work / "agent-egress-asyncio", policy, dns,
                                                  args.source, "--loop", "asyncio"),
                              "agent-egress, asyncio loop", HTTP_NAME)
@@ -572,10 +633,14 @@ def main() -> None:
                                        "stream_large_bodies=1m"), "mitmdump lazy", "127.0.0.1")
         passthrough = started(*start_mitmdump(work / "mitmdump-pass", "--ignore-hosts", ".*"),
                               "mitmdump passthrough", "127.0.0.1")
+        intercept = started(*start_mitmdump(work / "mitmdump-intercept", "--set",
+                                            f"ssl_verify_upstream_trusted_ca={ca_file}"),
+                            "mitmdump, full interception", "127.0.0.1")
         squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
         direct = Route("direct", None, 0, HTTP_NAME)
         nginx.wait_for_port(http_port)
-        proxies = (named, workers, on_asyncio, no_fast_requests, addon, mitm, lazy, passthrough,
+        proxies = (named, workers, on_asyncio, no_fast_requests, credentialed, addon, mitm, lazy,
+                   passthrough, intercept,
                    squid)
         for route in proxies:
             assert route.proxy is not None
@@ -601,6 +666,13 @@ def main() -> None:
         def offered(route: Route, warm: bool = False) -> Result:
             return hey_offered(route, http_port, seconds(warm))
 
+        def inspected(route: Route, warm: bool = False) -> Result:
+            return hey_inspected(route, https_port, seconds(warm))
+
+        inspecting = dataclasses.replace(named, host=INSPECT_NAME)
+        injecting = dataclasses.replace(credentialed, label="agent-egress, credential injected",
+                                        host=INJECT_NAME)
+
         scenarios = {
             "(a) plain HTTP keep-alive, 32 connections": (
                 "req/s", [direct, named, literal, workers, on_asyncio, no_fast_requests, addon,
@@ -613,7 +685,10 @@ def main() -> None:
                 "mitmdump passthrough"),
             "(d) 10 MiB bodies, 8 connections": (
                 "MB/s", [named, literal, mitm, lazy, squid], memory, "mitmdump lazy"),
-            f"(e) plain HTTP keep-alive offered at {OFFERED:,} req/s": (
+            "(e) inspected HTTPS keep-alive, 32 connections": (
+                "req/s", [inspecting, credentialed, injecting, intercept], inspected,
+                "mitmdump, full interception"),
+            f"(f) plain HTTP keep-alive offered at {OFFERED:,} req/s": (
                 "req/s", [direct, named, workers, lazy, squid], offered, "mitmdump lazy"),
         }
         watch = CpuWatch([nginx.pid] + [r.proxy.pid for r in proxies if r.proxy])

@@ -49,6 +49,7 @@ from agent_egress.rules import (
     Decision,
     HostError,
     Identity,
+    Mode,
     Name,
     Policy,
     Stage,
@@ -224,6 +225,8 @@ class PolicyResolver:
             for signal in event.signals:
                 self.runtime.metrics.dns_suspicious.labels(decision.account, signal).inc()
         if not decision.passes:
+            if decision.unmatched and decision.mode is Mode.ASK:
+                decision = self.gate.ask_later(decision, host.text if host else question.name)
             event.write(decision)
             code = EDE_BLOCKED if decision.account else EDE_PROHIBITED
             return _denial(packet, question, decision, code)
@@ -353,9 +356,7 @@ class PolicyResolver:
         key = (client, server, protocol)
         if batch is not None and key in batch:
             return batch[key]
-        # A query nftables redirected here comes from a socket whose peer is the server it
-        # asked for, not this one: then only its own address finds it.
-        owner = owners.owner(client, server, protocol) or owners.owner_of_local(client, protocol)
+        owner = owners.resolver_client_owner(client, server, protocol)
         if batch is not None:
             batch[key] = owner
         return owner

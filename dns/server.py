@@ -22,8 +22,14 @@ UDP_RECEIVE_SIZE = 65535
 # The kernel's default (208 KiB) holds about 200 queries: a burst while the event loop is busy
 # with the proxy overflowed it, and queries were dropped unanswered. Capped at rmem_max.
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+# DNS over TCP (RFC 7766): a connection waiting for its next query longer than this is closed,
+# as common resolvers do; and one client (its uid, else its address) holds at most
+# MAX_TCP_PER_CLIENT of the MAX_TCP_CLIENTS connections, so that no account can take them all.
+# A client over its share, or a new one when all are taken, gets room by the closing of the
+# longest-idle connection of its own, or of the client holding most (RFC 7766 section 6.2.3).
 TCP_IDLE_SECONDS = 10.0
 MAX_TCP_CLIENTS = 256
+MAX_TCP_PER_CLIENT = 16
 
 
 class _Udp:
@@ -122,12 +128,27 @@ class _Udp:
             self.sendto(data, addr)
 
 
+class _TcpConnection:
+    __slots__ = ("client", "idle_since", "writer")
+
+    def __init__(self, client: object, writer: asyncio.StreamWriter) -> None:
+        self.client = client  # ("uid", N) or ("address", TEXT)
+        self.writer = writer
+        self.idle_since: float | None = None  # None: a query is being answered
+
+
 class DnsServer:
-    def __init__(self, resolver: PolicyResolver) -> None:
+    def __init__(self, resolver: PolicyResolver, idle_seconds: float = TCP_IDLE_SECONDS,
+                 max_tcp: int = MAX_TCP_CLIENTS,
+                 max_tcp_per_client: int = MAX_TCP_PER_CLIENT) -> None:
         self.resolver = resolver
+        self.idle_seconds = idle_seconds
+        self.max_tcp = max_tcp
+        self.max_tcp_per_client = max_tcp_per_client
         self._udp: _Udp | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_clients = 0
+        self._tcp_by_client: dict[object, set[_TcpConnection]] = {}
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listens on UDP and TCP; port 0 picks one free for both. Returns the address."""
@@ -165,18 +186,21 @@ class DnsServer:
 
     async def _serve_tcp(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        if self._tcp_clients >= MAX_TCP_CLIENTS:
-            writer.close()
-            return
-        self._tcp_clients += 1
         peer = writer.get_extra_info("peername")
         client = (str(peer[0]), int(peer[1]))
         server = writer.get_extra_info("sockname")[:2]
+        connection = _TcpConnection(await self._tcp_client(client, server), writer)
+        if not self._admit(connection):
+            writer.close()
+            return
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                async with asyncio.timeout(TCP_IDLE_SECONDS):
+                connection.idle_since = loop.time()
+                async with asyncio.timeout(self.idle_seconds):
                     (length,) = struct.unpack("!H", await reader.readexactly(2))
                     packet = await reader.readexactly(length)
+                connection.idle_since = None
                 reply = self.resolver.handle(packet, client, server, socket.IPPROTO_TCP)
                 if isinstance(reply, Coroutine):
                     reply = await reply
@@ -187,5 +211,51 @@ class DnsServer:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            self._tcp_clients -= 1
+            self._forget(connection)
             writer.close()
+
+    async def _tcp_client(self, client: tuple[str, int], server: tuple[str, int]) -> object:
+        """Who holds a connection, for its share: the uid owning the client's socket (found
+        as the resolver finds it), else its address."""
+        owners = self.resolver.runtime.owners
+        owner = None
+        if owners is not None:
+            try:
+                owner = owners.owner(client, server, socket.IPPROTO_TCP)
+                if owner is None:  # redirected here by nftables: found by its own address
+                    owner = await asyncio.to_thread(owners.owner_of_local, client,
+                                                    socket.IPPROTO_TCP)
+            except OSError:
+                owner = None
+        return ("address", client[0]) if owner is None else ("uid", owner.uid)
+
+    def _admit(self, connection: _TcpConnection) -> bool:
+        """Counts a new connection in, making room if it must; False: no room."""
+        own = self._tcp_by_client.get(connection.client, set())
+        if len(own) >= self.max_tcp_per_client:
+            if not self._close_longest_idle(own):
+                return False
+        elif self._tcp_clients >= self.max_tcp:
+            if not self._close_longest_idle(max(self._tcp_by_client.values(), key=len)):
+                return False
+        self._tcp_by_client.setdefault(connection.client, set()).add(connection)
+        self._tcp_clients += 1
+        return True
+
+    def _close_longest_idle(self, connections: set[_TcpConnection]) -> bool:
+        idle = [c for c in connections if c.idle_since is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        self._forget(victim)
+        victim.writer.close()
+        return True
+
+    def _forget(self, connection: _TcpConnection) -> None:
+        own = self._tcp_by_client.get(connection.client)
+        if own is None or connection not in own:
+            return  # closed to make room already
+        own.discard(connection)
+        if not own:
+            del self._tcp_by_client[connection.client]
+        self._tcp_clients -= 1

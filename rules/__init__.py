@@ -13,13 +13,24 @@ from .hosts import (
     split_host_port,
 )
 from .loader import DEFAULT_ACCOUNT, builtin_presets, load_policy, parse_policy
-from .model import Account, Mode, PolicyDocument, PolicyWarning, Result, Rule, Stage
+from .model import (
+    Account,
+    Credential,
+    Mode,
+    PolicyDocument,
+    PolicyWarning,
+    Result,
+    Rule,
+    Scheme,
+    Stage,
+)
 from .paths import normalize_path
 
 __all__ = [
-    "DEFAULT_ACCOUNT", "NO_RULE", "Account", "AccountChoice", "Address", "Decision", "Host",
+    "DEFAULT_ACCOUNT", "NO_RULE", "Account", "AccountChoice", "Address", "Credential",
+    "Decision", "Host",
     "HostError", "Identity", "Mode", "Name", "Policy", "PolicyDocument", "PolicyError",
-    "PolicyWarning", "Problem", "Query", "Result", "Rule", "Stage", "builtin_presets",
+    "PolicyWarning", "Problem", "Query", "Result", "Rule", "Scheme", "Stage", "builtin_presets",
     "host_text", "load_policy", "normalize_host", "normalize_path", "parse_policy", "parse_port",
     "split_host_port",
 ]

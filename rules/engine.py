@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from .model import READ_METHODS, Account, Mode, PolicyDocument, Result, Rule, St
 from .paths import RequestPath, normalize_path, paths_match, shown_path
 
 NO_RULE = "no rule matched"
+READ_ONLY_REFUSAL = "refused by read-only rule"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,10 @@ class Decision:
     mode: Mode
     inspect: bool = False  # allowed, but only if the proxy sees each request
     hint: str | None = None  # what would allow it, for denials a person or agent acts on
+    credential: str | None = None  # a request: the credential injected, or caught (denied)
+    unmatched: bool = False  # no rule matched a name: what learning passes and ask mode holds
+    approval: str | None = None  # the access request whose approval let it through
+    rule_id: str | None = None  # the deciding rule's stable id (DESIGN.md), beside `rule`
 
     @property
     def passes(self) -> bool:
@@ -80,7 +87,8 @@ class _AccountRules:
     def __init__(self, account: Account) -> None:
         self.account = account
         deny = [(r, _Grant(r, True, Decision(Result.DENY, r.source, f"denied by rule: "
-                                            f"{r.describe()}", account.name, account.mode)))
+                                            f"{r.describe()}", account.name, account.mode,
+                                            rule_id=r.id)))
                 for r in account.deny]
         allow = [(r, _allow_grant(r, account)) for r in account.allow]
         self.index = DestinationIndex([*deny, *allow])
@@ -90,9 +98,11 @@ class _AccountRules:
 def _allow_grant(rule: Rule, account: Account) -> _Grant:
     reason = f"allowed by rule: {rule.describe()}"
     inspected = Decision(Result.ALLOW, rule.source, f"{reason} (requests are inspected)",
-                         account.name, account.mode, inspect=True) if rule.inspects else None
+                         account.name, account.mode, inspect=True,
+                         rule_id=rule.id) if rule.inspects else None
     return _Grant(rule, False,
-                  Decision(Result.ALLOW, rule.source, reason, account.name, account.mode),
+                  Decision(Result.ALLOW, rule.source, reason, account.name, account.mode,
+                           credential=rule.credential, rule_id=rule.id),
                   inspected)
 
 
@@ -117,6 +127,8 @@ class Policy:
             self._by_proxy_user.update(dict.fromkeys(account.match.proxy_users, name))
             sources += [(net, name) for net in account.match.sources]
         self._sources = sorted(sources, key=lambda entry: -entry[0].prefixlen)
+        self._expiries = sorted({r.expires for a in document.accounts.values()
+                                 for r in (*a.allow, *a.deny) if r.expires is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -128,6 +140,11 @@ class Policy:
 
     def accounts(self) -> dict[str, Account]:
         return self.document.accounts
+
+    def next_expiry(self, now: float) -> float | None:
+        """The first `expires` after `now`: when decisions may change without a reload."""
+        at = bisect.bisect_right(self._expiries, now)
+        return self._expiries[at] if at < len(self._expiries) else None
 
     def account_for(self, identity: Identity) -> AccountChoice:
         """The account of a client: every known identity must point to the same account."""
@@ -172,7 +189,8 @@ class Policy:
             rule = grant.rule
             if grant.denies and _active(rule, moment) and _port_matches(rule, port, deny=True):
                 return Decision(Result.DENY, rule.source, f"{name} resolves to {address}, "
-                                f"denied by rule: {rule.describe()}", account, mode)
+                                f"denied by rule: {rule.describe()}", account, mode,
+                                rule_id=rule.id)
         kind = internal_kind(address)
         if kind is None:
             return Decision(Result.ALLOW, None, f"{name} resolves to {address}, a public address",
@@ -215,6 +233,7 @@ class Policy:
                     return _ambiguous(grant.rule, applies, account)
 
         near_miss: str | None = None
+        near_request: tuple[Rule, str] | None = None  # the first rule that refused the request
         ambiguous: Decision | None = None
         needs_inspection: Decision | None = None
         for grant in found:
@@ -234,6 +253,7 @@ class Policy:
                 if isinstance(refusal, _Ambiguity):
                     ambiguous = ambiguous or _ambiguous(rule, refusal, account)
                 else:
+                    near_request = near_request or (rule, refusal)
                     near_miss = near_miss or f"rule {rule.source} {refusal}"
             elif query.stage is Stage.CONNECT and grant.inspected is not None:
                 needs_inspection = needs_inspection or grant.inspected
@@ -252,8 +272,11 @@ class Policy:
                             "address needs a cidr rule, in every mode", account.name,
                             account.mode, hint=_hint(account.name, host, query))
         result = Result.WOULD_DENY if account.mode is Mode.LEARN else Result.DENY
+        if near_request is not None and near_miss == f"rule {near_request[0].source} " \
+                f"{near_request[1]}":
+            return _refused_by_rule(near_request, result, host, query, account, self._editable)
         return Decision(result, None, reason, account.name, account.mode,
-                        hint=self._editable(_hint(account.name, host, query)))
+                        hint=self._editable(_hint(account.name, host, query)), unmatched=True)
 
     def _editable(self, hint: str) -> str:
         return f"{hint} ({self.editing})" if self.editing else hint
@@ -323,8 +346,43 @@ def _request_refusal(rule: Rule, method: str | None, path: RequestPath) -> str |
             path.slashed is not path.normalized
             and _write_operation(method, path.slashed, path.raw))
         if write:
-            return f"is read-only and this is {write}"
+            return _WriteRefusal(f"is read-only and this is {write}")
     return None
+
+
+class _WriteRefusal(str):
+    """A read-only rule refusing a write: no hint may suggest widening it."""
+
+
+def _refused_by_rule(near: tuple[Rule, str], result: Result, host: Host, query: Query,
+                     account: Account, editable: Callable[[str], str]) -> Decision:
+    """A request that a rule for its destination refused (read-only, methods, paths): the
+    decision names that rule. A write under a read-only rule gets no hint (any rule that let
+    it through would allow writes); a method or path refusal gets a hint for that method or
+    path alone, never a host-wide rule."""
+    rule, refusal = near
+    destination = _destination(host, query)
+    if isinstance(refusal, _WriteRefusal):
+        what = refusal.removeprefix("is read-only and this ")
+        return Decision(result, rule.source, f"{READ_ONLY_REFUSAL} {rule.source} "
+                        f"({rule.describe()}): {destination} {what}",
+                        account.name, account.mode, rule_id=rule.id,
+                        hint=f"nothing to add: rule {rule.source} allows reading only (fetch, "
+                             "clone, download); writing to this destination is for an "
+                             "operator to decide on, not for a wider rule")
+    target = f"host: {host_text(host)}" if isinstance(host, Name) else \
+        f"cidr: {host}/{host.max_prefixlen}"
+    ports = f", ports: [{query.port}]" if query.port is not None else ""
+    methods = f", methods: [{(query.method or 'GET').upper()}]" if rule.methods is not None \
+        else ""
+    path = normalize_path(query.path or "/")
+    # a path with glob or quoting characters would make a wider or broken pattern
+    paths = f'paths: ["{path}"]' if not set(path) & set('*?[]"\\') and path.isprintable() \
+        else "paths: [the path]"
+    return Decision(result, None, f"{NO_RULE} for {destination} (rule {rule.source} "
+                    f"{refusal})", account.name, account.mode,
+                    hint=editable(f"to allow this path only, add {{{target}{ports}{methods}, "
+                                  f"{paths}}} to accounts.{account.name}.allow"))
 
 
 def _path_ambiguity(path: RequestPath) -> _Ambiguity | None:
@@ -342,7 +400,8 @@ def _ambiguous(rule: Rule, why: str, account: Account) -> Decision:
                     "at paths (an origin could serve another path than the one decided)",
                     account.name, account.mode,
                     hint="send the path as the origin is to read it: no encoded '/' next to "
-                         "dot-segments, no '\\', '%5C', dot-segments or double encoding")
+                         "dot-segments, no '\\', '%5C', dot-segments or double encoding",
+                    rule_id=rule.id)
 
 
 def _write_operation(method: str, path: str, raw_path: str) -> str | None:

@@ -18,11 +18,13 @@ from typing import TypedDict, TypeVar
 
 import yaml
 
+from .credentials import credential_entries, credential_reference
 from .errors import PolicyError, Problem
 from .hosts import HostError, Name, normalize_host
 from .model import (
     DEFAULT_PORTS,
     Account,
+    Credential,
     Match,
     Mode,
     Network,
@@ -31,7 +33,7 @@ from .model import (
     Rule,
 )
 from .paths import PathPattern
-from .source import position, read_nodes
+from .source import position, read_nodes, release_nodes
 from .suffixes import is_icann_suffix, is_public_suffix
 
 SUPPORTED_VERSION = 1
@@ -41,13 +43,17 @@ KNOWN_METHODS = frozenset({
     # WebDAV, as used by some artifact stores
     "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH",
 })
-_TOP_KEYS = ("version", "presets", "accounts")
-_ACCOUNT_KEYS = ("match", "mode", "allow", "deny")
+_TOP_KEYS = ("version", "presets", "credentials", "accounts")
+_ACCOUNT_KEYS = ("match", "mode", "ask_timeout", "allow", "deny")
+_ASK_TIMEOUT = re.compile(r"(\d{1,5})(s|m)?")
+_ASK_TIMEOUT_MAX = 3600.0
 _MATCH_KEYS = ("unix_users", "uids", "proxy_users", "sources")
 _TARGET_KEYS = ("host", "cidr", "preset")
-_ENTRY_KEYS = (*_TARGET_KEYS, "ports", "methods", "paths", "access", "expires")
-_PRESET_REFERENCE_KEYS = ("preset", "access", "expires")
+_ENTRY_KEYS = (*_TARGET_KEYS, "id", "ports", "methods", "paths", "access", "expires",
+               "credential")
+_PRESET_REFERENCE_KEYS = ("preset", "id", "access", "expires", "credential")
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_RULE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 
@@ -68,7 +74,10 @@ def parse_policy(data: bytes, file: str) -> PolicyDocument:
     with gc_paused():
         root = read_nodes(data, file)
         reader = _Reader(file)
-        document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        try:
+            document = reader.policy(root, hashlib.sha256(data).hexdigest()[:16])
+        finally:
+            release_nodes(root)
     if reader.problems or document is None:
         raise PolicyError(reader.problems)
     return document
@@ -110,6 +119,7 @@ class _Options(TypedDict, total=False):
     paths: tuple[PathPattern, ...]
     read_only: bool
     expires: float | None
+    credential: str | None
 
 
 class _Reader:
@@ -119,6 +129,8 @@ class _Reader:
         self.file = file
         self.problems: list[Problem] = []
         self.warnings: list[PolicyWarning] = []
+        self.rule_ids: dict[str, str] = {}  # explicit `id:` -> where it was given
+        self.credentials: dict[str, Credential] = {}
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.file}:{position(node)[0]}"
@@ -195,6 +207,8 @@ class _Reader:
             if version is not None and version != SUPPORTED_VERSION:
                 self.problem(version_node, f"version {version} is not supported; "
                                            f"expected version: {SUPPORTED_VERSION}")
+        if "credentials" in top:
+            self.credentials = credential_entries(self, top["credentials"][1])
         presets = dict(builtin_presets())
         if "presets" in top:
             presets.update(self.presets(top["presets"][1], frozenset(presets)))
@@ -203,7 +217,8 @@ class _Reader:
             self.problem(root, "missing 'accounts'; expected a mapping of account names")
         else:
             accounts = self.accounts(top["accounts"][1], presets)
-        return PolicyDocument(self.file, digest, accounts, tuple(self.warnings))
+        return PolicyDocument(self.file, digest, accounts, tuple(self.warnings),
+                              self.credentials)
 
     def presets(self, node: yaml.Node, builtin: frozenset[str]) -> dict[str, tuple[Rule, ...]]:
         presets = {}
@@ -254,12 +269,28 @@ class _Reader:
                     mode = Mode(text)
                 except ValueError:
                     self.problem(mode_node, f"{what}: mode {text!r}{_suggest(text, list(Mode))}; "
-                                            "expected enforce or learn")
+                                            "expected enforce, learn or ask")
+        ask_timeout = self.ask_timeout(fields["ask_timeout"][1], what) \
+            if "ask_timeout" in fields else None
         allow = self.entries(fields["allow"][1], f"{what}: allow", presets) if "allow" in fields \
             else []
         deny = self.entries(fields["deny"][1], f"{what}: deny", presets, deny=True) \
             if "deny" in fields else []
-        return Account(name, self.where(key), mode, match, tuple(allow), tuple(deny))
+        allow = [with_rule_id(rule, name, "allow") for rule in allow]
+        deny = [with_rule_id(rule, name, "deny") for rule in deny]
+        account = Account(name, self.where(key), mode, match, tuple(allow), tuple(deny))
+        return account if ask_timeout is None else replace(account, ask_timeout=ask_timeout)
+
+    def ask_timeout(self, node: yaml.Node, what: str) -> float | None:
+        """`30s`, `2m` or a number of seconds: more than zero, at most an hour."""
+        text = str(node.value).strip() if isinstance(node, yaml.ScalarNode) else ""
+        match = _ASK_TIMEOUT.fullmatch(text)
+        seconds = (int(match.group(1)) * (60 if match.group(2) == "m" else 1)) if match else 0
+        if not 0 < seconds <= _ASK_TIMEOUT_MAX:
+            self.problem(node, f"{what}: ask_timeout {text or _kind(node)!r}: expected a time "
+                               "from 1s to 60m, like 30s or 2m")
+            return None
+        return float(seconds)
 
     def match(self, node: yaml.Node, what: str) -> Match:
         fields = self.mapping(node, f"{what}: match", _MATCH_KEYS)
@@ -316,16 +347,41 @@ class _Reader:
             return []
         target = targets[0]
         source = self.where(node)
+        rule_id = self.rule_id(fields["id"][1], what, source) if "id" in fields else ""
         if target == "preset":
-            return self.preset_reference(fields, what, source, presets, deny)
+            return [replace(rule, id=rule_id) for rule in
+                    self.preset_reference(fields, what, source, presets, deny)]
         options = self.options(fields, deny)
         options.setdefault("ports", None if deny else DEFAULT_PORTS)
         target_node = fields[target][1]
         if target == "host":
             host = self.host_pattern(target_node)
-            return [] if host is None else [Rule(source, host=host, **options)]
+            return [] if host is None else [Rule(source, host=host, id=rule_id, **options)]
         network = self.network(target_node, "cidr")
-        return [] if network is None else [Rule(source, network=network, **options)]
+        return [] if network is None else [Rule(source, network=network, id=rule_id,
+                                                **options)]
+
+    def rule_id(self, node: yaml.Node, what: str, source: str) -> str:
+        """An explicit `id:`, checked: its form, and that no other rule in the file has it."""
+        text = self.string(node, "id")
+        if text is None:
+            return ""
+        if what.startswith("preset"):
+            self.problem(node, f"{what} entry: id {text!r}: ids belong on an account's rules "
+                               "(a preset's entries become rules of every account using it); "
+                               "expected the id on the rule that uses the preset")
+            return ""
+        if not _RULE_ID.fullmatch(text):
+            self.problem(node, f"id {text!r}: expected lower-case letters, digits, '.', '_' and "
+                               "'-', starting with a letter or digit, at most 128")
+            return ""
+        first = self.rule_ids.setdefault(text, source)
+        if first != source:
+            self.problem(node, f"id {text!r} is already the id of the rule at line "
+                               f"{first.rpartition(':')[2]}; "
+                               "expected each id once in the file")
+            return ""
+        return text
 
     def options(self, fields: dict[str, tuple[yaml.Node, yaml.Node]], deny: bool) -> _Options:
         options: _Options = {}
@@ -343,6 +399,8 @@ class _Reader:
             options["read_only"] = self.access(fields["access"][1], deny)
         if "expires" in fields:
             options["expires"] = self.expires(fields["expires"][1])
+        if "credential" in fields:
+            options["credential"] = credential_reference(self, *fields["credential"], deny)
         return options
 
     def preset_reference(self, fields: dict[str, tuple[yaml.Node, yaml.Node]], what: str,
@@ -468,6 +526,27 @@ class _Reader:
                                "2026-12-01T00:00:00Z")
             return None
         return moment.timestamp()
+
+
+def with_rule_id(rule: Rule, account: str, kind: str) -> Rule:
+    """`rule` with its stable id: its own `id:`, or one derived from the account, whether it
+    allows or denies, and what it matches (never its line or `expires`), so that editing the
+    file elsewhere, or renewing a grant, keeps it. The rules of one preset reference share the
+    reference's id."""
+    if rule.id:
+        return rule
+    if rule.preset is not None:  # its entries' hosts and ports are the preset's
+        content = "\0".join((account, kind, f"preset {rule.preset}",
+                             "read-only" if rule.read_only else "", rule.credential or ""))
+        return replace(rule, id="r-" + hashlib.sha256(content.encode()).hexdigest()[:12])
+    target = f"host {rule.host}" if rule.host else f"cidr {rule.network}"
+    content = "\0".join((
+        account, kind, target,
+        ",".join(str(p) for p in sorted(rule.ports)) if rule.ports is not None else "*",
+        ",".join(sorted(rule.methods)) if rule.methods is not None else "*",
+        "\n".join(p.text for p in rule.paths) if rule.paths is not None else "*",
+        "read-only" if rule.read_only else "", rule.credential or ""))
+    return replace(rule, id="r-" + hashlib.sha256(content.encode()).hexdigest()[:12])
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

@@ -17,6 +17,7 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class Mode(StrEnum):
     ENFORCE = "enforce"
     LEARN = "learn"
+    ASK = "ask"  # unmatched traffic waits for a person's answer (agent_egress/approvals.py)
 
 
 class Result(StrEnum):
@@ -45,11 +46,14 @@ class Rule:
     expires: float | None = None  # POSIX time
     preset: str | None = None
     preset_source: str | None = None  # the preset entry this rule came from
+    credential: str | None = None  # injected into every request this rule allows
+    id: str = ""  # stable: the rule's `id:`, or derived from its account and content
 
     @property
     def inspects(self) -> bool:
         """Whether the rule has to see requests, so TLS to its destinations is inspected."""
-        return self.methods is not None or self.paths is not None or self.read_only
+        return (self.methods is not None or self.paths is not None or self.read_only
+                or self.credential is not None)
 
     def describe(self) -> str:
         parts = [f"host {self.host}" if self.host else f"cidr {self.network}"]
@@ -61,6 +65,8 @@ class Rule:
             parts.append("paths " + ",".join(p.text for p in self.paths))
         if self.read_only:
             parts.append("access read-only")
+        if self.credential is not None:
+            parts.append(f"credential {self.credential}")
         if self.preset:
             parts.append(f"from preset {self.preset} ({self.preset_source})")
         return " ".join(parts)
@@ -82,6 +88,28 @@ class Account:
     match: Match
     allow: tuple[Rule, ...]
     deny: tuple[Rule, ...]
+    ask_timeout: float = 30.0  # ask mode: seconds an unmatched connection waits for an answer
+
+
+class Scheme(StrEnum):
+    BEARER = "bearer"
+    BASIC = "basic"
+    RAW = "raw"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A `credentials:` entry: where the proxy reads a secret and how it sends it. The value
+    itself is never part of the policy (agent_egress/credentials.py reads it)."""
+
+    name: str
+    source: str  # file:line of the entry
+    origin: tuple[str, int, int]  # file, line, col of its `file` or `env` value
+    file: str | None = None
+    env: str | None = None
+    header: str = "Authorization"
+    scheme: Scheme = Scheme.BEARER
+    username: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +131,4 @@ class PolicyDocument:
     digest: str
     accounts: dict[str, Account]
     warnings: tuple[PolicyWarning, ...] = field(default=())
+    credentials: dict[str, Credential] = field(default_factory=dict)

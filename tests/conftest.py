@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from support.dnsserver import TestDNS, Zone
 from support.netns import system_user
 from support.origins import (
@@ -19,6 +20,11 @@ from support.origins import (
 from support.prometheus import prometheus_config
 from support.prometheus import start_prometheus as start
 from support.proxy import Process
+
+# No deadlines: a test's speed is measured in bench/, never asserted, and a loaded CI machine
+# would fail a property test for taking 250 ms on one example.
+settings.register_profile("agent-egress", deadline=None)
+settings.load_profile("agent-egress")
 
 ROOT = Path(__file__).resolve().parent.parent
 # The names the tests' DNS server answers; every origin listens on 127.0.0.1.
@@ -104,15 +110,20 @@ def package_index(package_root: Path) -> Iterator[Origin]:
     origin.stop()
 
 
-# Fixtures that start real processes or servers: a test using any of them is end to end.
+# Fixtures that start real processes or servers: a test using any of them is end to end; so is
+# every test of a module that builds and installs the package, runs import-linter over a copy of
+# the tree, or drives the deployment's tools (promtool, systemd-analyze, nft, rsyslogd, ...).
 _END_TO_END_FIXTURES = frozenset({"cli", "dns", "web", "secure", "git_origin", "package_index"})
+_END_TO_END_MODULES = frozenset({"test_packaging.py", "test_layers.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Marks the end-to-end tests `e2e`, so that `scripts/test -m "not e2e"` runs the fast,
     in-process rest."""
     for item in items:
-        if _END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+        path = Path(str(item.path))
+        if (_END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or path.name in _END_TO_END_MODULES or path.parent.name == "deploy"):
             item.add_marker(pytest.mark.e2e)
 
 

@@ -28,7 +28,7 @@ def test_validate_example(cli):
 
 @pytest.mark.parametrize("target, method, exit_code, decision, rule", [
     ("https://github.com/org/repo", None, 0, "allow", f"{EXAMPLE}:18"),
-    ("https://github.com/org/repo.git/git-receive-pack", "POST", 1, "deny", None),
+    ("https://github.com/org/repo.git/git-receive-pack", "POST", 1, "deny", f"{EXAMPLE}:18"),
     ("gist.github.com", None, 1, "deny", f"{EXAMPLE}:32"),
     ("https://api.example.test/v1/items?page=2", None, 0, "allow", f"{EXAMPLE}:23"),
     ("https://api.example.test/v1/../admin", None, 1, "deny", f"{EXAMPLE}:23"),

@@ -151,8 +151,9 @@ def test_nothing_of_the_real_machine_leaks_in(cli, machine):
     assert hosts and all(h.strip('"').endswith(".test") for h in hosts)
     assert re.findall(r"- cidr: (\S+)", output) == ["10.20.30.40/32", '"fd00::5/128"']
     for path in re.findall(r"(?:^|\s)(/\S*)", output, re.MULTILINE):
-        assert path.startswith(("TMP/", "/v1/", "/srv/")), path
+        assert path.startswith(("TMP/", "/v1/", "/srv/", "//", "/etc/agent-egress/")), path
     assert "s3cret" not in output and "not-printed" not in output and "ci-token" not in output
+    assert "credential: npm-npm-corp-test}" in output  # found, by file and key only
 
 
 def test_output_is_a_valid_policy_that_allows_what_was_found(cli, machine):

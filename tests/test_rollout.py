@@ -130,7 +130,7 @@ def test_apply_leaves_a_broken_policy_untouched(cli, policy, tmp_path):
     done = run(cli, "learn", "--policy", str(policy), "--apply", str(log))
     assert (done.returncode, done.stderr) == (
         2, f"{policy}:3:1: policy: unknown key 'bogus'; expected one of version, presets, "
-           "accounts\n")
+           "credentials, accounts\n")
     assert policy.read_text() == broken
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".policy")] == []
 
@@ -154,8 +154,8 @@ def test_stale_rules(cli, policy, tmp_path):
     assert "stale" not in done.stdout
     other = write_log(tmp_path, [event("x.test", ts=recent)])
     done = run(cli, "learn", "--policy", str(policy), "--stale", "30d", str(other))
-    assert f"# stale: account codex: rule {policy}:8 (host known.example.test ports 443) " \
-           "was not used in the last 30d" in done.stdout
+    assert f"# stale: account codex: rule {policy}:8 [r-" in done.stdout
+    assert "] (host known.example.test ports 443) was not used in the last 30d" in done.stdout
 
 
 def test_replay_reports_what_would_change(cli, policy, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +36,7 @@ ROOT = Path(__file__).parents[1]
 AGENT = "egress-test-agent"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 PROBE_PYTHON = "/usr/bin/python3"  # the agent account cannot read the project's interpreter
+FAR_TOKEN = "far-side-token-6e2a91c4"  # the proxy's, never the agent's
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(os.getuid() != 0 or not shutil.which("nft"),
@@ -90,10 +90,17 @@ def far_side(devbox) -> Iterator[Path]:
 def proxy(cli, devbox, agent, far_side, tmp_path_factory) -> Iterator[RunningProxy]:
     directory = tmp_path_factory.mktemp("transparent")
     policy = f"""version: 1
+credentials:
+  far-token:
+    env: TEST_FAR_TOKEN
 accounts:
   agent:
     match: {{uids: [{agent.pw_uid}]}}
     allow:
+      - host: inspect.test           # before the next rule, which would match first
+        ports: [443]
+        paths: ["/headers/*"]
+        credential: far-token
       - host: web.test
       - host: secure.test
         ports: [443]
@@ -120,7 +127,7 @@ accounts:
 """
     running = RunningProxy(
         cli, directory, policy, "--upstream-dns", NAMESERVER, "--upstream-ca", str(far_side),
-        prefix=("ip", "netns", "exec", devbox.inside),
+        env={"TEST_FAR_TOKEN": FAR_TOKEN}, prefix=("ip", "netns", "exec", devbox.inside),
         listen=("--proxy", "127.0.0.1:8080", "--transparent", "127.0.0.1:8081", "--dns",
                 "127.0.0.1:5353", "--metrics", "127.0.0.1:9464"))
     try:
@@ -182,6 +189,72 @@ def test_allowed_http_and_https_pass_through_the_transparent_listener(devbox, ag
     assert {e["exe"] for e in events if e["event"] != "dns"} == {shutil.which("curl")}
 
 
+def test_fifty_kept_alive_requests_through_the_transparent_listener(cli, devbox, agent, proxy,
+                                                                     far_side, agent_home):
+    """Plain HTTP and inspected HTTPS, 50 requests on one connection each: every one is served
+    (an upstream connection whose address was pinned used to be reused by none, and the sixth
+    request waited for one of mitmproxy's 5 connections per address)."""
+    plain = curl(devbox, agent, *(f"http://web.test/kept{i}" for i in range(50)))
+    assert plain.stdout.count("hello from web.test GET /kept") == 50, plain.stderr
+    bundle = agent_home / "ca-bundle.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    inspected = as_agent(devbox, agent, "curl", "-sS", "--max-time", "30", "--cacert",
+                         str(bundle), *(f"https://inspect.test/kept{i}" for i in range(50)))
+    assert inspected.stdout.count("hello from inspect.test GET /kept") == 50, inspected.stderr
+
+
+def test_a_credential_is_injected_through_the_transparent_listener(cli, devbox, agent, proxy,
+                                                                  agent_home):
+    """The far side receives the proxy's header in place of the agent's dummy (its /headers/
+    path answers with the header lines it received)."""
+    bundle = agent_home / "proxy-ca.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    earlier = len(proxy.events())
+    seen = curl(devbox, agent, "--cacert", str(bundle), "-H", "Authorization: Bearer dummy",
+                "-H", "authorization: Basic c29tZW9uZTpkdW1teQ==", "https://inspect.test/headers/a")
+    lines = seen.stdout.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines
+            if line.lower().startswith("authorization:")] == [f"Bearer {FAR_TOKEN}"], \
+        seen.stdout + seen.stderr
+    (event,) = events_since(proxy, earlier, lambda e: e["path"] == "/headers/a")
+    assert (event["decision"], event["credential"], event["uid"]) == (
+        "allow", "far-token", agent.pw_uid)
+    assert not event["client"].startswith("127.0.0.1:")  # the transparent listener took it
+    other = curl(devbox, agent, "--cacert", str(bundle), "https://inspect.test/elsewhere")
+    assert other.stdout == "hello from inspect.test GET /elsewhere\n", other.stderr
+
+
+@pytest.mark.parametrize("where", ["plain header", "plain query", "inspected query",
+                                   "inspected body"])
+def test_the_tripwire_through_the_transparent_listener(cli, devbox, agent, proxy, agent_home,
+                                                       where):
+    bundle = agent_home / "proxy-ca.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    path = f"/headers/{where.replace(' ', '-')}"
+    args = {
+        "plain header": ["-H", f"X-Copied: {FAR_TOKEN}", f"http://web.test{path}"],
+        "plain query": [f"http://web.test{path}?k={FAR_TOKEN.encode().hex()}"],
+        "inspected query": ["--cacert", str(bundle), f"https://inspect.test{path}?k={FAR_TOKEN}"],
+        "inspected body": ["--cacert", str(bundle), "-X", "GET", "--data-binary",
+                           f"token={FAR_TOKEN}", f"https://inspect.test{path}"],
+    }[where]
+    earlier = len(proxy.events())
+    refused = curl(devbox, agent, "-i", *args)
+    assert refused.stdout.split(" ", 2)[:2] in (["HTTP/1.1", "403"], ["HTTP/2", "403"]), \
+        refused.stdout + refused.stderr
+    assert "carries credential far-token" in refused.stdout
+    assert "X-Copied" not in refused.stdout  # the far side's echo never came
+    (event,) = events_since(proxy, earlier, lambda e: e["path"] == path)
+    assert (event["decision"], event["credential"], event["reason"]) == (
+        "deny", "far-token", "carries credential far-token")
+
+
 @pytest.fixture
 def agent_home() -> Iterator[Path]:
     """A directory the agent account may write (pytest's own are root's only)."""
@@ -210,26 +283,18 @@ def test_git_clones_and_pip_installs_by_name(devbox, agent, proxy, far_side, age
         ("git.test", GIT, "allow", agent.pw_uid), ("index.test", INDEX, "allow", agent.pw_uid)}
 
 
-def rollout_environment() -> str:
-    """The account's environment as docs/rollout.md gives it: its `export` block."""
-    text = (ROOT / "docs" / "rollout.md").read_text()
-    section = text[text.index("## 2. The agent's login environment"):text.index("## 3.")]
-    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", section, re.S)
-                if b.startswith("export ")]
-    return str(block)
-
-
 def test_clients_work_in_the_login_environment_of_the_rollout_guide(cli, devbox, agent, proxy,
                                                                     far_side, agent_home):
-    """The guide's variables send the clients to the explicit listener (the events name a
-    loopback client), and its CA bundle lets them verify both passed-through HTTPS (the far
-    side's CA stands in for the public ones) and inspected HTTPS."""
+    """The environment the guide has `agent-egress env` write sends the clients to the explicit
+    listener (the events name a loopback client), and its CA bundle lets them verify both
+    passed-through HTTPS (the far side's CA, added here, stands in for the public ones) and
+    inspected HTTPS."""
     bundle = agent_home / "ca-bundle.pem"
-    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
-    bundle.write_text(far_side.read_text() + proxy_ca.read_text())
     profile = agent_home / "profile.sh"
-    profile.write_text(rollout_environment().replace("/etc/agent-egress/ca-bundle.pem",
-                                                     str(bundle)))
+    profile.write_text(sh(cli, "env", "--state-dir", str(proxy.directory / "state"),
+                          "--ca-bundle", str(bundle)).stdout)
+    with bundle.open("a") as written:
+        written.write(far_side.read_text())
     for path in (bundle, profile):
         path.chmod(0o644)
 

@@ -21,6 +21,7 @@ from .docker import find_docker
 from .gem import find_gem
 from .git import find_git
 from .go import find_go
+from .held import find_held, render_held
 from .maven import find_maven
 from .npm import find_npm
 from .pip import find_pip
@@ -47,8 +48,9 @@ def discover(home: Path, root: Path, repos: list[Path], env: Mapping[str, str]) 
         except Exception as e:  # noqa: BLE001
             # A reader's bug must not cost the user the other toolchains; say where it was.
             found.skip(finder.__name__.removeprefix("find_"), f"internal error: {e!r}")
+    held = find_held(found)
     return HEADER + "".join(f"# skipped {line}\n" for line in map(_one_line, found.skipped)) \
-        + render_presets(found.presets)
+        + render_presets(found.presets) + render_held(held)
 
 
 def render_presets(presets: Mapping[str, Mapping[str, Entry]]) -> str:

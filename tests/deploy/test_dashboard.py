@@ -32,7 +32,6 @@ DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "agent-egress.jso
 # panel over them may return nothing while they are missing from /metrics, and must return data
 # once they are there.
 PLANNED = {
-    "agent_egress_access_requests": "issue 16: access requests and ask mode",
     "agent_egress_credential_leaks_total": "issue 15: credential injection and tripwires",
     "agent_egress_credentials_injected_total": "issue 15: credential injection and tripwires",
 }
@@ -116,23 +115,40 @@ def test_unknown_variables_and_metrics_are_refused():
 def agent_egress(cli, tmp_path, dns, web) -> Iterator[RunningProxy]:
     (tmp_path / "agent-egress").mkdir()
     running = RunningProxy(cli, tmp_path / "agent-egress", f"""version: 1
+credentials:
+  web-token:
+    env: DASHBOARD_WEB_TOKEN
 accounts:
   tester:
     match: {{uids: [{os.getuid()}]}}
     allow:
       - host: web.test
         ports: [{web.port}]
+        credential: web-token
       - cidr: 127.0.0.1/32  # where web.test is
         ports: [{web.port}]
     deny:
       - host: denied.test
-""", "--upstream-dns", dns.address)
+""", "--upstream-dns", dns.address, "--control", str(tmp_path / "control.sock"),
+                           env={"DASHBOARD_WEB_TOKEN": TOKEN})
+    # an access request, so that the access-request panels have a series
+    asked = subprocess.run([cli, "request", f"asked.test:{web.port}", "--control",
+                            str(tmp_path / "control.sock")], capture_output=True, text=True,
+                           timeout=30)
+    assert asked.returncode == 0, asked.stderr
     yield running
     running.stop()
 
 
+TOKEN = "dashboard-token-0123456789"
+
+
 def traffic(proxy: RunningProxy, web_port: int, round: int) -> None:
-    """Allowed and denied traffic at every stage, and a DNS tunnelling signal."""
+    """Allowed and denied traffic at every stage (web.test gets the credential injected), a
+    request carrying the credential itself (the tripwire), and a DNS tunnelling signal."""
+    subprocess.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "10", "-x", proxy.url,
+                    "-H", f"X-Copied: {TOKEN}", f"http://web.test:{web_port}/leak"],
+                   capture_output=True, timeout=20)
     for url in (f"http://web.test:{web_port}/", f"http://denied.test:{web_port}/"):
         subprocess.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "10", "-x", proxy.url,
                         url], capture_output=True, timeout=20)

@@ -35,6 +35,7 @@ LABEL_VALUES = {
     "decision": {"allow", "deny", "would_deny"},
     "direction": {"up", "down"},
     "result": {"ok", "error"},
+    "state": {"pending", "approved", "rejected", "expired"},
 }
 FORBIDDEN_LABELS = {"host", "ip", "client", "address", "destination", "path", "url"}
 SEVERITIES = {"critical", "warning", "info"}
@@ -139,7 +140,8 @@ accounts:
 def agent_egress(cli, tmp_path, dns, web) -> Iterator[RunningProxy]:
     (tmp_path / "agent-egress").mkdir()
     running = RunningProxy(cli, tmp_path / "agent-egress", policy(web.port),
-                           "--upstream-dns", dns.address)
+                           "--upstream-dns", dns.address, "--control",
+                           str(tmp_path / "control.sock"))
     yield running
     running.stop()
 
@@ -169,8 +171,12 @@ def scrape(proxy: RunningProxy) -> dict[str, list[Any]]:
     return families
 
 
-def test_metrics_are_exposed_with_bounded_labels(agent_egress, web):
+def test_metrics_are_exposed_with_bounded_labels(cli, agent_egress, web):
     assert curl(agent_egress, f"http://web.test:{web.port}/").stdout.startswith("hello")
+    asked = subprocess.run([cli, "request", f"asked.test:{web.port}", "--control",
+                            str(agent_egress.directory.parent / "control.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert asked.returncode == 0, asked.stderr
     deny_at_every_stage(agent_egress, web.port)
     assert "status: NXDOMAIN" in dig(agent_egress, "a" * 45 + ".other.test")  # long_label
 
@@ -182,6 +188,8 @@ def test_metrics_are_exposed_with_bounded_labels(agent_egress, web):
 
     families = wait_for("decisions, bytes and a DNS signal on /metrics", counted, timeout=15)
     assert METRICS.keys() <= families.keys()
+    assert {(s.labels["state"], s.value) for s in families["agent_egress_access_requests"]} == {
+        ("pending", 1), ("approved", 0), ("rejected", 0), ("expired", 0)}
     for name, labels in METRICS.items():
         for sample in families[name]:
             bucket = sample.name.endswith("_bucket")

@@ -14,6 +14,8 @@ from agent_egress.rules import Identity, Policy, Query, Result, Stage
 
 FIXTURE = Path(__file__).parent / "fixtures" / "engine.yaml"
 F = str(FIXTURE)
+GITHUB_RO = ("host github.com ports 22,443 access read-only from preset github "
+             "(builtin:github.yaml:4)")
 BEFORE_EXPIRY = datetime(2026, 11, 30, 23, 59, tzinfo=UTC).timestamp()
 AFTER_EXPIRY = datetime(2026, 12, 1, 0, 0, tzinfo=UTC).timestamp()
 ALLOW, DENY, WOULD_DENY = Result.ALLOW, Result.DENY, Result.WOULD_DENY
@@ -65,15 +67,16 @@ CASES = [
     ("codex", REQUEST, "github.com", 443, "POST", "/o/r.git/git-upload-pack", ALLOW, 14,
      "allowed by rule: host github.com ports 22,443 access read-only from preset github "
      "(builtin:github.yaml:4)"),
+    # Issue 14 item 9: a write under a read-only rule names that rule
     ("codex", REQUEST, "github.com", 443, "GET", "/o/r.git/info/refs?service=git-receive-pack",
-     DENY, None, f"no rule matched for github.com:443 GET /o/r.git/info/refs (rule {F}:14 is "
-     "read-only and this is a git push (git-receive-pack))"),
-    ("codex", REQUEST, "github.com", 443, "POST", "/o/r.git/git-receive-pack", DENY, None,
-     f"no rule matched for github.com:443 POST /o/r.git/git-receive-pack (rule {F}:14 is "
-     "read-only and this is a git push (git-receive-pack))"),
-    ("codex", REQUEST, "github.com", 443, "PUT", "/upload", DENY, None,
-     f"no rule matched for github.com:443 PUT /upload (rule {F}:14 is read-only and this is "
-     "a PUT (an upload, publish or other write))"),
+     DENY, 14, f"refused by read-only rule {F}:14 ({GITHUB_RO}): github.com:443 GET "
+     "/o/r.git/info/refs is a git push (git-receive-pack)"),
+    ("codex", REQUEST, "github.com", 443, "POST", "/o/r.git/git-receive-pack", DENY, 14,
+     f"refused by read-only rule {F}:14 ({GITHUB_RO}): github.com:443 POST "
+     "/o/r.git/git-receive-pack is a git push (git-receive-pack)"),
+    ("codex", REQUEST, "github.com", 443, "PUT", "/upload", DENY, 14,
+     f"refused by read-only rule {F}:14 ({GITHUB_RO}): github.com:443 PUT /upload is a PUT (an "
+     "upload, publish or other write)"),
     # methods and paths, on a normalised path
     ("codex", CONNECT, "api.other.test", 443, None, None, ALLOW, 19,
      "allowed by rule: host api.other.test ports 443 methods GET,HEAD paths /v1/* "

@@ -34,6 +34,9 @@ METRICS: dict[str, set[str]] = {
     "agent_egress_bytes_total": {"account", "direction"},
     "agent_egress_dns_suspicious_total": {"account", "signal"},
     "agent_egress_exposed_listeners": {"account"},
+    "agent_egress_access_requests": {"account", "state"},
+    "agent_egress_credentials_injected_total": {"account", "credential"},
+    "agent_egress_credential_leaks_total": {"account", "credential"},
     "agent_egress_build_info": {"version"},
 }
 PROMETHEUS_METRICS = {"up"}  # what Prometheus records about the scrape itself

@@ -96,6 +96,8 @@ class RunningProxy(Process):
         self.policy_file = directory / "policy.yaml"
         command = [*prefix, cli, "run", *listen, "--state-dir", str(directory / "state"),
                    "--audit-log", str(self.audit_log), *args]
+        if "--control" not in args:  # not the machine's default socket, which another test or
+            command += ["--control", "off"]  # a proxy of the machine's own may hold
         if policy is not None:
             self.policy_file.write_text(policy)
             command += ["--policy", str(self.policy_file)]
