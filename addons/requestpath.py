@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from agent_egress.connections import Exchange
 from agent_egress.gate import Gate
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
 from agent_egress.rules import Address, Decision, Stage, host_text
+from agent_egress.rules.operations import MAX_BODY
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,15 @@ class Listener(Protocol):
 def needs_mitmproxy(decision: Decision) -> bool:
     """Requests whose rule injects a credential, or must be inspected, are mitmproxy's until
     this path does what its hooks do for them."""
-    return decision.inspect or bool(getattr(decision, "credential", None))
+    return decision.inspect or decision.credential is not None
+
+
+def head_parts(head: RequestHead) -> Iterator[bytes]:
+    """What the tripwire scans of a request head, as addons/tripwire.py gives it from
+    mitmproxy's request: the target's path and authority, and every header as read."""
+    yield head.path.encode("ascii")
+    yield head.authority.encode("ascii")
+    yield b"\n".join(name + b": " + value for name, value in head.headers)
 
 
 class PlainClient(asyncio.Protocol):
@@ -93,6 +102,7 @@ class PlainClient(asyncio.Protocol):
         self.exchange: Exchange | None = None  # its record, once allowed
         self.upstream: Upstream | None = None  # where it went
         self.body_left = 0  # of its body, still to come from the client
+        self.body_start = bytearray()  # what the audit reads of it, for its `op`
         self.upstream_full = False  # the upstream's send buffer is full: the client waits
         self.client_full = False  # the client's send buffer is full: the upstream waits
         self.client_eof = False  # the client has sent all it will send
@@ -134,6 +144,8 @@ class PlainClient(asyncio.Protocol):
         self.upstream.transport.write(body)
         self.body_left -= len(body)
         self.upstream.bytes_up += len(body)
+        if len(self.body_start) < MAX_BODY:
+            self.body_start += body[:MAX_BODY - len(self.body_start)]
 
     def _next(self, data: bytes | None = None) -> None:
         """Takes the next request head, if a whole one has come: from `received`, or from
@@ -186,6 +198,9 @@ class PlainClient(asyncio.Protocol):
             head.authority)
         if self.closing:
             return
+        caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
+        if caught is not decision:
+            decision, unresolved = caught, False
         if not decision.passes:
             await gate.attribute(client)
             gate.record(Stage.REQUEST, client, decision, host, head.port, ip,
@@ -195,7 +210,10 @@ class PlainClient(asyncio.Protocol):
             self._answer_and_close(assemble_response(response))
             return
         ip_text = self._spelled(ip) if ip is not None else ""
-        if needs_mitmproxy(decision) or ip is None or self._is_own(ip_text, head.port):
+        # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
+        scanned_body = head.content_length and gate.runtime.policies.secrets
+        if needs_mitmproxy(decision) or scanned_body or ip is None or \
+                self._is_own(ip_text, head.port):
             self.received[:0] = head.raw
             self.head = None
             self._hand_over()
@@ -217,6 +235,7 @@ class PlainClient(asyncio.Protocol):
 
     def _send(self, upstream: Upstream, head: RequestHead) -> None:
         self.upstream = upstream
+        self.body_start.clear()
         upstream.begin(self, head.method)
         upstream.transport.write(head.origin_form())
         self.body_left = head.content_length
@@ -321,17 +340,20 @@ class PlainClient(asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is None:
             return
+        body = bytes(self.body_start) if head.content_length else None
         lookup = self.client.process
         if lookup is None or lookup.done():
             self.gate.end_exchange(self.client, exchange, head.method, head.path,
-                                   head.content_length, bytes_down)
+                                   head.content_length, bytes_down, body)
             return
         # the line names the client's process: wait (bounded) for the lookup, as mitmproxy's
-        # path does
+        # path does; cancelled (the proxy stopping) or not, the request is recorded
         async def end() -> None:
-            await self.gate.attribute(self.client)
-            self.gate.end_exchange(self.client, exchange, head.method, head.path,
-                                   head.content_length, bytes_down)
+            try:
+                await self.gate.attribute(self.client)
+            finally:
+                self.gate.end_exchange(self.client, exchange, head.method, head.path,
+                                       head.content_length, bytes_down, body)
         self.listener.keep(asyncio.get_running_loop().create_task(end()))
 
     def _answer_and_close(self, answer: bytes) -> None:

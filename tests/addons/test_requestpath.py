@@ -32,7 +32,7 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 class Names:
     async def addresses(self, name: str) -> list[Any]:
-        if name != "web.test":
+        if name not in ("web.test", "api.test"):
             raise ResolveError(f"{name} does not resolve")
         return [ip_address("127.0.0.1")]
 
@@ -201,26 +201,45 @@ async def read_responses(reader: asyncio.StreamReader, count: int,
     return responses
 
 
-def policy(*ports: int) -> str:
+SECRET = "tripwire-secret-5c1d9e"
+
+
+CREDENTIALS = """credentials:
+  cloud-key:                    # referenced by no rule: a tripwire only
+    env: TEST_FAST_PATH_SECRET
+  api-token:
+    env: TEST_FAST_PATH_SECRET
+"""
+
+
+def policy(ports: list[int], credentials: bool) -> str:
+    rule = "credential: api-token" if credentials else "methods: [GET]"
     return f"""version: 1
-accounts:
+{CREDENTIALS if credentials else ""}accounts:
   tester:
     match: {{sources: [127.0.0.1/32]}}
     allow:
       - host: web.test
-        ports: {list(ports)}
+        ports: {ports}
         methods: [GET, HEAD, POST]
+      - host: api.test
+        ports: {ports}
+        {rule}
       - cidr: 127.0.0.1/32
-        ports: {list(ports)}
+        ports: {ports}
 """
 
 
 @pytest.fixture(params=sorted(LOOPS))
-def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
+def serve(request: pytest.FixtureRequest, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[
         Callable[[Callable[[Setup], Awaitable[None]]], None]]:
     """Runs a test coroutine with the listener and origin up, on each event loop."""
 
-    def run(test: Callable[[Setup], Awaitable[None]]) -> None:
+    monkeypatch.setenv("TEST_FAST_PATH_SECRET", SECRET)
+
+    def run(test: Callable[[Setup], Awaitable[None]], credentials: bool = False) -> None:
+        """`credentials`: the policy has some (a tripwire, and a rule that injects one)."""
         async def main() -> None:
             origin, mitmproxy = ScriptedOrigin(), Mitmproxy()
             origin_server = await asyncio.start_server(origin.serve, "127.0.0.1", 0)
@@ -228,7 +247,8 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
             with socket.socket() as closed:  # a port nothing listens on
                 closed.bind(("127.0.0.1", 0))
                 closed_port = closed.getsockname()[1]
-            (tmp_path / "policy.yaml").write_text(policy(origin_port, closed_port))
+            (tmp_path / "policy.yaml").write_text(policy([origin_port, closed_port],
+                                                         credentials))
             audit = AuditLog(tmp_path / "audit.jsonl")
             gate = Gate(Runtime(PolicyHolder(tmp_path / "policy.yaml"), audit,
                                 Names(), None, Metrics()))  # type: ignore[arg-type]
@@ -429,7 +449,43 @@ def test_mitmproxy_takes_over_mid_connection_from_the_request_it_must_serve(serv
     serve(test)
 
 
-def test_a_request_whose_rule_injects_a_credential_is_mitmproxys(serve, monkeypatch):
+@pytest.mark.parametrize("where", ["header", "query", "encoded query"])
+def test_a_head_carrying_a_credential_is_refused_before_the_origin(serve, where):
+    async def test(s: Setup) -> None:
+        encoded = "".join(f"%{b:02X}" for b in SECRET.encode())
+        request = {"header": s.get("/hello", f"X-Token: {SECRET}"),
+                   "query": s.get(f"/hello?key={SECRET}"),
+                   "encoded query": s.get(f"/hello?key={encoded}")}[where]
+        responses, closed = await s.exchange(request, answers=1)
+        assert [r.status_code for r in responses] == [403]
+        assert b"carries credential cloud-key" in responses[0].body
+        assert SECRET.encode() not in responses[0].body
+        assert closed and not s.origin.requests and not s.mitmproxy.handed
+        (event,) = s.events()
+        assert (event["decision"], event["credential"]) == ("deny", "cloud-key")
+    serve(test, credentials=True)
+
+
+def test_a_body_is_mitmproxys_to_scan_when_credentials_are_set(serve):
+    async def test(s: Setup) -> None:
+        request = s.get("/echo", method="POST", body=f"token={SECRET}".encode())
+        responses, _ = await s.exchange(s.get("/hello"), request, answers=2)
+        assert [r.status_code for r in responses] == [200, 299]
+        assert s.mitmproxy.handed == [request]
+    serve(test, credentials=True)
+
+
+def test_a_request_whose_rule_injects_a_credential_goes_to_mitmproxy(serve):
+    async def test(s: Setup) -> None:
+        request = s.get("/hello", host="api.test")
+        responses, _ = await s.exchange(request, answers=1)
+        assert [r.status_code for r in responses] == [299]
+        assert s.mitmproxy.handed == [request]
+        assert s.events() == []  # mitmproxy's path injects and records it
+    serve(test, credentials=True)
+
+
+def test_an_inspected_decision_goes_to_mitmproxy(serve, monkeypatch):
     async def test(s: Setup) -> None:
         decide = s.gate.request
 
