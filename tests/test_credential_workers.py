@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.origins import Origin
-from support.proxy import RunningProxy
+from support.proxy import RunningProxy, wait_until
 from test_workers import metric, workers_of
 
 FILE_SECRET, ENV_SECRET, ROTATED = ("worker-file-secret-81c2e4", "worker-env-secret-3a7f90",
@@ -134,6 +134,10 @@ def _response(sock: socket.socket) -> bytes:
     return head.split(b"\r\n")[0] + b"\n" + body
 
 
+def leak_events(proxy):
+    return [e for e in proxy.events() if "leak" in (e["path"] or "")]
+
+
 def test_every_worker_injects_trips_and_counts(proxy, origin):
     running_origin, recording = origin
     base = f"http://web.test:{running_origin.port}"
@@ -157,7 +161,9 @@ def test_every_worker_injects_trips_and_counts(proxy, origin):
                       credential=name) == CONNECTIONS // 2
         assert metric(proxy, "agent_egress_credentials_injected_total", account="tester",
                       credential=name) == CONNECTIONS // 2
-    events = proxy.wait_for_events(lambda e: "leak" in (e["path"] or ""))
+    # each process writes its own batches of lines: wait for all of them, not the first
+    assert wait_until(lambda: len(leak_events(proxy)) >= CONNECTIONS)
+    events = leak_events(proxy)
     assert len(events) == CONNECTIONS
     assert {(e["decision"], e["credential"]) for e in events} == {
         ("deny", "file-token"), ("deny", "env-token")}
