@@ -285,10 +285,13 @@ class Enforcer:
         client = self.clients.get(flow.client_conn.id)
         if not isinstance(exchange, Exchange) or client is None:
             return
-        await self.gate.attribute(client)  # the client waits for this answer: it still exists
-        bytes_down = exchange.received.total if flow.response is not None else None
-        self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
-                               _body_size(flow.request), bytes_down, flow.request.raw_content)
+        try:
+            await self.gate.attribute(client)  # the client waits for its answer: it exists
+        finally:  # cancelled (the proxy is stopping) or not, the request is recorded
+            bytes_down = exchange.received.total if flow.response is not None else None
+            self.gate.end_exchange(client, exchange, flow.request.method, flow.request.path,
+                                   _body_size(flow.request), bytes_down,
+                                   flow.request.raw_content)
 
     # Upstream
 

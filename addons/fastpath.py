@@ -27,6 +27,8 @@ from typing import Any, cast
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
+from agent_egress.addons import requestpath
+from agent_egress.addons.handover import Handover, replay
 from agent_egress.checks import sni_refusal
 from agent_egress.clients import Client
 from agent_egress.connections import Tunnel
@@ -36,7 +38,6 @@ from agent_egress.rules import HostError, parse_port, split_host_port
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 600.0  # as mitmproxy's connection handler: a tunnel quiet this long is closed
-_READ_LIMIT = 1 << 16
 _HEAD_END = b"\r\n\r\n"
 
 
@@ -68,7 +69,8 @@ class ExplicitListener:
                 "host": host, "port": port, "backlog": socket.SOMAXCONN}
             if not self.fast:
                 return [await asyncio.start_server(instance.handle_stream, **where)]
-            tunnels = FastTunnels(self.gate, instance.handle_stream, self._own_addresses)
+            tunnels = FastTunnels(self.gate, instance.handle_stream, self._own_addresses,
+                                  requests=requestpath.enabled())
             self.fast_tunnels.append(tunnels)
             return [await asyncio.get_running_loop().create_server(tunnels.protocol, **where)]
         return listen
@@ -84,15 +86,17 @@ class ExplicitListener:
 class FastTunnels:
     """Serves the explicit proxy's listener: `protocol` for loop.create_server."""
 
-    def __init__(self, gate: Gate,
-                 handover: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
-                 own_addresses: Callable[[], set[tuple[str, int]]]) -> None:
+    def __init__(self, gate: Gate, handover: Handover,
+                 own_addresses: Callable[[], set[tuple[str, int]]],
+                 requests: bool = False) -> None:
         """`handover` is mitmproxy's handle_stream for this listener; `own_addresses` where
-        this proxy listens (a tunnel to itself is mitmproxy's to refuse)."""
+        this proxy listens (a tunnel to itself is mitmproxy's to refuse); `requests`: plain
+        HTTP requests take the request fast path (addons/requestpath.py)."""
         self.gate = gate
         self.handover = handover
         self.own_addresses = own_addresses
-        self.live: set[_Client] = set()
+        self.requests = requests
+        self.live: set[Any] = set()  # _Client and requestpath.PlainClient
         self._emptied = asyncio.Event()  # set whenever `live` becomes empty
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -111,15 +115,18 @@ class FastTunnels:
         except TimeoutError:
             log.warning("%d fast tunnels still open %s s after closing", len(self.live), wait)
 
-    def left(self, client: _Client) -> None:
+    def left(self, client: Any) -> None:
         """`client` is no longer this listener's (closed, or handed to mitmproxy)."""
         self.live.discard(client)
         if not self.live:
             self._emptied.set()
 
     def keep(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Holds `task` until it is done (the loop keeps only weak references); one that
+        finished in its eager first step (most requests) needs nothing."""
+        if not task.done():
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 class _Client(asyncio.Protocol):
@@ -154,6 +161,9 @@ class _Client(asyncio.Protocol):
         self.received += data
         if not self.head_length:
             end = self.received.find(_HEAD_END)
+            if end >= 0 and self.tunnels.requests and not self.received.startswith(b"CONNECT "):
+                self._to_request_path()
+                return
             if end < 0 or not self.received.startswith(b"CONNECT "):
                 self._hand_over()
                 return
@@ -243,18 +253,19 @@ class _Client(asyncio.Protocol):
             self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT - quiet,
                                                               self._check_idle)
 
+    def _to_request_path(self) -> None:
+        """A request, not a CONNECT: the request fast path serves the connection from here."""
+        plain = requestpath.PlainClient(self.tunnels, self.transport)
+        self.transport.set_protocol(plain)
+        self.tunnels.left(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        plain.take(bytes(self.received))
+
     def _hand_over(self) -> None:
         """Gives the connection, and what it sent so far, to mitmproxy."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        self.transport.set_protocol(protocol)
-        protocol.connection_made(self.transport)
-        reader.feed_data(bytes(self.received))
-        writer_type = _AnsweredWriter if self.answered else asyncio.StreamWriter
-        writer = writer_type(self.transport, protocol, reader, loop)
-        self.transport.resume_reading()
-        self._start(self.tunnels.handover(reader, writer))
+        self._start(replay(self.transport, bytes(self.received), self.tunnels.handover,
+                           self.answered))
         self.tunnels.left(self)
         if self.idle is not None:
             self.idle.cancel()  # mitmproxy's own watchdog takes over
@@ -344,22 +355,6 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.transport.close()
-
-
-class _AnsweredWriter(asyncio.StreamWriter):
-    """For a connection whose CONNECT was answered before mitmproxy saw it: drops mitmproxy's
-    200 to the replayed CONNECT; any other answer closes the connection, since the client
-    already took the tunnel as open."""
-
-    answered = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.answered:
-            super().write(data)
-            return
-        self.answered = True
-        if bytes(data[9:13]) != b"200 ":
-            self.transport.close()
 
 
 def _authority(target: bytes) -> tuple[str, int] | None:

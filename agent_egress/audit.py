@@ -18,6 +18,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from .auditspace import SLACK_BYTES, ReservedSpace
 log = logging.getLogger(__name__)
 
 _BATCH = 512
+# After the first event of a batch, the writer waits this long for more: woken for each event
+# (or every 2 ms), it takes the GIL from the event loop hundreds of times a second, and each
+# hand-over costs system calls (about 10 µs of the proxy's CPU per request under load, measured
+# with the request fast path); lines reach the file at most this much later
+_GATHER = 0.02
 _STOP = object()
 _GROW = object()  # wakes the writer to reserve more room
 
@@ -102,6 +108,7 @@ class AuditLog:
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
+            time.sleep(_GATHER)
             while len(batch) < _BATCH:
                 try:
                     batch.append(self._queue.get_nowait())

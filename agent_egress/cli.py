@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="processes accepting on the explicit proxy listener, or 'auto' for "
                           "one per CPU (default 1); the resolver, metrics and the transparent "
                           "listener stay in the first")
+    run.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                     help="the event loop: uvloop where installed (auto, the default), or "
+                          "asyncio's own")
     run.add_argument("--control", metavar="PATH",
                      help="the control socket for why/request/pending/approve/reject, or 'off' "
                           "(default /run/agent-egress/control.sock as root, else under "
@@ -305,7 +308,15 @@ def _workers(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .runner import RunConfig, StartupError, parse_listen, serve, with_control
+    from .runner import (
+        RunConfig,
+        StartupError,
+        event_loop,
+        parse_listen,
+        run_loop,
+        serve,
+        with_control,
+    )
 
     logging.basicConfig(level=logging.INFO, format="agent-egress: %(levelname)s %(name)s: "
                                                    "%(message)s")
@@ -325,9 +336,9 @@ def _run(args: argparse.Namespace) -> int:
             audit_log=audit_log, upstream_dns=tuple(args.upstream_dns),
             proxy_auth=args.proxy_auth, state_dir=args.state_dir, upstream_ca=args.upstream_ca,
             on_audit_failure=args.on_audit_failure, workers=args.workers,
-            audit_format=args.audit_format)
+            audit_format=args.audit_format, loop=event_loop(args.loop))
         config = with_control(config, args)
-        return asyncio.run(serve(config))
+        return run_loop(serve(config), config.loop)
     except StartupError as e:
         print(f"agent-egress: {e}", file=sys.stderr)
         return EXIT_USAGE

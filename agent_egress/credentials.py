@@ -14,11 +14,11 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote_to_bytes
 
 from .filetrust import open_chain
 from .rules import Credential, PolicyDocument, PolicyError, Problem, Scheme
@@ -26,7 +26,7 @@ from .rules import Credential, PolicyDocument, PolicyError, Problem, Scheme
 SCANNED_BODY = 64 * 1024  # the tripwire reads this much of a request body
 MIN_SECRET = 8  # a shorter value would trip on ordinary traffic
 MAX_SECRET = 16 * 1024
-_Stamp = tuple[int, int, int] | None
+_Stamp = tuple[int, int, int, int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ class Secrets:
                 continue
             found = self._find(part)
             if found is None and b"%" in part:
-                found = self._find(unquote_to_bytes(part))
+                found = self._find(percent_decoded(part))
             if found is not None:
                 return found
         return None
@@ -84,6 +84,22 @@ class Secrets:
                 if needle in data:
                     return name
         return None
+
+
+# Percent-decoding in C: binascii's quoted-printable decoder reads `=XX`, so `%` becomes `=`
+# (and `=` a NUL, turned back after) once every `%` that starts no escape is set aside as \x01.
+# Exact (urllib.parse.unquote_to_bytes) except that NUL and \x01 in the data, and escapes
+# decoding to them, come out as `=` and `%`: bytes no needle holds, so a needle is never missed.
+_LONE_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_TO_QP = bytes.maketrans(b"=%", b"\0=")
+_FROM_QP = bytes.maketrans(b"\0\1", b"=%")
+
+
+def percent_decoded(data: bytes) -> bytes:
+    """`data` with every %XX escape decoded (about 10 times faster than unquote_to_bytes on a
+    64 KiB body full of escapes); see above for the one difference."""
+    set_aside = _LONE_PERCENT.sub(b"\x01", data)
+    return binascii.a2b_qp(set_aside.translate(_TO_QP)).translate(_FROM_QP)
 
 
 def body_head(body: bytes, encoding: str | None) -> bytes:
@@ -102,13 +118,14 @@ def body_head(body: bytes, encoding: str | None) -> bytes:
 
 
 def stamp(path: str) -> _Stamp:
-    """What a file is now (inode, mtime, size), to see it change; None when it cannot be
-    read."""
+    """What a file is now (inode, mtime, size, and ctime: a change of owner, mode or ACL that
+    lets a governed account read the secret is a change too), to see it change; None when it
+    cannot be read."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
 
 def load_secrets(document: PolicyDocument, governed: Mapping[int, str],

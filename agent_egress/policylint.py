@@ -19,7 +19,7 @@ def lint(document: PolicyDocument, now: float | None = None,
     identity conflict). `uid_of` maps a user name to its uid (default: this machine's users)."""
     moment = time.time() if now is None else now
     return [*_expired(document, moment), *_duplicates(document),
-            *_same_person(document, uid_of or _uid_of)]
+            *_same_person(document, uid_of or _uid_of), *_cleartext_credentials(document)]
 
 
 def _expired(document: PolicyDocument, now: float) -> list[PolicyWarning]:
@@ -33,6 +33,21 @@ def _expired(document: PolicyDocument, now: float) -> list[PolicyWarning]:
                                                                                       "Z")
                 out.append(PolicyWarning(rule.source, f"account {name}: rule expired at {when} "
                                                       "and matches nothing; remove it"))
+    return out
+
+
+def _cleartext_credentials(document: PolicyDocument) -> list[PolicyWarning]:
+    """A rule with a credential that allows port 80 (the default ports do): the proxy would set
+    the secret on plain HTTP, readable on every network between the proxy and the origin."""
+    out = []
+    for name, account in document.accounts.items():
+        seen = set()
+        for rule in account.allow:
+            if rule.credential and rule.ports and 80 in rule.ports and rule.source not in seen:
+                seen.add(rule.source)  # a preset's entries share their reference's line
+                out.append(PolicyWarning(rule.source, f"account {name}: credential "
+                                         f"{rule.credential} would be sent in cleartext on port "
+                                         "80; expected ports: [443] (or another TLS port)"))
     return out
 
 

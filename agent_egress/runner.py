@@ -14,11 +14,11 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from ipaddress import ip_address
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from dnslib import DNSRecord
 from mitmproxy import certs, options
@@ -75,6 +75,7 @@ class RunConfig:
     operators: str | None = None
     notify: str | None = None
     request_lifetime: float = 24 * 3600.0
+    loop: str = "asyncio"  # the event loop: asyncio's or uvloop (see event_loop)
 
     def to_json(self) -> str:
         return json.dumps({k: str(v) if isinstance(v, Path) else v
@@ -88,6 +89,29 @@ class RunConfig:
         for key in ("proxy", "transparent", "dns", "metrics", "upstream_dns"):
             fields[key] = None if fields[key] is None else tuple(fields[key])
         return cls(**fields)
+
+
+def event_loop(choice: str) -> str:
+    """`run --loop`: "auto" is uvloop where it is installed, else asyncio's own loop."""
+    if choice == "asyncio":
+        return choice
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if choice == "uvloop":
+            raise StartupError("--loop uvloop: uvloop is not installed (install "
+                               "agent-egress[uvloop], or use --loop asyncio)") from None
+        return "asyncio"
+    return "uvloop"
+
+
+def run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
+    """Runs `main` on the event loop `event_loop` chose."""
+    if loop == "uvloop":
+        import uvloop
+
+        return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+    return asyncio.run(main)
 
 
 def with_control(config: RunConfig, args: argparse.Namespace) -> RunConfig:

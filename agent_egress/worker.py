@@ -19,7 +19,7 @@ from .addons.enforce import Enforcer
 from .audit import AuditLog
 from .gate import Gate
 from .rules import PolicyError
-from .runner import Listening, RunConfig, master_for, runtime_for, stop_proxy
+from .runner import Listening, RunConfig, master_for, run_loop, runtime_for, stop_proxy
 from .runtime import PolicyHolder
 from .workerpool import summed_samples
 
@@ -88,7 +88,8 @@ def main() -> int:
     listener = socket.socket(fileno=int(listen_fd))
     listener.setblocking(False)
     control = socket.socket(fileno=int(control_fd))
-    return asyncio.run(serve_worker(RunConfig.from_json(config_json), listener, control))
+    config = RunConfig.from_json(config_json)
+    return run_loop(serve_worker(config, listener, control), config.loop)
 
 
 if __name__ == "__main__":

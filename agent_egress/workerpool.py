@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 # build info, exposed listeners, process figures) describe the first process or the machine.
 SUMMED = frozenset({"agent_egress_decisions", "agent_egress_decision_seconds",
                     "agent_egress_active_connections", "agent_egress_bytes",
-                    "agent_egress_audit_events", "agent_egress_audit_write_errors"})
+                    "agent_egress_audit_events", "agent_egress_audit_write_errors",
+                    "agent_egress_credentials_injected", "agent_egress_credential_leaks"})
 AUDIT_COUNTS = frozenset({"agent_egress_audit_events", "agent_egress_audit_write_errors"})
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

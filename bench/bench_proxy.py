@@ -11,7 +11,10 @@ Scenarios, each route in turn:
   (c) one 200 MB HTTPS download through a passed-through tunnel (curl): MB/s, median of 3;
   (d) plain HTTP GETs of 10 MiB bodies, 8 connections (wrk): the proxy's peak RSS;
   (e) inspected HTTPS keep-alive GETs, 32 connections (hey): a rule with `methods` makes the
-      proxy terminate TLS, beside bare mitmdump's full interception.
+      proxy terminate TLS, beside bare mitmdump's full interception; and, on a second
+      agent-egress whose policy has a credential, the same rule (tripwire on) and one with
+      `credential` (the header injected: what injection costs).
+  (f) plain HTTP keep-alive GETs offered at 2,000 req/s, 20 connections (hey -q): p50, p99.
 See bench/README.md for what each figure means. Everything started is stopped at the end.
 """
 
@@ -34,17 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
-from common import CpuWatch, Service, free_port, machine, table
+from common import CpuWatch, Service, _children, free_port, machine, table
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 HTTP_NAME, TLS_NAME = "web.test", "secure.test"
 INSPECT_NAME = "inspect.test"  # the same HTTPS origin, under a rule that inspects
+INJECT_NAME = "inject.test"  # and under one that injects a credential
+DUMMY = "Authorization: Bearer dummy-held-by-the-agent"  # what (e)'s client sends
 CONNECTIONS = 32
 BIG = 10 * 1024 * 1024  # scenario (d)
 BULK = 200 * 1000 * 1000  # scenario (c)
 MEMORY_CONNECTIONS = 8
+OFFERED, OFFERED_CONNECTIONS = 2000, 20  # scenario (e)
 TARGET_RATIO, TARGET_RSS_MIB = 0.9, 100
 BUSY = 0.25  # cores used by other processes during a figure that make it taken again
 # What the profile summary calls ours: files of this repository (the installed package's
@@ -86,6 +92,7 @@ class Result:
     rss_before_mib: float | None = None
     rss_peak_mib: float | None = None
     others: float = 0.0  # cores' worth of CPU that other processes used meanwhile
+    cpu_us: float | None = None  # the proxy's CPU (its workers' too) per request, microseconds
 
 
 class Dns:
@@ -195,19 +202,49 @@ accounts:
     return policy
 
 
+def write_credential_policy(directory: Path, https_port: int) -> Path:
+    """(e) with credentials: the inspecting rule, and one that injects a secret from a file."""
+    secret = directory / "bench-token"
+    secret.write_text(os.urandom(20).hex() + "\n")
+    secret.chmod(0o600)
+    policy = directory / "policy-credentials.yaml"
+    policy.write_text(f"""version: 1
+credentials:
+  bench-token:
+    file: {secret}
+accounts:
+  bench:
+    match:
+      uids: [{os.getuid()}]
+    allow:
+      - host: {INSPECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
+      - host: {INJECT_NAME}
+        ports: [{https_port}]
+        methods: [GET]
+        credential: bench-token
+      - cidr: 127.0.0.1/32
+        ports: [{https_port}]
+""")
+    return policy
+
+
 def _env(source: Path | None) -> dict[str, str]:
     return ENV if source is None else {**ENV, "PYTHONPATH": str(source.resolve())}
 
 
 def start_agent_egress(directory: Path, policy: Path, dns: Dns, source: Path | None,
-                       *options: str) -> tuple[Service, int]:
+                       *options: str, env: dict[str, str] | None = None
+                       ) -> tuple[Service, int]:
     directory.mkdir()
     port = free_port()
     command = [str(BIN / "agent-egress"), "run", "--proxy", f"127.0.0.1:{port}", "--dns", "off",
                "--metrics", "off", "--policy", str(policy), "--state-dir", str(directory / "state"),
                "--audit-log", str(directory / "audit.jsonl"), "--upstream-dns",
                f"127.0.0.1:{dns.port}", *options]
-    return Service(directory.name, command, directory / "output.log", _env(source)), port
+    return Service(directory.name, command, directory / "output.log",
+                   {**_env(source), **(env or {})}), port
 
 
 def start_mitmdump(directory: Path, *options: str,
@@ -325,12 +362,28 @@ def hey_inspected(route: Route, origin_port: int, seconds: float) -> Result:
     """Keep-alive GETs of `/` on the HTTPS origin through a proxy that terminates TLS (hey
     does not verify certificates, so the proxy's own CA needs no installing)."""
     assert route.proxy is not None
-    host = INSPECT_NAME if route.host == INSPECT_NAME else "127.0.0.1"
+    named = route.host in (INSPECT_NAME, INJECT_NAME)
+    host = route.host if named else "127.0.0.1"
     out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-t", "10",
-                          "-host", INSPECT_NAME, "-x", f"http://127.0.0.1:{route.port}",
+                          "-host", route.host if named else INSPECT_NAME, "-H", DUMMY,
+                          "-x", f"http://127.0.0.1:{route.port}",
                           f"https://{host}:{origin_port}/"], capture_output=True, text=True,
                          timeout=seconds + 60, env=ENV)
     return _hey_result(out)
+
+
+def hey_offered(route: Route, origin_port: int, seconds: float) -> Result:
+    """Keep-alive GETs of `/` on the plain-HTTP origin offered at OFFERED req/s in all (hey
+    paces each of its connections): the latency a steady load sees, not the peak rate."""
+    command = ["hey", "-z", f"{seconds}s", "-c", str(OFFERED_CONNECTIONS), "-q",
+               str(OFFERED // OFFERED_CONNECTIONS), "-t", "10"]
+    if route.proxy is None:
+        url = f"http://127.0.0.1:{origin_port}/"
+    else:
+        command += ["-x", f"http://127.0.0.1:{route.port}"]
+        url = f"http://{route.target(origin_port)}/"
+    return _hey_result(subprocess.run([*command, url], capture_output=True, text=True,
+                                      timeout=seconds + 60, env=ENV))
 
 
 def curl_bulk(route: Route, origin_port: int, downloads: int) -> Result:
@@ -352,6 +405,18 @@ def curl_bulk(route: Route, origin_port: int, downloads: int) -> Result:
             errors += 1
         speeds.append(float(speed) / 1e6)
     return Result(statistics.median(speeds), errors=errors)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) of `pid` and its children (proxy workers) so far."""
+    total = 0.0
+    for each in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _status_kib(pid: int, key: str) -> int:
@@ -460,8 +525,8 @@ def report(title: str, unit: str, results: dict[str, Result], reference: str) ->
         row = [label, _number(r.rate, 0 if unit == "req/s" else 1), _number(r.p50_ms),
                _number(r.p99_ms), r.errors, _ratio(r.rate, ref), _ratio(r.rate, squid)]
         row += [_number(r.rss_before_mib), _number(r.rss_peak_mib)] if memory else []
-        rows.append(row + [f"{r.others:.2f}"])
-    headers.append("others' CPU")
+        rows.append(row + [_number(r.cpu_us, 0), f"{r.others:.2f}"])
+    headers += ["proxy CPU µs/req", "others' CPU"]
     return table(headers, rows)
 
 
@@ -470,6 +535,19 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
     for name, (results, reference) in scenarios.items():
         for label in (k for k in results if k.startswith(("agent-egress", "mitmdump + addon"))):
             result = results[label]
+            if name.startswith("(f)"):
+                squid_p99 = results["squid"].p99_ms or 0
+                p99 = result.p99_ms or 0
+                met = "met" if p99 < squid_p99 and not result.errors else "NOT met"
+                lines.append(f"- {name} {label}: p99 {p99:.2f} ms, squid {squid_p99:.2f} ms; "
+                             f"target below squid's {met}")
+                continue
+            if name.startswith("(a)") and label.startswith("agent-egress"):
+                of_squid = result.rate / results["squid"].rate
+                met = "met" if of_squid >= 1.0 and not result.errors else "NOT met"
+                lines.append(f"- {name} {label}: {of_squid:.2f}x squid, {result.errors} "
+                             f"errors; target >= 1.0x squid {met}")
+                continue
             if name.startswith("(d)"):
                 peak = result.rss_peak_mib or 0
                 met = "met" if peak < TARGET_RSS_MIB else "NOT met"
@@ -477,6 +555,12 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
                              f"< {TARGET_RSS_MIB} MiB {met}")
                 continue
             ratio = result.rate / results[reference].rate
+            if label == "agent-egress, credential injected":  # issue 15: what injection costs
+                without = results["agent-egress, tripwire on"].rate
+                met = "met" if result.rate >= 0.9 * without and not result.errors else "NOT met"
+                lines.append(f"- {name} {label}: {result.rate / without - 1:+.1%} against the "
+                             f"same rule without injection; target at most -10% {met}")
+                continue
             if "workers" in label and name.startswith("(b)"):  # issue 8: the gap to squid
                 of_squid = result.rate / results["squid"].rate
                 met = "met" if ratio >= 2 and of_squid >= 0.5 and not result.errors else "NOT met"
@@ -494,7 +578,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per route (a smoke run)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy agent-egress under (a), (b) and (c) into DIR")
-    parser.add_argument("--only", default="abcde", metavar="LETTERS",
+    parser.add_argument("--only", default="abcdef", metavar="LETTERS",
                         help="run only these scenarios, e.g. 'b' (default: all)")
     parser.add_argument("--source", type=Path, metavar="DIR",
                         help="run agent-egress from this copy of the repository (PYTHONPATH), "
@@ -513,12 +597,13 @@ def main() -> None:
             stack.callback(service.stop)
             return Route(label, service, port, host)
 
-        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME})
+        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME, INJECT_NAME})
         stack.callback(dns.stop)
         ca = trustme.CA()
         ca_file = work / "origin-ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
-        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME))
+        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME,
+                                                                INJECT_NAME))
         stack.callback(nginx.stop)
         policy = write_policy(work, http_port, https_port)
         named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source,
@@ -529,6 +614,17 @@ def main() -> None:
         workers = started(*start_agent_egress(work / "agent-egress-workers", policy, dns,
                                               args.source, "--workers", str(cores)),
                           f"agent-egress, {cores} workers", HTTP_NAME)
+        credentialed = started(*start_agent_egress(
+            work / "agent-egress-credentials", write_credential_policy(work, https_port), dns,
+            args.source, "--upstream-ca", str(ca_file)), "agent-egress, tripwire on",
+            INSPECT_NAME)
+        on_asyncio = started(*start_agent_egress(work / "agent-egress-asyncio", policy, dns,
+                                                 args.source, "--loop", "asyncio"),
+                             "agent-egress, asyncio loop", HTTP_NAME)
+        no_fast_requests = started(*start_agent_egress(
+            work / "agent-egress-mitmproxy-requests", policy, dns, args.source,
+            env={"AGENT_EGRESS_FAST_REQUESTS": "0"}),
+            "agent-egress, requests through mitmproxy", HTTP_NAME)
         addon = started(*start_mitmdump_addon(work / "mitmdump-addon", policy, dns, args.source),
                         "mitmdump + addon", HTTP_NAME)
         mitm = started(*start_mitmdump(work / "mitmdump"), "mitmdump", "127.0.0.1")
@@ -543,7 +639,9 @@ def main() -> None:
         squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
         direct = Route("direct", None, 0, HTTP_NAME)
         nginx.wait_for_port(http_port)
-        proxies = (named, workers, addon, mitm, lazy, passthrough, intercept, squid)
+        proxies = (named, workers, on_asyncio, no_fast_requests, credentialed, addon, mitm, lazy,
+                   passthrough, intercept,
+                   squid)
         for route in proxies:
             assert route.proxy is not None
             route.proxy.wait_for_port(route.port)
@@ -565,15 +663,20 @@ def main() -> None:
         def memory(route: Route, warm: bool = False) -> Result:
             return peak_rss(route, http_port, seconds(warm), work)
 
+        def offered(route: Route, warm: bool = False) -> Result:
+            return hey_offered(route, http_port, seconds(warm))
+
         def inspected(route: Route, warm: bool = False) -> Result:
             return hey_inspected(route, https_port, seconds(warm))
 
         inspecting = dataclasses.replace(named, host=INSPECT_NAME)
+        injecting = dataclasses.replace(credentialed, label="agent-egress, credential injected",
+                                        host=INJECT_NAME)
 
         scenarios = {
             "(a) plain HTTP keep-alive, 32 connections": (
-                "req/s", [direct, named, literal, workers, addon, mitm, lazy, squid], plain,
-                "mitmdump lazy"),
+                "req/s", [direct, named, literal, workers, on_asyncio, no_fast_requests, addon,
+                          mitm, lazy, squid], plain, "mitmdump lazy"),
             "(b) new CONNECT + TLS + GET, 32 at once": (
                 "req/s", [direct, tls, tls_workers, tls_addon, passthrough, squid], tunnels,
                 "mitmdump passthrough"),
@@ -583,7 +686,10 @@ def main() -> None:
             "(d) 10 MiB bodies, 8 connections": (
                 "MB/s", [named, literal, mitm, lazy, squid], memory, "mitmdump lazy"),
             "(e) inspected HTTPS keep-alive, 32 connections": (
-                "req/s", [inspecting, intercept], inspected, "mitmdump, full interception"),
+                "req/s", [inspecting, credentialed, injecting, intercept], inspected,
+                "mitmdump, full interception"),
+            f"(f) plain HTTP keep-alive offered at {OFFERED:,} req/s": (
+                "req/s", [direct, named, workers, lazy, squid], offered, "mitmdump lazy"),
         }
         watch = CpuWatch([nginx.pid] + [r.proxy.pid for r in proxies if r.proxy])
         done: dict[str, tuple[dict[str, Result], str]] = {}
@@ -597,8 +703,13 @@ def main() -> None:
                     watch.wait_quiet()
                     measure(route, True)
                     watch.start()
+                    cpu = process_cpu(route.proxy.pid) if route.proxy else 0.0
                     results[route.label] = measure(route)
                     results[route.label].others = watch.stop()
+                    if route.proxy and unit == "req/s":
+                        served = results[route.label].rate * settings.seconds
+                        results[route.label].cpu_us = (
+                            (process_cpu(route.proxy.pid) - cpu) / served * 1e6 if served else None)
                     if results[route.label].others < BUSY:
                         break
                 print(f"  {route.label}: {results[route.label]}", flush=True)

@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("bench_learn.py", True, False),
     ("bench_load.py", True, False),  # its transparent phase alone needs root
     ("bench_reload.py", True, False),
+    ("bench_credentials.py", True, False),
 ]
 
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Coroutine
 from ipaddress import ip_address
@@ -193,10 +194,11 @@ class DnsServer:
         if not self._admit(connection):
             writer.close()
             return
-        loop = asyncio.get_running_loop()
         try:
             while True:
-                connection.idle_since = loop.time()
+                # not loop.time(): uvloop's is the loop iteration's, in milliseconds, and
+                # connections taken in one iteration would tie for "longest idle"
+                connection.idle_since = time.monotonic()
                 async with asyncio.timeout(self.idle_seconds):
                     (length,) = struct.unpack("!H", await reader.readexactly(2))
                     packet = await reader.readexactly(length)

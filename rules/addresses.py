@@ -9,6 +9,7 @@ since the embedded address could be any of the above.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_network
 
 from .hosts import Address
@@ -40,6 +41,7 @@ _RANGES = [(ip_network(net), kind) for net, kind in [
 ]]
 
 
+@lru_cache(maxsize=4096)  # asked for every request's pinned address: 23 networks each time
 def internal_kind(address: Address) -> str | None:
     """What makes `address` internal ("private", "loopback", ...), or None if it is public."""
     for network, kind in _RANGES:

@@ -84,7 +84,7 @@ def _entry(reader: _Reader, name: str, key: yaml.Node, node: yaml.Node) -> Crede
             try:
                 scheme = Scheme(scheme_text)
             except ValueError:
-                close = difflib.get_close_matches(scheme_text, list(Scheme), n=1)
+                close = difflib.get_close_matches(scheme_text, [s.value for s in Scheme], n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 reader.problem(scheme_node, f"{what}: scheme {scheme_text!r}{hint}; expected "
                                             "bearer, basic or raw")

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from support.dnsserver import TestDNS, Zone
 from support.netns import system_user
 from support.origins import (
@@ -19,6 +20,11 @@ from support.origins import (
 from support.prometheus import prometheus_config
 from support.prometheus import start_prometheus as start
 from support.proxy import Process
+
+# No deadlines: a test's speed is measured in bench/, never asserted, and a loaded CI machine
+# would fail a property test for taking 250 ms on one example.
+settings.register_profile("agent-egress", deadline=None)
+settings.load_profile("agent-egress")
 
 ROOT = Path(__file__).resolve().parent.parent
 # The names the tests' DNS server answers; every origin listens on 127.0.0.1.

@@ -20,7 +20,7 @@ import bcrypt
 import h11
 import pytest
 from support.origins import TcpOrigin
-from support.proxy import RunningProxy
+from support.proxy import REQUEST_PATHS, RunningProxy
 
 from agent_egress.addons.limits import MAX_HEAD_BYTES, REQUEST_HEAD_SECONDS
 
@@ -69,9 +69,10 @@ def statuses(received: bytes) -> list[int]:
 def start(cli, tmp_path, dns) -> Iterator[Any]:
     started = []
 
-    def run(policy: str, *args: str, prefix: tuple[str, ...] = ()) -> RunningProxy:
+    def run(policy: str, *args: str, prefix: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> RunningProxy:
         proxy = RunningProxy(cli, tmp_path, policy, "--upstream-dns", dns.address, *args,
-                             prefix=prefix)
+                             prefix=prefix, env=env)
         started.append(proxy)
         return proxy
 
@@ -80,10 +81,11 @@ def start(cli, tmp_path, dns) -> Iterator[Any]:
         proxy.stop()
 
 
-@pytest.fixture(scope="module")
-def shared_proxy(cli, tmp_path_factory, dns, web, recording) -> Iterator[RunningProxy]:
+@pytest.fixture(scope="module", params=sorted(REQUEST_PATHS))
+def shared_proxy(request, cli, tmp_path_factory, dns, web, recording) -> Iterator[RunningProxy]:
     proxy = RunningProxy(cli, tmp_path_factory.mktemp("hostile"),
-                         allow_web(web.port, recording.port), "--upstream-dns", dns.address)
+                         allow_web(web.port, recording.port), "--upstream-dns", dns.address,
+                         env=REQUEST_PATHS[request.param])
     yield proxy
     proxy.stop()
 
@@ -97,11 +99,13 @@ def assert_still_serving(proxy: RunningProxy, port: int) -> None:
 # Slowloris
 
 
-def test_slow_clients_neither_lock_others_out_nor_stay_forever(start, web):
+@pytest.mark.parametrize("path", sorted(REQUEST_PATHS))
+def test_slow_clients_neither_lock_others_out_nor_stay_forever(start, web, path):
     """300 connections sending half a request head, some a byte at a time, against a proxy
     started with an open-file soft limit of 256: another client is still served, and each slow
     connection is answered 408 and closed once its head is overdue."""
-    proxy = start(allow_web(web.port), prefix=("prlimit", "--nofile=256:20000"))
+    proxy = start(allow_web(web.port), prefix=("prlimit", "--nofile=256:20000"),
+                  env=REQUEST_PATHS[path])
     slow = []
     for number in range(300):
         connection = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
@@ -271,6 +275,14 @@ SMUGGLING = {
                                            HIDDEN,
     "a request line in the body": "POST {url}/a HTTP/1.1\r\nHost: {host}\r\n"
                                   "Content-Length: {hidden_length}\r\n\r\n0\r\n\r\n" + HIDDEN,
+    "space before the colon": "POST {url}/a HTTP/1.1\r\nHost: {host}\r\nContent-Length : "
+                              "{hidden_length}\r\n\r\n0\r\n\r\n" + HIDDEN,
+    "an allowed request, then framing in doubt": "GET {url}/a HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                                                 "POST {url}/a HTTP/1.1\r\nHost: {host}\r\n"
+                                                 "Transfer-Encoding: chunked\r\nContent-Length: 4"
+                                                 "\r\n\r\n0\r\n\r\n" + HIDDEN,
+    "Host naming another destination": "GET {url}/a HTTP/1.1\r\nHost: denied.test:{port}\r\n\r\n",
+    "a second Host": "GET {url}/a HTTP/1.1\r\nHost: {host}\r\nHost: denied.test:{port}\r\n\r\n",
 }
 
 

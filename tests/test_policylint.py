@@ -71,3 +71,42 @@ def test_validate_prints_them_and_still_passes(cli, tmp_path):
     assert done.stderr == (f"{policy}:3: warning: uid {os.getuid()} is claimed twice (account a "
                            f"by unix user {me}; account b by uid {os.getuid()}): every client "
                            "of that user is denied as an identity conflict\n")
+
+
+CREDENTIAL_POLICY = """\
+version: 1
+credentials:
+  token:
+    env: TEST_LINT_TOKEN
+accounts:
+  codex:
+    match: {unix_users: [codex]}
+    allow:
+      - host: default-ports.test
+        credential: token
+      - host: tls-only.test
+        ports: [443, 8443]
+        credential: token
+      - host: plain.test
+        ports: [8443, 80]
+        credential: token
+      - preset: github
+        credential: token
+      - host: no-credential.test
+"""
+
+
+def test_a_credential_on_port_80_is_warned_of():
+    assert warnings(CREDENTIAL_POLICY, {}) == [
+        f"p.yaml:{line}: warning: account codex: credential token would be sent in cleartext "
+        "on port 80; expected ports: [443] (or another TLS port)" for line in (9, 14)]
+
+
+def test_validate_warns_of_a_cleartext_credential(cli, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(CREDENTIAL_POLICY)
+    done = subprocess.run([cli, "validate", str(policy)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "TEST_LINT_TOKEN": "lint-token-123456"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("would be sent in cleartext on port 80") == 2
+    assert "lint-token-123456" not in done.stdout + done.stderr

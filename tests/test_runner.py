@@ -292,3 +292,11 @@ def test_a_policy_the_governed_account_could_rewrite_is_refused(cli, tmp_path, t
                            str(tmp_path / "state")], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stderr.strip()) == (
         2, f"agent-egress: {policy} is writable by every user, governed accounts included")
+
+
+def test_the_event_loop_is_uvloop_where_installed():
+    from agent_egress.runner import event_loop
+
+    assert event_loop("auto") == "uvloop"  # installed with the test extra
+    assert event_loop("uvloop") == "uvloop"
+    assert event_loop("asyncio") == "asyncio"

@@ -36,6 +36,7 @@ ROOT = Path(__file__).parents[1]
 AGENT = "egress-test-agent"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 PROBE_PYTHON = "/usr/bin/python3"  # the agent account cannot read the project's interpreter
+FAR_TOKEN = "far-side-token-6e2a91c4"  # the proxy's, never the agent's
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(os.getuid() != 0 or not shutil.which("nft"),
@@ -89,10 +90,17 @@ def far_side(devbox) -> Iterator[Path]:
 def proxy(cli, devbox, agent, far_side, tmp_path_factory) -> Iterator[RunningProxy]:
     directory = tmp_path_factory.mktemp("transparent")
     policy = f"""version: 1
+credentials:
+  far-token:
+    env: TEST_FAR_TOKEN
 accounts:
   agent:
     match: {{uids: [{agent.pw_uid}]}}
     allow:
+      - host: inspect.test           # before the next rule, which would match first
+        ports: [443]
+        paths: ["/headers/*"]
+        credential: far-token
       - host: web.test
       - host: secure.test
         ports: [443]
@@ -119,7 +127,7 @@ accounts:
 """
     running = RunningProxy(
         cli, directory, policy, "--upstream-dns", NAMESERVER, "--upstream-ca", str(far_side),
-        prefix=("ip", "netns", "exec", devbox.inside),
+        env={"TEST_FAR_TOKEN": FAR_TOKEN}, prefix=("ip", "netns", "exec", devbox.inside),
         listen=("--proxy", "127.0.0.1:8080", "--transparent", "127.0.0.1:8081", "--dns",
                 "127.0.0.1:5353", "--metrics", "127.0.0.1:9464"))
     try:
@@ -195,6 +203,56 @@ def test_fifty_kept_alive_requests_through_the_transparent_listener(cli, devbox,
     inspected = as_agent(devbox, agent, "curl", "-sS", "--max-time", "30", "--cacert",
                          str(bundle), *(f"https://inspect.test/kept{i}" for i in range(50)))
     assert inspected.stdout.count("hello from inspect.test GET /kept") == 50, inspected.stderr
+
+
+def test_a_credential_is_injected_through_the_transparent_listener(cli, devbox, agent, proxy,
+                                                                  agent_home):
+    """The far side receives the proxy's header in place of the agent's dummy (its /headers/
+    path answers with the header lines it received)."""
+    bundle = agent_home / "proxy-ca.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    earlier = len(proxy.events())
+    seen = curl(devbox, agent, "--cacert", str(bundle), "-H", "Authorization: Bearer dummy",
+                "-H", "authorization: Basic c29tZW9uZTpkdW1teQ==", "https://inspect.test/headers/a")
+    lines = seen.stdout.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines
+            if line.lower().startswith("authorization:")] == [f"Bearer {FAR_TOKEN}"], \
+        seen.stdout + seen.stderr
+    (event,) = events_since(proxy, earlier, lambda e: e["path"] == "/headers/a")
+    assert (event["decision"], event["credential"], event["uid"]) == (
+        "allow", "far-token", agent.pw_uid)
+    assert not event["client"].startswith("127.0.0.1:")  # the transparent listener took it
+    other = curl(devbox, agent, "--cacert", str(bundle), "https://inspect.test/elsewhere")
+    assert other.stdout == "hello from inspect.test GET /elsewhere\n", other.stderr
+
+
+@pytest.mark.parametrize("where", ["plain header", "plain query", "inspected query",
+                                   "inspected body"])
+def test_the_tripwire_through_the_transparent_listener(cli, devbox, agent, proxy, agent_home,
+                                                       where):
+    bundle = agent_home / "proxy-ca.pem"
+    proxy_ca = Path(sh(cli, "ca", "--state-dir", str(proxy.directory / "state")).stdout.strip())
+    bundle.write_text(proxy_ca.read_text())
+    bundle.chmod(0o644)
+    path = f"/headers/{where.replace(' ', '-')}"
+    args = {
+        "plain header": ["-H", f"X-Copied: {FAR_TOKEN}", f"http://web.test{path}"],
+        "plain query": [f"http://web.test{path}?k={FAR_TOKEN.encode().hex()}"],
+        "inspected query": ["--cacert", str(bundle), f"https://inspect.test{path}?k={FAR_TOKEN}"],
+        "inspected body": ["--cacert", str(bundle), "-X", "GET", "--data-binary",
+                           f"token={FAR_TOKEN}", f"https://inspect.test{path}"],
+    }[where]
+    earlier = len(proxy.events())
+    refused = curl(devbox, agent, "-i", *args)
+    assert refused.stdout.split(" ", 2)[:2] in (["HTTP/1.1", "403"], ["HTTP/2", "403"]), \
+        refused.stdout + refused.stderr
+    assert "carries credential far-token" in refused.stdout
+    assert "X-Copied" not in refused.stdout  # the far side's echo never came
+    (event,) = events_since(proxy, earlier, lambda e: e["path"] == path)
+    assert (event["decision"], event["credential"], event["reason"]) == (
+        "deny", "far-token", "carries credential far-token")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import time
 import urllib.request
 
@@ -43,8 +44,9 @@ def raw_origin():
     origin.stop()
 
 
-@pytest.fixture(scope="module")
-def proxy(cli, tmp_path_factory, dns, web, secure, raw_origin):
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def proxy(request, cli, tmp_path_factory, dns, web, secure, raw_origin):
+    """The proxy on each event loop: uvloop's transports are not asyncio's classes."""
     ports = f"[{web.port}, {secure.port}, {raw_origin.port}]"
     running = RunningProxy(cli, tmp_path_factory.mktemp("fastpath"), f"""version: 1
 accounts:
@@ -57,7 +59,7 @@ accounts:
         ports: [{web.port}]
       - cidr: 127.0.0.1/32
         ports: {ports}
-""", "--upstream-dns", dns.address)
+""", "--upstream-dns", dns.address, "--loop", request.param)
     yield running
     running.stop()
 
@@ -272,3 +274,20 @@ def test_an_endless_client_hello_is_refused_at_64_kib(proxy, raw_origin, announc
                                      and e["client"] == client
                                      and "ClientHello larger than 64 KiB" in e["reason"])
     assert event["host"] == "secure.test"
+
+
+def test_plain_requests_are_served_on_one_kept_alive_connection(proxy, web):
+    """The request fast path (addons/requestpath.py), driven by curl on each loop."""
+    urls = [f"http://web.test:{web.port}/plain/{i}" for i in range(3)]
+    done = subprocess.run(["curl", "-sS", "--max-time", "10", "-x", proxy.url, *urls],
+                          capture_output=True, text=True, timeout=30)
+    assert done.stdout == "".join(f"hello from web.test:{web.port} GET /plain/{i}\n"
+                                  for i in range(3)), done.stderr
+    events = proxy.wait_for_events(lambda e: e["event"] == "request" and
+                                   e["path"] == f"/plain/{2}")
+    assert events
+    served = [e for e in proxy.events() if e["event"] == "request" and
+              e["path"].startswith("/plain/")]
+    assert [(e["decision"], e["bytes_down"]) for e in served] == [
+        ("allow", len(f"hello from web.test:{web.port} GET /plain/0\n"))] * 3
+    assert len({e["client"] for e in served}) == 1  # one client connection for all three

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 from support.origins import Origin
-from support.proxy import RunningProxy
+from support.proxy import REQUEST_PATHS, RunningProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -30,8 +30,8 @@ def named_origin(test_ca):
     origin.stop()
 
 
-@pytest.fixture(scope="module")
-def proxy(cli, tmp_path_factory, dns, web, named_origin, test_ca):
+@pytest.fixture(scope="module", params=sorted(REQUEST_PATHS))
+def proxy(request, cli, tmp_path_factory, dns, web, named_origin, test_ca):
     running = RunningProxy(cli, tmp_path_factory.mktemp("forwarded"), f"""version: 1
 accounts:
   tester:
@@ -43,7 +43,8 @@ accounts:
         ports: [{named_origin.port}]
       - cidr: 127.0.0.1/32
         ports: [{web.port}, {named_origin.port}]
-""", "--upstream-dns", dns.address, "--upstream-ca", str(test_ca.ca_file))
+""", "--upstream-dns", dns.address, "--upstream-ca", str(test_ca.ca_file),
+                           env=REQUEST_PATHS[request.param])
     yield running
     running.stop()
 

@@ -16,7 +16,9 @@ from agent_egress.rules import PolicyError, load_policy
 
 ROOT = Path(__file__).parents[2]
 BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
-EXAMPLES = [ROOT / "deploy" / "policy.yaml", Path(__file__).parent / "fixtures" / "engine.yaml"]
+EXAMPLES = [ROOT / "deploy" / "policy.yaml",
+            *(Path(__file__).parent / "fixtures" / name for name in ("engine.yaml",
+                                                                   "credentials.yaml"))]
 
 
 class _EditorLoader(yaml.SafeLoader):

@@ -11,6 +11,7 @@ import socketserver
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -19,6 +20,7 @@ from support.dnsserver import TestDNS, Zone  # noqa: E402
 from support.origins import (  # noqa: E402
     Origin,
     TestCA,
+    _hello,
     git_handler,
     git_repository,
     package_files,
@@ -57,6 +59,19 @@ class _UdpEcho(socketserver.BaseRequestHandler):
         sock.sendto(b"echo: " + data, self.client_address)
 
 
+def _hello_or_headers(request: BaseHTTPRequestHandler) -> None:
+    """`/headers/...` answers with the header lines the origin received (what the proxy sent
+    on), anything else with hello."""
+    if not request.path.startswith("/headers/"):
+        _hello(request)
+        return
+    body = "".join(f"{name}: {value}\n" for name, value in request.headers.items()).encode()
+    request.send_response(200)
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
+
+
 class _Tcp6(socketserver.ThreadingTCPServer):
     address_family = socket.AF_INET6
 
@@ -67,9 +82,9 @@ def main() -> None:
     served = directory / "served"
     servers = [TestDNS(Zone(NAMES, EXTRAS), NAMESERVER, 53),
                TestDNS(Zone(NAMES, EXTRAS), ORIGIN6, 53)]
-    origins = [Origin(host=host, port=80) for host in (ORIGIN, FOREIGN, ORIGIN6, METADATA,
-                                                         PRIVATE)]
-    origins += [Origin(tls=ca.server_context(), host=host, port=443)
+    origins = [Origin(_hello_or_headers, host=host, port=80)
+               for host in (ORIGIN, FOREIGN, ORIGIN6, METADATA, PRIVATE)]
+    origins += [Origin(_hello_or_headers, tls=ca.server_context(), host=host, port=443)
                 for host in (ORIGIN, FOREIGN, ORIGIN6)]
     origins += [Origin(git_handler(git_repository(served / "git")), tls=ca.server_context(),
                        host=GIT, port=443),

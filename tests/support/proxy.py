@@ -75,6 +75,13 @@ def wait_until(condition: Any, timeout: float = 10.0) -> bool:
     return True
 
 
+# Plain HTTP through the request fast path (the default), and through mitmproxy alone: the tests
+# of what may reach an origin run both ways (addons/requestpath.py)
+REQUEST_PATHS: dict[str, dict[str, str]] = {
+    "fast-requests": {},
+    "mitmproxy-requests": {"AGENT_EGRESS_FAST_REQUESTS": "0"},
+}
+
 EPHEMERAL = ("--proxy", "127.0.0.1:0", "--dns", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
 
 
