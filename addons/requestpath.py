@@ -197,6 +197,7 @@ class PlainClient(asyncio.Protocol):
             client, head.host, head.port, head.method, head.path, head.host_header,
             head.authority)
         if self.closing:
+            gate.finish(client)  # gone meanwhile: the audit room promised to it goes back
             return
         caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
         if caught is not decision:
@@ -368,6 +369,7 @@ class PlainClient(asyncio.Protocol):
         self._close_pool()
         self._stop_idle()
         self.listener.left(self)
+        self.gate.finish(self.client)  # the audit room promised to the request goes back
         coroutine = replay(self.transport, bytes(self.received), self.listener.handover)
         self.listener.keep(asyncio.get_running_loop().create_task(coroutine))
 
@@ -444,4 +446,5 @@ class PlainClient(asyncio.Protocol):
                 self._end_exchange(self.head, upstream.bytes_down)
         elif self.head is not None:
             self._end_exchange(self.head, None)
+        self.gate.finish(self.client)  # audit room promised to a request never forwarded
         self._close_pool()

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -340,3 +341,37 @@ def test_sigterm_under_load_exits_cleanly_with_every_answer_audited(cli, tmp_pat
     lines = proxy.audit_log.read_text().splitlines()
     audited = {json.loads(line)["path"] for line in lines}  # every line parses
     assert set(answered) <= audited
+
+
+def test_audit_room_promised_to_requests_handed_to_mitmproxy_goes_back(cli, tmp_path, dns,
+                                                                        web):
+    """With a credential configured, a request with a body is decided on the request fast
+    path, then handed to mitmproxy (which scans the body before sending any of it) and
+    decided again: the room promised to it the first time must not stay promised, or the
+    reservation ahead of the audit log grows by 8 KiB a request."""
+    proxy = RunningProxy(cli, tmp_path, f"""version: 1
+credentials:
+  tripwire:
+    env: AE_TEST_ROOM_SECRET
+accounts:
+  tester:
+    match: {{uids: [{os.getuid()}]}}
+    allow:
+      - host: web.test
+        ports: [{web.port}]
+      - cidr: 127.0.0.1/32
+        ports: [{web.port}]
+""", "--upstream-dns", dns.address, env={"AE_TEST_ROOM_SECRET": "s3cr3t-never-sent"})
+    try:
+        for i in range(400):  # a new connection each: each goes through the fast path first
+            connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            connection.request("POST", f"http://web.test:{web.port}/room-{i}", body=b"x" * 10,
+                               headers={"Host": f"web.test:{web.port}"})
+            connection.getresponse().read()
+            connection.close()
+        assert wait_until(lambda: len(proxy.events()) >= 400)
+        time.sleep(1)  # the writer reserves ahead after its batches
+        allocated = proxy.audit_log.stat().st_blocks * 512
+        assert allocated < 5 * 1024 * 1024, allocated  # the 4 MiB slack, no 3 MiB promised
+    finally:
+        proxy.stop()
