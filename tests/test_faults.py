@@ -42,9 +42,12 @@ def fetch(proxy: RunningProxy, url: str) -> str:
 
 
 def fetch_through_tunnel(proxy: RunningProxy, url: str) -> str:
-    """GET `url` inside a CONNECT tunnel: the tunnel's line is written when it closes."""
-    return subprocess.run(["curl", "-sS", "--max-time", "10", "-p", "-x", proxy.url, url],
-                          capture_output=True, text=True, timeout=30).stdout
+    """GET `url` inside a CONNECT tunnel: the tunnel's line is written when it closes. The
+    answer, then the status lines curl saw (a refused CONNECT's reason is only there)."""
+    done = subprocess.run(["curl", "-sS", "-v", "--max-time", "10", "-p", "-x", proxy.url, url],
+                          capture_output=True, text=True, timeout=30)
+    return done.stdout + "".join(line for line in done.stderr.splitlines(keepends=True)
+                                 if line.startswith("< HTTP/"))
 
 
 @pytest.mark.skipif(os.getuid() != 0 or not shutil.which("unshare"),
@@ -100,7 +103,8 @@ def test_a_full_audit_disk(cli, tmp_path, dns, web, on_failure):
             assert reached and reached <= paths, reached - paths
             assert tunnels >= len(tunnelled)  # some tunnels had no room for a request
             assert answers[0].startswith("hello") and refused
-            assert all(a.startswith("hello") for a in answers[:answers.index(refused[0])])
+            assert all(a.startswith("hello") for a in answers[:answers.index(refused[0])]), \
+                answers
             # once the room reserved for lines is used up, nothing passes
             assert not any(a.startswith("hello") for a in answers[-10:] + burst)
             assert "NXDOMAIN" in lookup and "the audit log cannot be written" in lookup
