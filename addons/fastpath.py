@@ -151,6 +151,9 @@ class _Client(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.tunnels.live.add(self)
         self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._check_idle)
+        # who it is, at once: the lookup of its process runs while it sends its first request
+        self.client = self.tunnels.gate.client(transport.get_extra_info("peername"),
+                                               transport.get_extra_info("sockname"))
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -196,10 +199,11 @@ class _Client(asyncio.Protocol):
         if target is None:
             self._hand_over()
             return
-        gate = self.tunnels.gate
-        self.client = gate.client(self.transport.get_extra_info("peername"),
-                                  self.transport.get_extra_info("sockname"))
-        tunnel = await gate.connection(self.client, *target)
+        gate, client = self.tunnels.gate, self.client
+        if client is None:  # never: connection_made identified it
+            self._hand_over()
+            return
+        tunnel = await gate.connection(client, *target)
         if self.transport.is_closing():
             self._finish()
             return
