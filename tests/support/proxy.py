@@ -117,11 +117,19 @@ class RunningProxy(Process):
         lines = self.audit_log.read_text().split("\n")
         return [json.loads(line) for line in lines[:-1]]  # the last may be half-written
 
-    def wait_for_events(self, predicate: Any, timeout: float = 10) -> list[dict[str, Any]]:
-        """Events are written by a background thread: wait until one matches."""
+    def wait_for_events(self, predicate: Any, timeout: float = 10,
+                        settle: float = 0.6) -> list[dict[str, Any]]:
+        """Events are written by a background thread, in batches, and a line may wait (briefly)
+        for its client's process: wait until one matches, then until no more have come for
+        `settle` seconds, so that a test sees every line of what it did."""
         deadline = time.monotonic() + timeout
+        matching: list[dict[str, Any]] = []
+        steady_since = time.monotonic()
         while True:
-            matching = [e for e in self.events() if predicate(e)]
-            if matching or time.monotonic() > deadline:
+            now = [e for e in self.events() if predicate(e)]
+            if len(now) != len(matching):
+                matching, steady_since = now, time.monotonic()
+            if matching and time.monotonic() - steady_since >= settle or \
+                    time.monotonic() > deadline:
                 return matching
             time.sleep(0.05)
