@@ -138,7 +138,7 @@ class _Client(asyncio.Protocol):
         self.received = bytearray()  # what the client sent before the relay began
         self.head_length = 0
         self.answered = False  # our 200 to the CONNECT is out
-        self.client: Client | None = None
+        self.client: Client  # who it is, from connection_made
         self.tunnel: Tunnel | None = None
         self.upstream: _Upstream | None = None
         self.last_active = time.monotonic()
@@ -199,11 +199,8 @@ class _Client(asyncio.Protocol):
         if target is None:
             self._hand_over()
             return
-        gate, client = self.tunnels.gate, self.client
-        if client is None:  # never: connection_made identified it
-            self._hand_over()
-            return
-        tunnel = await gate.connection(client, *target)
+        gate = self.tunnels.gate
+        tunnel = await gate.connection(self.client, *target)
         if self.transport.is_closing():
             self._finish()
             return
@@ -223,7 +220,7 @@ class _Client(asyncio.Protocol):
         self._hello()  # the client may have sent it with the CONNECT
 
     async def _dial(self, hello: bytes) -> None:
-        if self.client is None or self.tunnel is None:
+        if self.tunnel is None:
             self.close()  # never: a ClientHello is only taken after an allowed CONNECT
             return
         self.tunnel.closer = self.close
@@ -259,7 +256,7 @@ class _Client(asyncio.Protocol):
 
     def _to_request_path(self) -> None:
         """A request, not a CONNECT: the request fast path serves the connection from here."""
-        plain = requestpath.PlainClient(self.tunnels, self.transport)
+        plain = requestpath.PlainClient(self.tunnels, self.transport, self.client)
         self.transport.set_protocol(plain)
         self.tunnels.left(self)
         if self.idle is not None:
@@ -273,8 +270,7 @@ class _Client(asyncio.Protocol):
         self.tunnels.left(self)
         if self.idle is not None:
             self.idle.cancel()  # mitmproxy's own watchdog takes over
-        if self.client is not None:  # mitmproxy makes its own; this one started no tunnel
-            self.tunnels.gate.finish(self.client)
+        self.tunnels.gate.finish(self.client)  # mitmproxy makes its own; this started none
 
     def _start(self, coroutine: Any) -> None:
         self.tunnels.keep(asyncio.get_running_loop().create_task(self._guarded(coroutine)))
@@ -324,7 +320,7 @@ class _Client(asyncio.Protocol):
     def _finish(self) -> None:
         if self.idle is not None:
             self.idle.cancel()
-        if self.finished or self.client is None:
+        if self.finished:
             return
         self.finished = True
         self.tunnels.gate.finish(self.client)

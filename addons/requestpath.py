@@ -91,12 +91,12 @@ def head_parts(head: RequestHead) -> Iterator[bytes]:
 class PlainClient(asyncio.Protocol):
     """One client connection's plain-HTTP requests, one at a time (pipelined ones wait)."""
 
-    def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
+    def __init__(self, listener: Listener, transport: asyncio.Transport, client: Client) -> None:
+        """`client`: who the connection is, as the tunnel fast path identified it on connect."""
         self.listener = listener
         self.gate = listener.gate
         self.transport = transport
-        self.client: Client = self.gate.client(transport.get_extra_info("peername"),
-                                               transport.get_extra_info("sockname"))
+        self.client = client
         self.received = bytearray()  # the client's bytes not yet taken
         self.head: RequestHead | None = None  # the request being served
         self.exchange: Exchange | None = None  # its record, once allowed

@@ -61,10 +61,6 @@ class AnswerMemory:
             return []
         return [name for name, until in reversed(names.items()) if until > now]
 
-    def name_for(self, account: str, address: Address, now: float | None = None) -> str | None:
-        """The allowed name this account was last given `address` for, if still current."""
-        names = self.names_for(account, address, now)
-        return names[0] if names else None
 
     def __len__(self) -> int:
         return self._count
