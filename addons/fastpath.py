@@ -139,7 +139,8 @@ class _Client(asyncio.Protocol):
         self.head_length = 0
         self.answered = False  # our 200 to the CONNECT is out
         self.client: Client  # who it is, from connection_made
-        self.tunnel: Tunnel | None = None
+        self.tunnel: Tunnel | None = None  # allowed, answered, not yet open
+        self.target: tuple[str, int] = ("", 0)  # what the CONNECT named
         self.upstream: _Upstream | None = None
         self.last_active = time.monotonic()
         self.idle: asyncio.TimerHandle | None = None
@@ -186,7 +187,11 @@ class _Client(asyncio.Protocol):
         except ValueError:
             hello = None
         if hello is None or sni_refusal(hello.sni, self.tunnel.host, self.tunnel.port):
-            self._hand_over()  # not TLS, not whole yet, or refused: mitmproxy decides
+            # not TLS, not whole yet, or refused: mitmproxy goes on from the decided CONNECT
+            peer = self.transport.get_extra_info("peername")[:2]
+            self.tunnels.gate.hand_over(peer, *self.target, self.tunnel)
+            self.tunnel = None
+            self._hand_over()
             return
         self.transport.pause_reading()
         self._start(self._dial(hello_bytes))
@@ -213,7 +218,14 @@ class _Client(asyncio.Protocol):
         if tunnel.ip is None or (str(tunnel.ip), tunnel.port) in self.tunnels.own_addresses():
             self._hand_over()
             return
-        self.tunnel = tunnel
+        # room for its line before the client is told the tunnel is open: without it the
+        # refusal, with its reason, is a 403 to the CONNECT (mitmproxy's to answer)
+        tunnel.decision, tunnel.promised = gate.promise(tunnel.decision)
+        if not tunnel.decision.passes:
+            gate.hand_over(self.transport.get_extra_info("peername")[:2], *target, tunnel)
+            self._hand_over()
+            return
+        self.tunnel, self.target = tunnel, target
         self.answered = True
         self.transport.write(parts[2] + b" 200 Connection established\r\n\r\n")
         self.transport.resume_reading()
@@ -323,6 +335,8 @@ class _Client(asyncio.Protocol):
         if self.finished:
             return
         self.finished = True
+        if self.tunnel is not None and self.client.tunnel is not self.tunnel:
+            self.tunnels.gate.unpromise(self.tunnel)  # answered, closed before it opened
         self.tunnels.gate.finish(self.client)
 
 

@@ -282,7 +282,8 @@ class Gate:
         denied (an allowed one is recorded when it closes, with its bytes, in the room promised
         to it here; without room it is denied)."""
         client.tunnel = tunnel
-        tunnel.decision, tunnel.promised = self.promise(tunnel.decision)
+        if not tunnel.promised:  # the tunnel fast path promised it before answering 200
+            tunnel.decision, tunnel.promised = self.promise(tunnel.decision)
         if tunnel.decision.passes:
             self.live.add(client, tunnel)
             tunnel.active = True
@@ -332,17 +333,28 @@ class Gate:
     def hand_over(self, peer: tuple[str, int], host_raw: str, port: int,
                   tunnel: Tunnel) -> None:
         """The fast path decided this CONNECT and gives it to mitmproxy, which takes the
-        decision rather than resolving the name again."""
+        decision (and the audit room promised to it) rather than deciding again."""
         self._handed_over[peer] = (host_raw, port, tunnel)
 
     def handed_over(self, peer: tuple[str, int], host_raw: str, port: int) -> Tunnel | None:
         decided = self._handed_over.pop(peer, None)
-        if decided is None or decided[:2] != (host_raw, port):
+        if decided is None:
+            return None
+        if decided[:2] != (host_raw, port):
+            self.unpromise(decided[2])
             return None
         return decided[2]
 
     def forget(self, peer: tuple[str, int]) -> None:
-        self._handed_over.pop(peer, None)
+        decided = self._handed_over.pop(peer, None)
+        if decided is not None:
+            self.unpromise(decided[2])
+
+    def unpromise(self, tunnel: Tunnel) -> None:
+        """Hands back the audit room promised to a tunnel that never opened."""
+        if tunnel.promised:
+            self.runtime.audit.release(tunnel.promised)
+            tunnel.promised = 0
 
     # Requests: plain HTTP, inspected HTTPS
 

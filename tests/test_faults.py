@@ -103,8 +103,13 @@ def test_a_full_audit_disk(cli, tmp_path, dns, web, on_failure):
             assert reached and reached <= paths, reached - paths
             assert tunnels >= len(tunnelled)  # some tunnels had no room for a request
             assert answers[0].startswith("hello") and refused
-            assert all(a.startswith("hello") for a in answers[:answers.index(refused[0])]), \
-                answers
+            before = answers[:answers.index(refused[0])]
+            assert all(a.startswith("hello") for a in before), \
+                [(i, a) for i, a in enumerate(before) if not a.startswith("hello")]
+            # and every refusal says why: a tunnel is refused before its 200, not cut off after
+            unexplained = [(i, a) for i, a in enumerate(answers + burst) if not
+                           a.startswith("hello") and "the audit log cannot be written" not in a]
+            assert not unexplained, unexplained
             # once the room reserved for lines is used up, nothing passes
             assert not any(a.startswith("hello") for a in answers[-10:] + burst)
             assert "NXDOMAIN" in lookup and "the audit log cannot be written" in lookup
