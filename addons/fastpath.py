@@ -7,6 +7,10 @@ account, the CONNECT decision, the pinned upstream address, the ClientHello's SN
 then two protocols copy bytes, counted, until either side closes, and the tunnel is recorded as
 mitmproxy's path records it.
 
+A tunnel that a rule inspects is taken here too when its ClientHello offers HTTP/1.1 (or no
+ALPN): TLS is terminated with a certificate from mitmproxy's store (addons/tlsterminate.py) and
+its requests served by the request fast path (addons/requestpath.py, `Inside`).
+
 Everything else is handed to mitmproxy untouched, its bytes so far replayed into mitmproxy's
 connection handler, which then decides as always: a CONNECT that is denied or inspected,
 anything but a CONNECT, a head or ClientHello split over reads, bytes that are not TLS, a wrong
@@ -28,12 +32,14 @@ from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from agent_egress.addons import requestpath
+from agent_egress.addons.closing import untrusted_ca_reason
 from agent_egress.addons.handover import Handover, replay
+from agent_egress.addons.tlsterminate import DecryptedTransport, Inspection, TlsServerEnd
 from agent_egress.checks import sni_refusal
 from agent_egress.clients import Client
 from agent_egress.connections import Tunnel
 from agent_egress.gate import Gate
-from agent_egress.rules import HostError, parse_port, split_host_port
+from agent_egress.rules import HostError, host_text, parse_port, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +54,13 @@ class ExplicitListener:
     signal, and replaces how the explicit-proxy server listens."""
 
     def __init__(self, servers: Any, gate: Gate, sock: socket.socket | None,
-                 fast: bool) -> None:
+                 fast: bool, inspection: Inspection | None = None) -> None:
+        """`inspection`: inspected tunnels are served here too (with the request fast path)."""
         self.servers = servers
         self.gate = gate
         self.sock = sock
         self.fast = fast
+        self.inspection = inspection
         self.fast_tunnels: list[FastTunnels] = []
         servers.changed.connect(self.servers_changed)
 
@@ -69,8 +77,10 @@ class ExplicitListener:
                 "host": host, "port": port, "backlog": socket.SOMAXCONN}
             if not self.fast:
                 return [await asyncio.start_server(instance.handle_stream, **where)]
+            requests = requestpath.enabled()
             tunnels = FastTunnels(self.gate, instance.handle_stream, self._own_addresses,
-                                  requests=requestpath.enabled())
+                                  requests=requests,
+                                  inspection=self.inspection if requests else None)
             self.fast_tunnels.append(tunnels)
             return [await asyncio.get_running_loop().create_server(tunnels.protocol, **where)]
         return listen
@@ -88,14 +98,16 @@ class FastTunnels:
 
     def __init__(self, gate: Gate, handover: Handover,
                  own_addresses: Callable[[], set[tuple[str, int]]],
-                 requests: bool = False) -> None:
+                 requests: bool = False, inspection: Inspection | None = None) -> None:
         """`handover` is mitmproxy's handle_stream for this listener; `own_addresses` where
         this proxy listens (a tunnel to itself is mitmproxy's to refuse); `requests`: plain
-        HTTP requests take the request fast path (addons/requestpath.py)."""
+        HTTP requests take the request fast path (addons/requestpath.py); `inspection`:
+        inspected tunnels too."""
         self.gate = gate
         self.handover = handover
         self.own_addresses = own_addresses
         self.requests = requests
+        self.inspection = inspection
         self.live: set[Any] = set()  # _Client and requestpath.PlainClient
         self._emptied = asyncio.Event()  # set whenever `live` becomes empty
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -186,15 +198,21 @@ class _Client(asyncio.Protocol):
                 hello_bytes) else None
         except ValueError:
             hello = None
-        if hello is None or sni_refusal(hello.sni, self.tunnel.host, self.tunnel.port):
-            # not TLS, not whole yet, or refused: mitmproxy goes on from the decided CONNECT
+        inspected = self.tunnel.decision.inspect
+        if hello is None or sni_refusal(hello.sni, self.tunnel.host, self.tunnel.port) or (
+                inspected and hello.alpn_protocols and b"http/1.1" not in hello.alpn_protocols):
+            # not TLS, not whole yet, refused, or HTTP/2 only: mitmproxy goes on from the
+            # decided CONNECT
             peer = self.transport.get_extra_info("peername")[:2]
             self.tunnels.gate.hand_over(peer, *self.target, self.tunnel)
             self.tunnel = None
             self._hand_over()
             return
         self.transport.pause_reading()
-        self._start(self._dial(hello_bytes))
+        if inspected:
+            self._terminate(hello_bytes)
+        else:
+            self._start(self._dial(hello_bytes))
 
     async def _connect(self) -> None:
         request_line = bytes(self.received[:self.received.find(b"\r\n")])
@@ -209,7 +227,8 @@ class _Client(asyncio.Protocol):
         if self.transport.is_closing():
             self._finish()
             return
-        if not tunnel.decision.passes or tunnel.decision.inspect:
+        if not tunnel.decision.passes or (tunnel.decision.inspect and
+                                          self.tunnels.inspection is None):
             # decided: mitmproxy takes this decision rather than resolving the name again
             peer = self.transport.get_extra_info("peername")[:2]
             gate.hand_over(peer, *target, tunnel)
@@ -257,6 +276,39 @@ class _Client(asyncio.Protocol):
         upstream.transport.write(hello)
         self.received.clear()
         self.transport.resume_reading()
+
+    def _terminate(self, hello: bytes) -> None:
+        """An inspected tunnel: TLS ends here, its requests go to the request fast path."""
+        inspection, gate, client = self.tunnels.inspection, self.tunnels.gate, self.client
+        if inspection is None or self.tunnel is None:
+            self.close()  # never: only an inspected tunnel, when inspecting, comes here
+            return
+        tunnel = gate.open(client, self.tunnel)
+        if not tunnel.decision.passes:  # the audit log has no room for its line
+            self.close()
+            return
+        context = inspection.certificates.context(host_text(tunnel.host))
+
+        def handshaken(decrypted: DecryptedTransport) -> None:
+            decrypted.set_protocol(requestpath.PlainClient(
+                self.tunnels, decrypted, client,
+                requestpath.Inside(tunnel, inspection.upstream_tls)))
+
+        def failed(error: str) -> None:
+            gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(tunnel.destination, error))
+
+        def counted(up: int, down: int) -> None:
+            tunnel.bytes_up += up
+            tunnel.bytes_down += down
+
+        end = TlsServerEnd(self.transport, context, handshaken, failed, counted,
+                           gone=lambda: gate.finish(client))
+        tunnel.closer = self.transport.close
+        self.tunnels.left(self)
+        if self.idle is not None:
+            self.idle.cancel()  # the request fast path keeps its own
+        self.finished = True  # the tunnel is the TLS end's to finish now
+        end.start(hello)
 
     def _check_idle(self) -> None:
         quiet = time.monotonic() - self.last_active

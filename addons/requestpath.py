@@ -16,6 +16,13 @@ an https:// or origin-form target), and a request whose rule injects a credentia
 inspected. A denied request is answered here, as mitmproxy's path answers it, and the
 connection closed. Set AGENT_EGRESS_FAST_REQUESTS=0 to send every request to mitmproxy (the
 tests run both ways).
+
+Inside an inspected tunnel (`Inside`: TLS terminated by addons/tlsterminate.py) the same, with
+origin-form targets whose destination is the tunnel's, origins reached over TLS (verified, the
+name as SNI), and the rule's credential injected here. A request this path does not take (its
+head whole: it waits for the rest of a split one, as long as mitmproxy would) goes to mitmproxy
+as the absolute-form `https://` request it stands for, with `Connection: close`: mitmproxy
+decides it again, and the client opens a new connection for the next one.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import Any, Protocol
 
@@ -33,10 +42,10 @@ from mitmproxy.proxy.layers.http._http1 import make_error_response
 
 from agent_egress.addons.denial import denial
 from agent_egress.addons.handover import Handover, replay
-from agent_egress.addons.limits import MAX_HEAD_BYTES
+from agent_egress.addons.limits import MAX_HEAD_BYTES, REQUEST_HEAD_SECONDS
 from agent_egress.addons.origin import Upstream
 from agent_egress.clients import Client
-from agent_egress.connections import Exchange
+from agent_egress.connections import Exchange, Tunnel
 from agent_egress.gate import Gate
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
 from agent_egress.rules import Address, Decision, Stage, host_text
@@ -50,6 +59,26 @@ POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
 RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})  # sent again when a kept-alive upstream
 # connection turns out closed before any answer (idempotent and bodiless, RFC 9110 9.2.2)
 CONNECT_TIMEOUT = 30.0  # for a new upstream connection; then the client gets a 502
+
+
+@dataclass(frozen=True, slots=True)
+class Inside:
+    """The inspected tunnel a PlainClient serves, and how its origins are reached."""
+
+    tunnel: Tunnel
+    upstream_tls: ssl.SSLContext
+
+    def absolute_form(self, raw: bytes) -> bytes | None:
+        """`raw` (a request head, whole or begun, in origin-form) as the absolute-form
+        request to this tunnel's destination that it stands for, asking mitmproxy to close
+        the connection after it; None when it is not origin-form."""
+        line, end, rest = raw.partition(b"\r\n")
+        parts = line.split(b" ")
+        if not end or len(parts) != 3 or not parts[1].startswith(b"/"):
+            return None
+        authority = f"{host_text(self.tunnel.host)}:{self.tunnel.port}".encode("ascii")
+        return b"%s https://%s%s %s\r\nConnection: close\r\n%s" % (
+            parts[0], authority, parts[1], parts[2], rest)
 
 
 def enabled() -> bool:
@@ -91,9 +120,12 @@ def head_parts(head: RequestHead) -> Iterator[bytes]:
 class PlainClient(asyncio.Protocol):
     """One client connection's plain-HTTP requests, one at a time (pipelined ones wait)."""
 
-    def __init__(self, listener: Listener, transport: asyncio.Transport, client: Client) -> None:
-        """`client`: who the connection is, as the tunnel fast path identified it on connect."""
+    def __init__(self, listener: Listener, transport: asyncio.Transport, client: Client,
+                 inside: Inside | None = None) -> None:
+        """`client`: who the connection is, as the tunnel fast path identified it on connect;
+        `inside`: the inspected tunnel whose plaintext `transport` is."""
         self.listener = listener
+        self.inside = inside
         self.gate = listener.gate
         self.transport = transport
         self.client = client
@@ -110,6 +142,8 @@ class PlainClient(asyncio.Protocol):
         self.closing = False
         self.own: set[tuple[str, int]] | None = None  # where this proxy listens
         self.ip_texts: dict[Address, str] = {}  # the pinned addresses, spelled
+        self.injected: tuple[str, str] | None = None  # the credential's header, if any
+        self.head_deadline: asyncio.TimerHandle | None = None  # for a head still coming
         self.last_active = time.monotonic()
         self.idle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             IDLE_TIMEOUT, self._check_idle)
@@ -159,7 +193,15 @@ class PlainClient(asyncio.Protocol):
             data = bytes(self.received)
             self.received.clear()
         end = data.find(HEAD_END) + len(HEAD_END)
-        head = request_head(data[:end]) if len(HEAD_END) <= end <= MAX_HEAD_BYTES else None
+        inside = self.inside is not None
+        head = request_head(data[:end], origin_form=inside) if (
+            len(HEAD_END) <= end <= MAX_HEAD_BYTES) else None
+        if head is None and inside and end < len(HEAD_END) and len(data) < MAX_HEAD_BYTES \
+                and b"\n\n" not in data and b"\n\r\n" not in data:
+            self.received[:0] = data  # its rest is still to come (not ended by bare LFs)
+            self._await_head()
+            return
+        self._head_arrived()
         if head is None:  # split over reads, too large or in doubt: mitmproxy decides
             self.received[:0] = data
             self._hand_over()
@@ -169,6 +211,24 @@ class PlainClient(asyncio.Protocol):
         self.head = head
         task = asyncio.get_running_loop().create_task(self._guarded(self._serve(head)))
         self.listener.keep(task)
+
+    def _await_head(self) -> None:
+        """Inside a tunnel a split head is waited for, for as long as mitmproxy's path
+        waits (addons/limits.py); then a 408."""
+        if self.head_deadline is None:
+            self.head_deadline = asyncio.get_running_loop().call_later(
+                REQUEST_HEAD_SECONDS, self._head_too_slow)
+        self._update_reading()
+
+    def _head_arrived(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self.head_deadline = None
+        self._answer_and_close(make_error_response(
+            408, f"request head not complete after {REQUEST_HEAD_SECONDS:.0f} s"))
 
     def _update_reading(self) -> None:
         """Reads from the client unless what it sent ahead is not yet wanted (pipelined
@@ -192,41 +252,49 @@ class PlainClient(asyncio.Protocol):
     # One request
 
     async def _serve(self, head: RequestHead) -> None:
-        gate, client = self.gate, self.client
+        gate, client, inside = self.gate, self.client, self.inside
+        host_raw, port = (host_text(inside.tunnel.host), inside.tunnel.port) if inside else (
+            head.host, head.port)
         decision, host, ip, unresolved = await gate.request(
-            client, head.host, head.port, head.method, head.path, head.host_header,
-            head.authority)
+            client, host_raw, port, head.method, head.path, head.host_header, head.authority)
         if self.closing:
             gate.finish(client)  # gone meanwhile: the audit room promised to it goes back
             return
         caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
         if caught is not decision:
             decision, unresolved = caught, False
+        self.injected = None
+        if inside and decision.passes and decision.credential is not None:
+            injected = gate.credential_header(decision)
+            if isinstance(injected, Decision):
+                decision = injected
+            else:
+                self.injected = injected
         if not decision.passes:
             await gate.attribute(client)
-            gate.record(Stage.REQUEST, client, decision, host, head.port, ip,
+            gate.record(Stage.REQUEST, client, decision, host, port, ip,
                         method=head.method, path=head.path)
-            response = denial(decision, f"{host_text(host)}:{head.port}",
+            response = denial(decision, f"{host_text(host)}:{port}",
                               UNRESOLVED_STATUS if unresolved else 403)
             self._answer_and_close(assemble_response(response))
             return
         ip_text = self._spelled(ip) if ip is not None else ""
         # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
         scanned_body = head.content_length and gate.runtime.policies.secrets
-        if needs_mitmproxy(decision) or scanned_body or ip is None or \
-                self._is_own(ip_text, head.port):
+        if (not inside and needs_mitmproxy(decision)) or scanned_body or ip is None or \
+                self._is_own(ip_text, port):
             self.received[:0] = head.raw
             self.head = None
             self._hand_over()
             return
-        self.exchange = gate.begin_exchange(client, decision, host, head.port, ip)
-        key = (host_text(host), ip_text, head.port)
+        self.exchange = gate.begin_exchange(client, decision, host, port, ip)
+        key = (host_text(host), ip_text, port)
         upstream = self._pooled(key)
         if upstream is None:
             try:
-                upstream = await self._dial(key, ip, head.port)
-            except OSError as e:  # TimeoutError too
-                self._upstream_failed(f"Cannot connect to {host_text(host)}:{head.port}: "
+                upstream = await self._dial(key, ip, port)
+            except OSError as e:  # TimeoutError and TLS failures too
+                self._upstream_failed(f"Cannot connect to {host_text(host)}:{port}: "
                                       f"{e.strerror or e or 'timed out'}")
                 return
             if self.transport.is_closing():
@@ -238,7 +306,7 @@ class PlainClient(asyncio.Protocol):
         self.upstream = upstream
         self.body_start.clear()
         upstream.begin(self, head.method)
-        upstream.transport.write(head.origin_form())
+        upstream.transport.write(head.origin_form(self.injected))
         self.body_left = head.content_length
         if self.body_left:
             body = bytes(self.received[:self.body_left])
@@ -282,9 +350,14 @@ class PlainClient(asyncio.Protocol):
         return None
 
     async def _dial(self, key: tuple[str, str, int], ip: Address, port: int) -> Upstream:
+        """A new connection to `ip`:`port` for the name `key[0]`: over TLS inside an
+        inspected tunnel, the origin's certificate verified for that name, sent as SNI."""
         loop = asyncio.get_running_loop()
+        tls: dict[str, Any] = {} if self.inside is None else {
+            "ssl": self.inside.upstream_tls, "server_hostname": key[0].strip("[]")}
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), port)
+            _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), port,
+                                                       **tls)
         return upstream
 
     def response_done(self, upstream: Upstream, reusable: bool, keep_client: bool) -> None:
@@ -365,12 +438,20 @@ class PlainClient(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """Gives the connection to mitmproxy, from the request head in `received` on."""
+        received = bytes(self.received)
+        if self.inside is not None:
+            absolute = self.inside.absolute_form(received)
+            if absolute is None:
+                self._answer_and_close(make_error_response(
+                    400, "inside a tunnel, a request's target must be a path (origin-form)"))
+                return
+            received = absolute
         self.closing = True
         self._close_pool()
         self._stop_idle()
         self.listener.left(self)
         self.gate.finish(self.client)  # the audit room promised to the request goes back
-        coroutine = replay(self.transport, bytes(self.received), self.listener.handover)
+        coroutine = replay(self.transport, received, self.listener.handover)
         self.listener.keep(asyncio.get_running_loop().create_task(coroutine))
 
     # Flow control: the side that cannot keep up pauses the other's reading.
@@ -412,6 +493,7 @@ class PlainClient(asyncio.Protocol):
         self.idle = asyncio.get_running_loop().call_later(wait, self._check_idle)
 
     def _stop_idle(self) -> None:
+        self._head_arrived()
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None

@@ -2,7 +2,8 @@
 llhttp (httptools, every leniency off), taken only when nothing about them is in doubt.
 
 `request_head` answers None for anything the fast path should leave to mitmproxy: another
-version than 1.1, a target that is not an absolute `http://` URL, no or several Host headers,
+version than 1.1, a target that is not an absolute `http://` URL (on the explicit listener) or
+not origin-form (inside an inspected tunnel, `origin_form`), no or several Host headers,
 any Transfer-Encoding, Expect or Upgrade, framing llhttp refuses (obs-fold, bare LF, CL with
 TE, two Content-Lengths), whitespace where mitmproxy's reader would read something else. What
 it accepts, mitmproxy's HTTP/1 reader reads the same (tests/test_http1.py checks that on
@@ -24,6 +25,7 @@ METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"
 # http://host[:port]/path: a name or address (no userinfo, no escapes), then a path
 _ABSOLUTE_HTTP = re.compile(
     rb"http://((?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?)(/[!-~]*)")
+_ORIGIN_FORM = re.compile(rb"/[!-~]*")
 # Sent to the origin by the proxy, never the client's to pass on
 _PROXY_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"keep-alive"})
 _SINGLE = (b"host", b"content-length")
@@ -36,9 +38,9 @@ class RequestHead:
     """A request head the fast path takes: what was read, and what goes to the origin."""
 
     method: str
-    authority: str  # of the absolute-form target, as sent
-    host: str  # from the authority, as sent (the gate normalises it)
-    port: int
+    authority: str  # of the absolute-form target, as sent ("" for origin-form)
+    host: str  # from the authority, as sent (the gate normalises it; "" for origin-form)
+    port: int  # from the authority (0 for origin-form)
     path: str  # origin-form: path and query, as sent
     headers: tuple[tuple[bytes, bytes], ...]  # names and values as read (values trimmed)
     host_header: str
@@ -46,12 +48,18 @@ class RequestHead:
     keep_alive: bool  # the client lets the connection be kept for another request
     raw: bytes  # the head as received, for mitmproxy when it takes over after all
 
-    def origin_form(self) -> bytes:
+    def origin_form(self, injected: tuple[str, str] | None = None) -> bytes:
         """The head for the origin: the target in origin-form, the headers as read, less the
-        ones that were meant for the proxy."""
+        ones that were meant for the proxy; with `injected` (a credential's header), that
+        header in place of every one of its name the client sent."""
+        dropped = _PROXY_HEADERS
+        if injected is not None:
+            dropped = dropped | {injected[0].lower().encode("ascii")}
         lines = [f"{self.method} {self.path} HTTP/1.1\r\n".encode()]
         lines += [name + b": " + value + b"\r\n" for name, value in self.headers
-                  if name.lower() not in _PROXY_HEADERS]
+                  if name.lower() not in dropped]
+        if injected is not None:
+            lines.append(f"{injected[0]}: {injected[1]}\r\n".encode("latin-1"))
         lines.append(b"\r\n")
         return b"".join(lines)
 
@@ -84,14 +92,16 @@ class _Collector:
         self.message_complete = True
 
 
-def request_head(head: bytes) -> RequestHead | None:
-    """`head` (up to and including its blank line) as the fast path takes it, or None."""
+def request_head(head: bytes, origin_form: bool = False) -> RequestHead | None:
+    """`head` (up to and including its blank line) as the fast path takes it, or None.
+    `origin_form`: inside an inspected tunnel, where the target is a path (its destination is
+    the tunnel's); else an absolute `http://` URL."""
     line, _, _ = head.partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in METHODS:
         return None
     method, target, _ = parts
-    match = _ABSOLUTE_HTTP.fullmatch(target)
+    match = (_ORIGIN_FORM if origin_form else _ABSOLUTE_HTTP).fullmatch(target)
     if match is None:
         return None
     collector = _Collector()
@@ -118,16 +128,18 @@ def request_head(head: bytes) -> RequestHead | None:
     content_length = int(length_text) if length_text is not None else 0
     if collector.message_complete != (content_length == 0):
         return None  # llhttp reads the framing otherwise: not ours to guess
-    authority = match.group(1).decode("ascii")
-    try:
-        host, port_text = split_host_port(authority)
-        port = 80 if port_text is None else parse_port(port_text)
-    except HostError:
-        return None
-    if not host:
-        return None
-    return RequestHead(method.decode("ascii"), authority, host, port,
-                       match.group(2).decode("ascii"), tuple(headers),
+    if origin_form:
+        authority, host, port, path = "", "", 0, target.decode("ascii")
+    else:
+        authority, path = match.group(1).decode("ascii"), match.group(2).decode("ascii")
+        try:
+            host, port_text = split_host_port(authority)
+            port = 80 if port_text is None else parse_port(port_text)
+        except HostError:
+            return None
+        if not host:
+            return None
+    return RequestHead(method.decode("ascii"), authority, host, port, path, tuple(headers),
                        host_header.decode("ascii"), content_length, collector.keep_alive,
                        head)
 

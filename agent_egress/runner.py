@@ -31,6 +31,7 @@ from .addons.fastpath import ExplicitListener
 from .addons.limits import RequestHeadLimits, raise_open_file_limit
 from .addons.nextlayer import ClientFirstNextLayer
 from .addons.proxyauth import ProxyAuthenticator
+from .addons.tlsterminate import Certificates, Inspection, upstream_context
 from .audit import AuditLog
 from .control import Control, ControlError, open_control
 from .dns.resolver import PolicyResolver
@@ -325,15 +326,18 @@ def master_for(config: RunConfig, confdir: Path, enforcer: Enforcer, listening: 
     # Order matters: proxy authentication before the policy (which reads its result); the
     # policy before Proxyserver (whose self-connect guard must see the pinned address) and
     # before NextLayer (so that it can take pass-through tunnels first).
+    tls = tlsconfig.TlsConfig()
     master.addons.add(core.Core(), ProxyAuthenticator(), enforcer, proxyserver.Proxyserver(),
-                      ClientFirstNextLayer(), RequestHeadLimits(), tlsconfig.TlsConfig(),
-                      listening)
+                      ClientFirstNextLayer(), RequestHeadLimits(), tls, listening)
     if config.proxy is not None:
-        # allowed HTTPS tunnels skip mitmproxy's layers; not with proxy authentication, which
-        # mitmproxy checks
+        # allowed HTTPS tunnels skip mitmproxy's layers, inspected ones with certificates from
+        # mitmproxy's store; not with proxy authentication, which mitmproxy checks
+        inspection = Inspection(Certificates(lambda: tls.certstore),
+                                upstream_context(config.upstream_ca))
         master.addons.add(ExplicitListener(master.addons.get("proxyserver").servers,
                                            enforcer.gate, accept_on,
-                                           fast=config.proxy_auth is None))
+                                           fast=config.proxy_auth is None,
+                                           inspection=inspection))
     modes = [f"regular@{_format(*config.proxy)}"] if config.proxy else []
     if config.transparent:
         modes.append(f"transparent@{_format(*config.transparent)}")

@@ -9,6 +9,7 @@ import base64
 import http.client
 import selectors
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -237,6 +238,8 @@ class RecordingOrigin(TcpOrigin):
                         client.sendall(parser.send(h11.Response(
                             status_code=200, headers=[("Content-Length", "2")])) +
                             parser.send(h11.Data(data=b"ok")) + parser.send(h11.EndOfMessage()))
+                        if parser.our_state is h11.MUST_CLOSE:  # the request said close
+                            return
                         parser.start_next_cycle()
                     elif isinstance(event, h11.ConnectionClosed):
                         return
@@ -301,6 +304,88 @@ def test_smuggled_requests_reach_no_origin_undecided(shared_proxy, recording, at
     assert all(target.endswith("/a") for _, target, _ in reached), reached
     assert not recording.errors, "the proxy forwarded framing a strict parser refuses"
     assert shared_proxy.process.poll() is None
+
+
+# The same inside an inspected tunnel: TLS terminated by the proxy (its request fast path, or
+# mitmproxy for what that does not take), requests in origin-form, a TLS origin
+
+
+class TlsRecordingOrigin(RecordingOrigin):
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__()
+
+    def serve(self, client: socket.socket) -> None:
+        try:
+            wrapped = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        super().serve(wrapped)
+
+
+@pytest.fixture(scope="module")
+def tls_recording(test_ca) -> Iterator[RecordingOrigin]:
+    origin = TlsRecordingOrigin(test_ca.server_context())
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="module", params=sorted(REQUEST_PATHS))
+def inspecting_proxy(request, cli, tmp_path_factory, dns, tls_recording, test_ca
+                     ) -> Iterator[RunningProxy]:
+    port = tls_recording.port
+    proxy = RunningProxy(cli, tmp_path_factory.mktemp("inspected"), f"""version: 1
+accounts:
+  default:
+    allow:
+      - host: inspect.test
+        ports: [{port}]
+        methods: [GET, POST]
+        paths: ["/a"]
+      - cidr: 127.0.0.1/32
+        ports: [{port}]
+""", "--upstream-dns", dns.address, "--upstream-ca", str(test_ca.ca_file),
+                         env=REQUEST_PATHS[request.param])
+    yield proxy
+    proxy.stop()
+
+
+def exchange_inspected(proxy: RunningProxy, destination: str, data: bytes) -> bytes:
+    """Sends `data` inside an inspected tunnel to `destination`; returns what came back until
+    the proxy closed or stayed quiet for a second."""
+    context = ssl.create_default_context(
+        cafile=str(proxy.directory / "state" / "mitmproxy" / "mitmproxy-ca-cert.pem"))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT {destination} HTTP/1.1\r\nHost: {destination}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        with context.wrap_socket(raw, server_hostname=destination.split(":")[0]) as client:
+            received = bytearray()
+            try:
+                client.sendall(data)
+                while chunk := client.recv(65536):
+                    received += chunk
+                    client.settimeout(1)
+            except (ConnectionResetError, BrokenPipeError, TimeoutError, ssl.SSLError):
+                pass
+            return bytes(received)
+
+
+@pytest.mark.parametrize("attack", SMUGGLING.values(), ids=SMUGGLING.keys())
+def test_smuggled_requests_reach_no_origin_undecided_inside_an_inspected_tunnel(
+        inspecting_proxy, tls_recording, attack):
+    port = tls_recording.port
+    host = f"inspect.test:{port}"
+    hidden = HIDDEN.format(port=port)
+    message = attack.format(url="", host=host, port=port,
+                            hidden_length=len("0\r\n\r\n" + hidden))
+    before = len(tls_recording.requests)
+    received = exchange_inspected(inspecting_proxy, host, message.encode())
+    assert statuses(received), "the proxy answered nothing"
+    reached = tls_recording.requests[before:]
+    assert all(request_host == host for _, _, request_host in reached), reached
+    assert all(target == "/a" for _, target, _ in reached), reached
+    assert not tls_recording.errors, "the proxy forwarded framing a strict parser refuses"
+    assert inspecting_proxy.process.poll() is None
 
 
 # Proxy-password guessing

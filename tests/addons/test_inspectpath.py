@@ -1,0 +1,349 @@
+"""Inspected HTTPS on the fast path (addons/fastpath.py, tlsterminate.py, requestpath.Inside),
+in-process under asyncio's loop and uvloop: a client that CONNECTs and trusts the proxy's CA
+(mitmproxy's certificate store), a TLS origin that records the SNI and what it received, and a
+stand-in for mitmproxy that records what it is handed. What the fast path serves is decided,
+injected and audited here; what it does not take reaches mitmproxy as the request it stands
+for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import certs
+from support import origins
+from support.scripted import LOOPS, Mitmproxy, Names, ScriptedOrigin, read_responses
+
+from agent_egress.addons import requestpath, tlsterminate
+from agent_egress.addons.fastpath import FastTunnels
+from agent_egress.addons.tlsterminate import Certificates, Inspection, upstream_context
+from agent_egress.audit import AuditLog
+from agent_egress.gate import Gate
+from agent_egress.metrics import Metrics
+from agent_egress.runtime import PolicyHolder, Runtime
+
+SECRET = "inspected-secret-8e21f0"
+
+
+def policy(port: int) -> str:
+    return f"""version: 1
+credentials:
+  api-token:
+    env: TEST_INSPECTED_SECRET
+accounts:
+  tester:
+    match: {{sources: [127.0.0.1/32]}}
+    allow:
+      - host: web.test
+        ports: [{port}]
+        methods: [GET, HEAD]
+      - host: api.test
+        ports: [{port}]
+        credential: api-token
+        paths: ["/hello"]
+      - cidr: 127.0.0.1/32
+        ports: [{port}]
+"""
+
+
+class Setup:
+    def __init__(self, gate: Gate, origin: ScriptedOrigin, mitmproxy: Mitmproxy,
+                 proxy_port: int, origin_port: int, audit: Path, client_tls: ssl.SSLContext,
+                 names: list[str | None]) -> None:
+        self.gate, self.origin, self.mitmproxy = gate, origin, mitmproxy
+        self.proxy_port, self.origin_port, self.audit = proxy_port, origin_port, audit
+        self.client_tls = client_tls
+        self.names = names  # the SNI of every TLS connection the origin accepted
+
+    def get(self, path: str, *headers: str, method: str = "GET", body: bytes = b"",
+            host: str = "web.test") -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{self.origin_port}", *headers]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+    async def tunnel(self, host: str = "web.test", alpn: list[str] | None = None,
+                     sni: str | None = None) -> tuple[asyncio.StreamReader,
+                                                      asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy_port)
+        writer.write(f"CONNECT {host}:{self.origin_port} HTTP/1.1\r\n"
+                     f"Host: {host}:{self.origin_port}\r\n\r\n".encode())
+        answer = await reader.readuntil(b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        context = self.client_tls
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        await writer.start_tls(context, server_hostname=sni or host)
+        return reader, writer
+
+    async def exchange(self, *messages: bytes, host: str = "web.test", answers: int = 0,
+                       split: float = 0.0) -> tuple[list[Any], bool]:
+        """Sends `messages` inside one inspected tunnel to `host` (with `split`, each in two
+        parts that far apart); reads `answers` responses (all by default)."""
+        reader, writer = await self.tunnel(host)
+        for message in messages:
+            if split:
+                writer.write(message[:10])
+                await writer.drain()
+                await asyncio.sleep(split)
+                message = message[10:]
+            writer.write(message)
+        responses = await read_responses(reader, answers or len(messages),
+                                         ["GET"] * len(messages))
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 0.3) == b""
+        except TimeoutError:
+            closed = False
+        except (ConnectionError, ssl.SSLError):
+            closed = True
+        writer.close()
+        await asyncio.sleep(0.1)  # the tunnel's line is written as it closes
+        return responses, closed
+
+    def events(self) -> list[dict[str, Any]]:
+        self.gate.runtime.audit.close()
+        self.gate.runtime.audit = AuditLog(self.audit)
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def serve(request: pytest.FixtureRequest, tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[
+        Callable[[Callable[[Setup], Awaitable[None]]], None]]:
+    monkeypatch.setenv("TEST_INSPECTED_SECRET", SECRET)
+    origin_ca = origins.TestCA(tmp_path, ["web.test", "api.test"])
+    certstore = certs.CertStore.from_store(tmp_path / "mitmproxy", "mitmproxy", 2048)
+    client_tls = ssl.create_default_context(
+        cafile=str(tmp_path / "mitmproxy" / "mitmproxy-ca-cert.pem"))
+
+    def run(test: Callable[[Setup], Awaitable[None]], origin_tls: ssl.SSLContext | None = None
+            ) -> None:
+        async def main() -> None:
+            origin, mitmproxy = ScriptedOrigin(), Mitmproxy()
+            names: list[str | None] = []
+            context = origin_tls or origin_ca.server_context()
+
+            def note_sni(_: Any, name: str | None, __: Any) -> None:
+                names.append(name)
+            context.sni_callback = note_sni
+            origin_server = await asyncio.start_server(origin.serve, "127.0.0.1", 0,
+                                                       ssl=context)
+            origin_port = origin_server.sockets[0].getsockname()[1]
+            (tmp_path / "policy.yaml").write_text(policy(origin_port))
+            audit = AuditLog(tmp_path / "audit.jsonl")
+            gate = Gate(Runtime(PolicyHolder(tmp_path / "policy.yaml"), audit,
+                                Names(), None, Metrics()))  # type: ignore[arg-type]
+            inspection = Inspection(Certificates(lambda: certstore),
+                                    upstream_context(origin_ca.ca_file))
+            tunnels = FastTunnels(gate, mitmproxy.handle_stream, set, requests=True,
+                                  inspection=inspection)
+            server = await asyncio.get_running_loop().create_server(tunnels.protocol,
+                                                                    "127.0.0.1", 0)
+            try:
+                await test(Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
+                                 origin_port, tmp_path / "audit.jsonl", client_tls, names))
+            finally:
+                await tunnels.close()
+                server.close()
+                origin_server.close()
+                gate.runtime.audit.close()
+                gate.close()
+
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            runner.run(main())
+
+    yield run
+
+
+def test_kept_alive_inspected_requests_are_decided_and_audited_each(serve):
+    async def test(s: Setup) -> None:
+        responses, closed = await s.exchange(*(s.get("/hello") for _ in range(3)))
+        assert [(r.status_code, r.body) for r in responses] == [(200, b"hello")] * 3
+        assert not closed and not s.mitmproxy.handed
+        assert s.origin.connections == 1 and s.names == ["web.test"]  # one upstream, SNI
+        assert [(m, t) for m, t, _, _ in s.origin.requests] == [("GET", "/hello")] * 3
+        events = s.events()
+        assert [(e["event"], e["decision"], e["path"]) for e in events] == [
+            ("request", "allow", "/hello")] * 3 + [("connect", "allow", None)]
+        assert events[-1]["bytes_up"] > 0 and events[-1]["bytes_down"] > 0  # TLS as it went
+    serve(test)
+
+
+def test_a_method_the_rule_does_not_allow_is_refused_before_the_origin(serve):
+    async def test(s: Setup) -> None:
+        responses, closed = await s.exchange(s.get("/hello"), s.get("/echo", method="DELETE"))
+        assert [r.status_code for r in responses] == [200, 403]
+        assert b"DELETE" in responses[1].body and closed
+        assert [t for _, t, _, _ in s.origin.requests] == ["/hello"]
+        decisions = [(e["method"], e["decision"]) for e in s.events() if e["event"] == "request"]
+        assert decisions == [("GET", "allow"), ("DELETE", "deny")]
+    serve(test)
+
+
+def test_the_credential_is_injected_in_place_of_the_clients(serve):
+    async def test(s: Setup) -> None:
+        request = s.get("/hello", "Authorization: Bearer dummy", "authorization: Basic x",
+                        host="api.test")
+        responses, _ = await s.exchange(request, host="api.test")
+        assert [r.status_code for r in responses] == [200]
+        ((_, target, headers, _),) = s.origin.requests
+        assert target == "/hello" and headers["authorization"] == f"Bearer {SECRET}"
+        assert not s.mitmproxy.handed
+        (request_event,) = [e for e in s.events() if e["event"] == "request"]
+        assert (request_event["decision"], request_event["credential"]) == ("allow",
+                                                                          "api-token")
+        assert SECRET not in s.audit.read_text()
+    serve(test)
+
+
+def test_no_credential_outside_the_rules_paths(serve):
+    async def test(s: Setup) -> None:
+        responses, closed = await s.exchange(s.get("/empty", host="api.test"), host="api.test")
+        assert [r.status_code for r in responses] == [403] and closed
+        assert not s.origin.requests
+    serve(test)
+
+
+@pytest.mark.parametrize("where", ["header", "query"])
+def test_a_request_carrying_the_credential_is_refused(serve, where):
+    async def test(s: Setup) -> None:
+        request = {"header": s.get("/hello", f"X-Token: {SECRET}"),
+                   "query": s.get(f"/hello?k={SECRET}")}[where]
+        responses, closed = await s.exchange(request)
+        assert [r.status_code for r in responses] == [403] and closed
+        assert b"carries credential api-token" in responses[0].body
+        assert not s.origin.requests
+    serve(test)
+
+
+@pytest.mark.parametrize("header", ["Host: evil.test", "Host: web.test:1"])
+def test_a_host_header_naming_another_destination_is_refused(serve, header):
+    async def test(s: Setup) -> None:
+        request = f"GET /hello HTTP/1.1\r\n{header}\r\n\r\n".encode()
+        responses, closed = await s.exchange(request)
+        assert [r.status_code for r in responses] == [403] and closed
+        assert not s.origin.requests and not s.mitmproxy.handed
+    serve(test)
+
+
+def test_an_absolute_form_target_inside_the_tunnel_is_refused(serve):
+    async def test(s: Setup) -> None:
+        request = (f"GET http://evil.test:{s.origin_port}/hello HTTP/1.1\r\n"
+                   f"Host: web.test:{s.origin_port}\r\n\r\n").encode()
+        responses, closed = await s.exchange(request)
+        assert [r.status_code for r in responses] == [400] and closed
+        assert not s.origin.requests and not s.mitmproxy.handed
+    serve(test)
+
+
+def test_a_split_head_is_waited_for(serve):
+    async def test(s: Setup) -> None:
+        responses, _ = await s.exchange(s.get("/hello"), s.get("/hello"), split=0.05)
+        assert [(r.status_code, r.body) for r in responses] == [(200, b"hello")] * 2
+        assert not s.mitmproxy.handed
+    serve(test)
+
+
+@pytest.mark.parametrize("message", [
+    b"POST /v1/up HTTP/1.1\r\nHost: web.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: web.test:{port}\r\nUpgrade: websocket\r\n"
+    b"Connection: upgrade\r\n\r\n",
+    b"GET /hello HTTP/1.0\r\nHost: web.test:{port}\r\n\r\n",
+])
+def test_what_the_fast_path_does_not_take_goes_to_mitmproxy_as_an_https_request(serve,
+                                                                                 message):
+    async def test(s: Setup) -> None:
+        port = str(s.origin_port).encode()
+        data = message.replace(b"{port}", port)
+        responses, _ = await s.exchange(s.get("/hello"), data)
+        assert [r.status_code for r in responses] == [200, 299]
+        line, rest = data.split(b"\r\n", 1)
+        method, target, version = line.split(b" ")
+        assert s.mitmproxy.handed == [
+            b"%s https://web.test:%s%s %s\r\nConnection: close\r\n%s" % (
+                method, port, target, version, rest)]
+    serve(test)
+
+
+def test_a_client_offering_only_h2_goes_to_mitmproxy_before_the_handshake(serve):
+    async def test(s: Setup) -> None:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await s.tunnel(alpn=["h2"])
+        await asyncio.sleep(0.1)
+        (handed,) = s.mitmproxy.handed
+        assert handed.startswith(b"CONNECT web.test:") and b"\x16\x03" in handed
+        assert not s.origin.requests
+    serve(test)
+
+
+def test_a_wrong_sni_goes_to_mitmproxy_which_refuses_it(serve):
+    async def test(s: Setup) -> None:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await s.tunnel(sni="evil.test")
+        await asyncio.sleep(0.1)
+        assert len(s.mitmproxy.handed) == 1 and not s.origin.requests
+    serve(test)
+
+
+def test_an_origin_whose_certificate_is_not_trusted_is_a_502(serve, tmp_path):
+    (tmp_path / "other").mkdir()
+    other = origins.TestCA(tmp_path / "other", ["web.test"])
+
+    async def test(s: Setup) -> None:
+        responses, closed = await s.exchange(s.get("/hello"))
+        assert [r.status_code for r in responses] == [502] and closed
+        assert b"certificate verify failed" in responses[0].body.lower()
+        assert not s.origin.requests
+    serve(test, origin_tls=other.server_context())
+
+
+def test_a_client_that_does_not_trust_the_ca_is_recorded(serve):
+    async def test(s: Setup) -> None:
+        s.client_tls = ssl.create_default_context()  # not the proxy's CA
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await s.tunnel()
+        await asyncio.sleep(0.2)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert "broke off the TLS handshake" in event["reason"]
+    serve(test)
+
+
+def test_a_head_that_never_ends_is_answered_408(serve, monkeypatch):
+    monkeypatch.setattr(requestpath, "REQUEST_HEAD_SECONDS", 0.3)
+
+    async def test(s: Setup) -> None:
+        reader, writer = await s.tunnel()
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: web.test\r\nX-Slow: ")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 408")
+        writer.close()
+        assert not s.origin.requests
+    serve(test)
+
+
+def test_a_handshake_that_never_ends_is_closed_and_recorded(serve, monkeypatch):
+    monkeypatch.setattr(tlsterminate, "HANDSHAKE_SECONDS", 0.3)
+
+    async def test(s: Setup) -> None:
+        client = s.client_tls.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                       server_hostname="web.test")
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.proxy_port)
+        writer.write(f"CONNECT web.test:{s.origin_port} HTTP/1.1\r\n\r\n".encode())
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(outgoing.read())  # the ClientHello, then nothing
+        await asyncio.wait_for(reader.read(), 5)  # the server's flight, then the close
+        writer.close()
+        await asyncio.sleep(0.1)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert "no TLS handshake within" in event["reason"]
+    serve(test)
