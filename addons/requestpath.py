@@ -74,7 +74,9 @@ class Inside:
         the connection after it; None when it is not origin-form."""
         line, end, rest = raw.partition(b"\r\n")
         parts = line.split(b" ")
-        if not end or len(parts) != 3 or not parts[1].startswith(b"/"):
+        # (a first line folded onto the request line would fold onto Connection instead)
+        if not end or len(parts) != 3 or not parts[1].startswith(b"/") or \
+                rest[:1] in (b" ", b"\t"):
             return None
         authority = f"{host_text(self.tunnel.host)}:{self.tunnel.port}".encode("ascii")
         return b"%s https://%s%s %s\r\nConnection: close\r\n%s" % (

@@ -231,10 +231,14 @@ def test_a_host_header_naming_another_destination_is_refused(serve, header):
     serve(test)
 
 
-def test_an_absolute_form_target_inside_the_tunnel_is_refused(serve):
+@pytest.mark.parametrize("line", ["GET http://evil.test:{port}/hello HTTP/1.1",
+                                  "GET /hello HTTP/1.1\r\n Connection: keep-alive"])
+def test_a_head_mitmproxy_could_read_otherwise_is_refused(serve, line):
+    """An absolute-form target inside the tunnel; whitespace opening the first header line
+    (obs-fold onto the request line)."""
     async def test(s: Setup) -> None:
-        request = (f"GET http://evil.test:{s.origin_port}/hello HTTP/1.1\r\n"
-                   f"Host: web.test:{s.origin_port}\r\n\r\n").encode()
+        request = (line.format(port=s.origin_port) +
+                   f"\r\nHost: web.test:{s.origin_port}\r\n\r\n").encode()
         responses, closed = await s.exchange(request)
         assert [r.status_code for r in responses] == [400] and closed
         assert not s.origin.requests and not s.mitmproxy.handed
