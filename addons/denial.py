@@ -19,7 +19,8 @@ def denial(decision: Decision, destination: str, status: int = 403) -> http.Resp
     facts = [
         ("Account", decision.account or "none"),
         ("Destination", destination),
-        ("Rule", decision.rule or NO_RULE),
+        ("Rule", decision.rule or (NO_RULE if decision.reason.startswith(NO_RULE) else
+                                   "none (the reason says what was refused)")),
         ("Reason", decision.reason),
     ]
     if decision.hint:

@@ -217,6 +217,7 @@ def test_a_request_carrying_the_credential_is_refused(serve, where):
         responses, closed = await s.exchange(request)
         assert [r.status_code for r in responses] == [403] and closed
         assert b"carries credential api-token" in responses[0].body
+        assert b"rule:        none (the reason says what was refused)" in responses[0].body
         assert not s.origin.requests
     serve(test)
 
