@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_proxy.py [--quick] [--profile DIR] [--source DIR]
 
 Needs nginx (nginx-light), squid, wrk, hey and curl (`apt-get install -y nginx-light squid wrk
-hey`), and for --profile py-spy in the venv. Routes: direct; agent-egress run; mitmdump with
-agent-egress's addon; bare mitmdump (defaults; agent-egress's options; pass-through); squid.
+hey`; for (e) and (g) squid-openssl instead of squid), root, and for --profile py-spy in the
+venv. Routes: direct; agent-egress run; mitmdump with agent-egress's addon; bare mitmdump
+(defaults; agent-egress's options; pass-through; full interception); squid; squid ssl-bump.
 Scenarios, each route in turn:
   (a) plain HTTP keep-alive GETs of a 6-byte body, 32 connections (wrk): req/s, p50, p99;
   (b) a new CONNECT tunnel, TLS handshake and one GET per request, 32 at once (hey);
@@ -13,8 +14,11 @@ Scenarios, each route in turn:
   (e) inspected HTTPS keep-alive GETs, 32 connections (hey): a rule with `methods` makes the
       proxy terminate TLS, beside bare mitmdump's full interception; and, on a second
       agent-egress whose policy has a credential, the same rule (tripwire on) and one with
-      `credential` (the header injected: what injection costs).
-  (f) plain HTTP keep-alive GETs offered at 2,000 req/s, 20 connections (hey -q): p50, p99.
+      `credential` (the header injected: what injection costs); squid ssl-bump the baseline.
+  (f) plain HTTP keep-alive GETs offered at 2,000 req/s, 20 connections (hey -q): p50, p99;
+  (g) new inspected connections: per GET a new connection, CONNECT and TLS handshake with the
+      proxy that terminates TLS, 32 at once (hey): agent-egress's `methods` rule, mitmdump's
+      full interception, squid ssl-bump; directly, a new TLS connection to nginx per GET.
 See bench/README.md for what each figure means. Everything started is stopped at the end.
 """
 
@@ -24,6 +28,7 @@ import argparse
 import dataclasses
 import os
 import re
+import secrets
 import shutil
 import socket
 import statistics
@@ -39,12 +44,14 @@ from pathlib import Path
 import trustme
 from common import CpuWatch, Service, _children, free_port, machine, table
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from mitmproxy import certs
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 HTTP_NAME, TLS_NAME = "web.test", "secure.test"
 INSPECT_NAME = "inspect.test"  # the same HTTPS origin, under a rule that inspects
 INJECT_NAME = "inject.test"  # and under one that injects a credential
+NAMES = {HTTP_NAME, TLS_NAME, INSPECT_NAME, INJECT_NAME}
 DUMMY = "Authorization: Bearer dummy-held-by-the-agent"  # what (e)'s client sends
 CONNECTIONS = 32
 BIG = 10 * 1024 * 1024  # scenario (d)
@@ -52,6 +59,7 @@ BULK = 200 * 1000 * 1000  # scenario (c)
 MEMORY_CONNECTIONS = 8
 OFFERED, OFFERED_CONNECTIONS = 2000, 20  # scenario (e)
 TARGET_RATIO, TARGET_RSS_MIB = 0.9, 100
+INSPECTED_TARGETS = {"e": 0.5, "g": 1.0}  # x squid ssl-bump: inspected keep-alive, new ones
 BUSY = 0.25  # cores used by other processes during a figure that make it taken again
 # What the profile summary calls ours: files of this repository (the installed package's
 # addons/, dns/ and rules/ are the top-level directories, mapped by the editable install).
@@ -78,6 +86,7 @@ class Route:
     proxy: Service | None
     port: int  # the proxy's port; 0 for direct
     host: str  # the origin's host as the client gives it (a .test name or 127.0.0.1)
+    origin_port: int = 0  # the HTTPS origin's port for this route, if not the usual one
 
     def target(self, origin_port: int) -> str:
         return f"{self.host}:{origin_port}"
@@ -143,9 +152,11 @@ class Dns:
         self._socket.close()
 
 
-def start_nginx(directory: Path, cert: trustme.LeafCert) -> tuple[Service, int, int]:
-    """nginx, one process, on a plain-HTTP and an HTTPS port: `/` is a 6-byte body, `/big`
-    10 MiB and `/bulk` 200 MB (sparse files)."""
+def start_nginx(directory: Path, cert: trustme.LeafCert,
+                https_also: str = "") -> tuple[Service, int, int]:
+    """nginx, one process, on a plain-HTTP and an HTTPS port (the HTTPS server on
+    `https_also`, ADDRESS:PORT, too): `/` is a 6-byte body, `/big` 10 MiB and `/bulk` 200 MB
+    (sparse files)."""
     www = directory / "www"
     www.mkdir()
     for name, size in (("big", BIG), ("bulk", BULK)):
@@ -155,6 +166,7 @@ def start_nginx(directory: Path, cert: trustme.LeafCert) -> tuple[Service, int, 
     cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
     http_port, https_port = free_port(), free_port()
     site = f"""root {www}; location = / {{ return 200 "hello\\n"; }}"""
+    also = f"listen {https_also} ssl;" if https_also else ""
     (directory / "nginx.conf").write_text(f"""
         daemon off; master_process off; worker_processes 1;
         pid {directory}/nginx.pid; error_log {directory}/error.log warn;
@@ -168,7 +180,7 @@ def start_nginx(directory: Path, cert: trustme.LeafCert) -> tuple[Service, int, 
             scgi_temp_path {directory}/scgi;
             server {{ listen 127.0.0.1:{http_port}; {site} }}
             server {{
-                listen 127.0.0.1:{https_port} ssl;
+                listen 127.0.0.1:{https_port} ssl; {also}
                 ssl_certificate {directory}/cert.pem; ssl_certificate_key {directory}/key.pem;
                 {site}
             }}
@@ -234,10 +246,27 @@ def _env(source: Path | None) -> dict[str, str]:
     return ENV if source is None else {**ENV, "PYTHONPATH": str(source.resolve())}
 
 
+def make_ca(directory: Path) -> Path:
+    """One CA for every route that terminates TLS, made the way agent-egress makes its own
+    (mitmproxy's store, RSA 2048; mitmproxy and squid both give their leaf certificates the
+    CA's own key): the file holds the key and the certificate."""
+    certs.CertStore.from_store(directory, "mitmproxy", 2048)
+    return directory / "mitmproxy-ca.pem"
+
+
+def _install_ca(ca: Path | None, confdir: Path) -> None:
+    """Puts `ca` where mitmproxy looks for its CA, before the proxy starts (it keeps it)."""
+    if ca is not None:
+        confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.copyfile(ca, confdir / ca.name)
+        (confdir / ca.name).chmod(0o600)
+
+
 def start_agent_egress(directory: Path, policy: Path, dns: Dns, source: Path | None,
-                       *options: str, env: dict[str, str] | None = None
-                       ) -> tuple[Service, int]:
+                       *options: str, env: dict[str, str] | None = None,
+                       ca: Path | None = None) -> tuple[Service, int]:
     directory.mkdir()
+    _install_ca(ca, directory / "state" / "mitmproxy")
     port = free_port()
     command = [str(BIN / "agent-egress"), "run", "--proxy", f"127.0.0.1:{port}", "--dns", "off",
                "--metrics", "off", "--policy", str(policy), "--state-dir", str(directory / "state"),
@@ -247,9 +276,10 @@ def start_agent_egress(directory: Path, policy: Path, dns: Dns, source: Path | N
                    {**_env(source), **(env or {})}), port
 
 
-def start_mitmdump(directory: Path, *options: str,
-                   env: dict[str, str] = ENV) -> tuple[Service, int]:
+def start_mitmdump(directory: Path, *options: str, env: dict[str, str] = ENV,
+                   ca: Path | None = None) -> tuple[Service, int]:
     directory.mkdir()
+    _install_ca(ca, directory)
     port = free_port()
     command = [str(BIN / "mitmdump"), "--mode", f"regular@127.0.0.1:{port}", "-q",
                "--set", f"confdir={directory}", *options]
@@ -269,12 +299,14 @@ def start_mitmdump_addon(directory: Path, policy: Path, dns: Dns,
                           env=_env(source))
 
 
-def start_squid(directory: Path) -> tuple[Service, int]:
+def start_squid(directory: Path, port_options: str = "", options: str = "",
+                label: str = "squid") -> tuple[Service, int]:
     """squid in the foreground (no worker processes), no cache, loopback clients only."""
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)
     port = free_port()
     (directory / "squid.conf").write_text(f"""
-http_port 127.0.0.1:{port}
+http_port 127.0.0.1:{port}{port_options}
+{options}
 acl loopback src 127.0.0.1/32
 http_access allow loopback
 http_access deny all
@@ -288,9 +320,62 @@ pinger_enable off
 shutdown_lifetime 0 seconds
 via off
 """)
-    shutil.chown(directory, "proxy", "proxy")  # squid started as root runs as user proxy
+    for each in (directory, *directory.rglob("*")):  # squid started as root runs as user proxy
+        shutil.chown(each, "proxy", "proxy")
     command = ["squid", "-N", "-f", str(directory / "squid.conf")]
-    return Service("squid", command, directory / "output.log", ENV), port
+    return Service(label, command, directory / "output.log", ENV), port
+
+
+def free_https_address() -> str:
+    """A loopback address other than 127.0.0.1 whose port 443 is free right now (as root)."""
+    for _ in range(20):
+        address = f"127.{secrets.randbelow(254) + 1}.{secrets.randbelow(256)}.1"
+        with socket.socket() as s:
+            try:
+                s.bind((address, 443))
+            except OSError:
+                continue
+        return address
+    raise RuntimeError("no loopback address with port 443 free")
+
+
+def start_squid_bump(directory: Path, ca: Path, origin_ca: Path,
+                     address: str) -> tuple[Service, int]:
+    """squid terminating TLS (ssl-bump, squid-openssl): it reads the client's SNI (`peek` at
+    step 1, as mitmproxy reads the ClientHello), then bumps, with a certificate for that name
+    signed by `ca` (mitmproxy's CA file, key and certificate; the leaves get the CA's key, as
+    mitmproxy's do), generated by security_file_certgen once and cached; the origin verified
+    against `origin_ca`. squid 5.7 forwards a bumped request to the host and port of its Host
+    header, and hey's Host header is its SNI too, so has no port: squid is given the same
+    origin at `address`:443 (its `hosts_file` gives the names that address: squid knows no
+    `.test`)."""
+    directory.mkdir()
+    (directory / "hosts").write_text(f"{address} {' '.join(sorted(NAMES))}\n")
+    shutil.copyfile(ca, directory / "ca.pem")
+    (directory / "ca.pem").chmod(0o600)
+    certgen = _squid_certgen()
+    subprocess.run([certgen, "-c", "-s", str(directory / "ssl_db"), "-M", "4MB"], check=True,
+                   capture_output=True, env=ENV)
+    return start_squid(
+        directory,
+        f" ssl-bump tls-cert={directory / 'ca.pem'} generate-host-certificates=on"
+        " dynamic_cert_mem_cache_size=4MB",
+        f"""sslcrtd_program {certgen} -s {directory / 'ssl_db'} -M 4MB
+sslcrtd_children 4 startup=1 idle=1
+tls_outgoing_options cafile={origin_ca}
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+hosts_file {directory / 'hosts'}""", label="squid ssl-bump")
+
+
+def _squid_certgen() -> str:
+    """squid-openssl's certificate generator (the GnuTLS-built `squid` package has none)."""
+    for each in ("/usr/lib/squid/security_file_certgen", "/usr/lib64/squid/security_file_certgen"):
+        if os.access(each, os.X_OK):
+            return each
+    raise SystemExit("security_file_certgen is missing: apt-get install -y squid-openssl "
+                     "(it replaces the package squid)")
 
 
 # Load generators
@@ -358,17 +443,22 @@ def _hey_result(out: subprocess.CompletedProcess[str]) -> Result:
                   errors + sum(n for code, n in statuses.items() if code != 200))
 
 
-def hey_inspected(route: Route, origin_port: int, seconds: float) -> Result:
-    """Keep-alive GETs of `/` on the HTTPS origin through a proxy that terminates TLS (hey
-    does not verify certificates, so the proxy's own CA needs no installing)."""
-    assert route.proxy is not None
-    named = route.host in (INSPECT_NAME, INJECT_NAME)
+def hey_inspected(route: Route, origin_port: int, seconds: float,
+                  keep_alive: bool = True) -> Result:
+    """GETs of `/` on the HTTPS origin through a proxy that terminates TLS (hey does not
+    verify certificates, so the proxy's own CA needs no installing): kept alive, or with
+    `keep_alive=False` a new connection, CONNECT and TLS handshake (with the proxy) per GET.
+    Directly (no proxy), the same GETs to nginx."""
+    named = route.proxy is not None and route.host in (INSPECT_NAME, INJECT_NAME)
     host = route.host if named else "127.0.0.1"
-    out = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-t", "10",
-                          "-host", route.host if named else INSPECT_NAME, "-H", DUMMY,
-                          "-x", f"http://127.0.0.1:{route.port}",
-                          f"https://{host}:{origin_port}/"], capture_output=True, text=True,
-                         timeout=seconds + 60, env=ENV)
+    origin_port = route.origin_port or origin_port
+    # hey's SNI is its Host header (the name without the port, or it sends the port in the SNI)
+    command = ["hey", "-z", f"{seconds}s", "-c", str(CONNECTIONS), "-t", "10",
+               "-host", route.host if named else INSPECT_NAME, "-H", DUMMY]
+    command += [] if keep_alive else ["-disable-keepalive"]
+    command += ["-x", f"http://127.0.0.1:{route.port}"] if route.proxy is not None else []
+    out = subprocess.run([*command, f"https://{host}:{origin_port}/"], capture_output=True,
+                         text=True, timeout=seconds + 60, env=ENV)
     return _hey_result(out)
 
 
@@ -516,9 +606,11 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 def report(title: str, unit: str, results: dict[str, Result], reference: str) -> str:
     ref = results[reference].rate
-    squid = results["squid"].rate if "squid" in results else None  # (e): squid does not inspect
+    # inspected HTTPS, (e) and (g), compares with squid's ssl-bump, the rest with plain squid
+    squid_label = "squid ssl-bump" if "squid ssl-bump" in results else "squid"
+    squid = results[squid_label].rate if squid_label in results else None
     memory = any(r.rss_peak_mib for r in results.values())
-    headers = [title, unit, "p50 ms", "p99 ms", "errors", f"÷ {reference}", "÷ squid"]
+    headers = [title, unit, "p50 ms", "p99 ms", "errors", f"÷ {reference}", f"÷ {squid_label}"]
     headers += ["RSS before MiB", "RSS peak MiB"] if memory else []
     rows = []
     for label, r in results.items():
@@ -554,6 +646,16 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
                 lines.append(f"- {name} {label}: peak RSS {peak:.0f} MiB; target "
                              f"< {TARGET_RSS_MIB} MiB {met}")
                 continue
+            bump = results.get("squid ssl-bump")
+            if name.startswith(("(e)", "(g)")) and label == "agent-egress" and bump:
+                wanted = INSPECTED_TARGETS[name[1]]  # issue 19's inspected targets
+                of_bump = result.rate / bump.rate
+                met = "met" if of_bump >= wanted and not result.errors else "NOT met"
+                lines.append(f"- {name} {label}: {of_bump:.2f}x squid ssl-bump, "
+                             f"{result.errors} errors; target >= {wanted:.1f}x squid ssl-bump "
+                             f"{met}")
+                if name.startswith("(g)"):
+                    continue
             ratio = result.rate / results[reference].rate
             if label == "agent-egress, credential injected":  # issue 15: what injection costs
                 without = results["agent-egress, tripwire on"].rate
@@ -578,7 +680,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per route (a smoke run)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="afterwards, py-spy agent-egress under (a), (b) and (c) into DIR")
-    parser.add_argument("--only", default="abcdef", metavar="LETTERS",
+    parser.add_argument("--only", default="abcdefg", metavar="LETTERS",
                         help="run only these scenarios, e.g. 'b' (default: all)")
     parser.add_argument("--source", type=Path, metavar="DIR",
                         help="run agent-egress from this copy of the repository (PYTHONPATH), "
@@ -588,6 +690,9 @@ def main() -> None:
     for tool in ("nginx", "squid", "wrk", "hey", "curl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install -y nginx-light squid wrk hey")
+    bumping = "e" in args.only or "g" in args.only  # squid ssl-bump is their baseline
+    if bumping:
+        _squid_certgen()
     print(f"# bench_proxy\n\n{machine()}\n", flush=True)
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         work = Path(tmp)
@@ -597,17 +702,20 @@ def main() -> None:
             stack.callback(service.stop)
             return Route(label, service, port, host)
 
-        dns = Dns({HTTP_NAME, TLS_NAME, INSPECT_NAME, INJECT_NAME})
+        dns = Dns(NAMES)
         stack.callback(dns.stop)
         ca = trustme.CA()
         ca_file = work / "origin-ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
-        nginx, http_port, https_port = start_nginx(work, ca.issue_cert(TLS_NAME, INSPECT_NAME,
-                                                                INJECT_NAME))
+        bump_address = free_https_address() if bumping else ""  # squid ssl-bump's origin, :443
+        nginx, http_port, https_port = start_nginx(
+            work, ca.issue_cert(TLS_NAME, INSPECT_NAME, INJECT_NAME),
+            f"{bump_address}:443" if bumping else "")
         stack.callback(nginx.stop)
         policy = write_policy(work, http_port, https_port)
+        proxy_ca = make_ca(work / "proxy-ca")  # the inspecting routes' CA
         named = started(*start_agent_egress(work / "agent-egress", policy, dns, args.source,
-                                            "--upstream-ca", str(ca_file)),
+                                            "--upstream-ca", str(ca_file), ca=proxy_ca),
                         "agent-egress", HTTP_NAME)
         literal = Route("agent-egress, IP literal", named.proxy, named.port, "127.0.0.1")
         cores = len(os.sched_getaffinity(0))
@@ -616,8 +724,8 @@ def main() -> None:
                           f"agent-egress, {cores} workers", HTTP_NAME)
         credentialed = started(*start_agent_egress(
             work / "agent-egress-credentials", write_credential_policy(work, https_port), dns,
-            args.source, "--upstream-ca", str(ca_file)), "agent-egress, tripwire on",
-            INSPECT_NAME)
+            args.source, "--upstream-ca", str(ca_file), ca=proxy_ca),
+            "agent-egress, tripwire on", INSPECT_NAME)
         on_asyncio = started(*start_agent_egress(work / "agent-egress-asyncio", policy, dns,
                                                  args.source, "--loop", "asyncio"),
                              "agent-egress, asyncio loop", HTTP_NAME)
@@ -634,14 +742,17 @@ def main() -> None:
         passthrough = started(*start_mitmdump(work / "mitmdump-pass", "--ignore-hosts", ".*"),
                               "mitmdump passthrough", "127.0.0.1")
         intercept = started(*start_mitmdump(work / "mitmdump-intercept", "--set",
-                                            f"ssl_verify_upstream_trusted_ca={ca_file}"),
+                                            f"ssl_verify_upstream_trusted_ca={ca_file}",
+                                            ca=proxy_ca),
                             "mitmdump, full interception", "127.0.0.1")
         squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
+        bumps = [dataclasses.replace(started(*start_squid_bump(
+            work / "squid-bump", proxy_ca, ca_file, bump_address), "squid ssl-bump",
+            INSPECT_NAME), origin_port=443)] if bumping else []
         direct = Route("direct", None, 0, HTTP_NAME)
         nginx.wait_for_port(http_port)
         proxies = (named, workers, on_asyncio, no_fast_requests, credentialed, addon, mitm, lazy,
-                   passthrough, intercept,
-                   squid)
+                   passthrough, intercept, squid, *bumps)
         for route in proxies:
             assert route.proxy is not None
             route.proxy.wait_for_port(route.port)
@@ -669,6 +780,9 @@ def main() -> None:
         def inspected(route: Route, warm: bool = False) -> Result:
             return hey_inspected(route, https_port, seconds(warm))
 
+        def new_inspected(route: Route, warm: bool = False) -> Result:
+            return hey_inspected(route, https_port, seconds(warm), keep_alive=False)
+
         inspecting = dataclasses.replace(named, host=INSPECT_NAME)
         injecting = dataclasses.replace(credentialed, label="agent-egress, credential injected",
                                         host=INJECT_NAME)
@@ -686,10 +800,13 @@ def main() -> None:
             "(d) 10 MiB bodies, 8 connections": (
                 "MB/s", [named, literal, mitm, lazy, squid], memory, "mitmdump lazy"),
             "(e) inspected HTTPS keep-alive, 32 connections": (
-                "req/s", [inspecting, credentialed, injecting, intercept], inspected,
+                "req/s", [inspecting, credentialed, injecting, intercept, *bumps], inspected,
                 "mitmdump, full interception"),
             f"(f) plain HTTP keep-alive offered at {OFFERED:,} req/s": (
                 "req/s", [direct, named, workers, lazy, squid], offered, "mitmdump lazy"),
+            "(g) new inspected connections: CONNECT + TLS to the proxy + GET, 32 at once": (
+                "req/s", [direct, inspecting, intercept, *bumps], new_inspected,
+                "mitmdump, full interception"),
         }
         watch = CpuWatch([nginx.pid] + [r.proxy.pid for r in proxies if r.proxy])
         done: dict[str, tuple[dict[str, Result], str]] = {}
