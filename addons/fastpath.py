@@ -111,12 +111,14 @@ class FastTunnels:
         self.live: set[Any] = set()  # _Client and requestpath.PlainClient
         self._emptied = asyncio.Event()  # set whenever `live` becomes empty
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._records: set[asyncio.Task[Any]] = set()  # tasks about to write an audit line
 
     def protocol(self) -> asyncio.Protocol:
         return _Client(self)
 
     async def close(self, wait: float = 5.0) -> None:
-        """Closes every tunnel and waits until each is recorded (before the audit log shuts)."""
+        """Closes every tunnel and waits until each, and every request answered, is recorded
+        (before the audit log shuts)."""
         self._emptied.clear()
         for client in list(self.live):
             client.close()
@@ -124,8 +126,11 @@ class FastTunnels:
             async with asyncio.timeout(wait):
                 if self.live:
                     await self._emptied.wait()
+                while self._records:
+                    await asyncio.wait(list(self._records))
         except TimeoutError:
-            log.warning("%d fast tunnels still open %s s after closing", len(self.live), wait)
+            log.warning("%d fast tunnels still open and %d lines unwritten %s s after closing",
+                        len(self.live), len(self._records), wait)
 
     def left(self, client: Any) -> None:
         """`client` is no longer this listener's (closed, or handed to mitmproxy)."""
@@ -133,12 +138,14 @@ class FastTunnels:
         if not self.live:
             self._emptied.set()
 
-    def keep(self, task: asyncio.Task[Any]) -> None:
+    def keep(self, task: asyncio.Task[Any], records: bool = False) -> None:
         """Holds `task` until it is done (the loop keeps only weak references); one that
-        finished in its eager first step (most requests) needs nothing."""
+        finished in its eager first step (most requests) needs nothing. `records`: it writes
+        an audit line, which `close` waits for."""
         if not task.done():
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            held = self._records if records else self._tasks
+            held.add(task)
+            task.add_done_callback(held.discard)
 
 
 class _Client(asyncio.Protocol):

@@ -102,7 +102,7 @@ class Listener(Protocol):
 
     def left(self, client: Any) -> None: ...
 
-    def keep(self, task: asyncio.Task[Any]) -> None: ...
+    def keep(self, task: asyncio.Task[Any], records: bool = False) -> None: ...
 
 
 def needs_mitmproxy(decision: Decision) -> bool:
@@ -430,7 +430,7 @@ class PlainClient(asyncio.Protocol):
             finally:
                 self.gate.end_exchange(self.client, exchange, head.method, head.path,
                                        head.content_length, bytes_down, body)
-        self.listener.keep(asyncio.get_running_loop().create_task(end()))
+        self.listener.keep(asyncio.get_running_loop().create_task(end()), records=True)
 
     def _answer_and_close(self, answer: bytes) -> None:
         self.head = None

@@ -7,6 +7,7 @@ does not take must reach mitmproxy byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,6 +39,7 @@ class Setup:
         self.gate, self.origin, self.mitmproxy = gate, origin, mitmproxy
         self.proxy_port, self.origin_port, self.audit = proxy_port, origin_port, audit
         self.closed_port = 0
+        self.tunnels: FastTunnels | None = None
 
     def url(self, path: str, host: str = "web.test") -> str:
         return f"http://{host}:{self.origin_port}{path}"
@@ -128,6 +130,7 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path,
                 setup = Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
                               origin_port, tmp_path / "audit.jsonl")
                 setup.closed_port = closed_port
+                setup.tunnels = tunnels
                 await test(setup)
             finally:
                 await tunnels.close()
@@ -376,3 +379,23 @@ def test_requests_are_switched_off_by_the_environment(monkeypatch):
     assert not requestpath.enabled()
     monkeypatch.delenv("AGENT_EGRESS_FAST_REQUESTS")
     assert requestpath.enabled()
+
+
+def test_closing_waits_for_the_lines_of_requests_answered(serve, monkeypatch):
+    """A request's line waits (briefly) for its client's process to be known; the proxy
+    stopping meanwhile (SIGTERM) must still write it before the audit log shuts."""
+    async def test(s: Setup) -> None:
+        identify = s.gate.client
+
+        def slow_to_find(*args: Any, **kwargs: Any) -> Any:
+            client = identify(*args, **kwargs)
+            client.process = concurrent.futures.Future()  # never found: waited for, bounded
+            return client
+
+        monkeypatch.setattr(s.gate, "client", slow_to_find)
+        responses, _ = await s.exchange(s.get("/hello"))
+        assert [r.status_code for r in responses] == [200]
+        assert s.tunnels is not None
+        await s.tunnels.close()
+        assert [e["path"] for e in s.events()] == ["/hello"]
+    serve(test)
