@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,9 @@ POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
 RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})  # sent again when a kept-alive upstream
 # connection turns out closed before any answer (idempotent and bodiless, RFC 9110 9.2.2)
 CONNECT_TIMEOUT = 30.0  # for a new upstream connection; then the client gets a 502
+# A request line as mitmproxy reads it the same: a method token, an origin-form target, a
+# version, one space between them (and no LF, tab or other whitespace anywhere)
+_ORIGIN_FORM_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[!-~]*) (HTTP/[0-9]\.[0-9])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +77,14 @@ class Inside:
         request to this tunnel's destination that it stands for, asking mitmproxy to close
         the connection after it; None when it is not origin-form."""
         line, end, rest = raw.partition(b"\r\n")
-        parts = line.split(b" ")
-        if not end or len(parts) != 3 or not parts[1].startswith(b"/"):
+        match = _ORIGIN_FORM_LINE.fullmatch(line)
+        # mitmproxy ends the line at any LF and splits it at any whitespace; a continuation
+        # line first would fold into our Connection header (and hide its `close`)
+        if not end or match is None or rest[:1] in (b" ", b"\t"):
             return None
         authority = f"{host_text(self.tunnel.host)}:{self.tunnel.port}".encode("ascii")
         return b"%s https://%s%s %s\r\nConnection: close\r\n%s" % (
-            parts[0], authority, parts[1], parts[2], rest)
+            match[1], authority, match[2], match[3], rest)
 
 
 def enabled() -> bool:

@@ -347,3 +347,95 @@ def test_a_handshake_that_never_ends_is_closed_and_recorded(serve, monkeypatch):
         assert (event["event"], event["decision"]) == ("connect", "deny")
         assert "no TLS handshake within" in event["reason"]
     serve(test)
+
+
+# Review (hostile): what mitmproxy is handed must be read by mitmproxy's own reader as the
+# request to the tunnel's destination it stands for, and close the connection after it.
+
+
+def mitmproxy_reads(handed: bytes) -> Any:
+    """`handed` as mitmproxy's HTTP/1 server reads its first request head."""
+    from h11._receivebuffer import ReceiveBuffer
+    from mitmproxy.net.http import http1
+
+    buffer = ReceiveBuffer()
+    buffer += handed
+    lines = buffer.maybe_extract_lines()
+    assert lines is not None
+    return http1.read_request_head([bytes(line) for line in lines])
+
+
+@pytest.mark.parametrize("message", [
+    # mitmproxy ends the request line at the LF and splits it at any whitespace: it would
+    # read a request to evil.test, with our https:// target as a header
+    b"GET\thttps://evil.test:{port}/hello\tHTTP/1.1\nX /hello HTTP/1.1\r\n"
+    b"Host: evil.test:{port}\r\n\r\n",
+    # a first header line that is a continuation folds into our Connection: close, whose
+    # token then is no longer `close`: mitmproxy keeps the connection for the next request
+    b"GET /hello HTTP/1.1\r\n X-Folded: yes\r\nHost: web.test:{port}\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\n\tX-Folded: yes\r\nHost: web.test:{port}\r\n\r\n",
+])
+def test_a_handed_over_head_is_read_by_mitmproxy_as_the_tunnels_request_or_refused(
+        serve, message):
+    from mitmproxy.net.http import http1
+
+    async def test(s: Setup) -> None:
+        data = message.replace(b"{port}", str(s.origin_port).encode())
+        responses, _ = await s.exchange(data, answers=1)
+        assert not s.origin.requests
+        for handed in s.mitmproxy.handed:
+            request = mitmproxy_reads(handed)
+            assert (request.host, request.port) == ("web.test", s.origin_port), handed
+            assert http1.connection_close(request.http_version, request.headers), handed
+        if not s.mitmproxy.handed:
+            assert [r.status_code for r in responses] == [400]
+    serve(test)
+
+
+def test_the_tunnels_line_counts_each_byte_once(serve):
+    """The tunnel's line is the sum of its requests (as mitmproxy's path records an
+    inspected tunnel), not that plus the TLS records that carried them."""
+    async def test(s: Setup) -> None:
+        responses, _ = await s.exchange(s.get("/big/100000"))
+        assert [r.status_code for r in responses] == [200]
+        (connect,) = [e for e in s.events() if e["event"] == "connect"]
+        assert 100_000 <= connect["bytes_down"] < 120_000
+    serve(test)
+
+
+def test_a_credential_handed_to_mitmproxy_is_counted_injected_by_mitmproxy_alone(serve):
+    async def test(s: Setup) -> None:
+        request = s.get("/hello", method="POST", body=b"data", host="api.test")
+        await s.exchange(s.get("/hello", host="api.test"), request, host="api.test")
+        assert len(s.mitmproxy.handed) == 1  # a body, with credentials loaded: scanned there
+        injected = s.gate.runtime.metrics.credentials_injected.labels("tester", "api-token")
+        assert injected._value.get() == 1  # the first request's; mitmproxy counts its own
+    serve(test)
+
+
+async def hello_only(s: Setup) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A tunnel whose client sends its ClientHello, then nothing."""
+    client = s.client_tls.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                   server_hostname="web.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.proxy_port)
+    writer.write(f"CONNECT web.test:{s.origin_port} HTTP/1.1\r\n\r\n".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(outgoing.read())
+    await asyncio.sleep(0.1)
+    return reader, writer
+
+
+def test_a_tunnel_withdrawn_during_its_handshake_has_one_line(serve):
+    async def test(s: Setup) -> None:
+        reader, writer = await hello_only(s)
+        ((tunnel, client),) = s.gate.live.open.items()
+        s.gate.live._end(client, tunnel, "closed while open: withdrawn")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await asyncio.sleep(0.1)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert "withdrawn" in event["reason"]
+    serve(test)
