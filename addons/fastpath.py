@@ -297,11 +297,9 @@ class _Client(asyncio.Protocol):
         def failed(error: str) -> None:
             gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(tunnel.destination, error))
 
-        def counted(up: int, down: int) -> None:
-            tunnel.bytes_up += up
-            tunnel.bytes_down += down
-
-        end = TlsServerEnd(self.transport, context, handshaken, failed, counted,
+        # the tunnel's bytes are its requests', as mitmproxy's path counts an inspected one
+        # (Gate.end_exchange): not the TLS records that carried them too
+        end = TlsServerEnd(self.transport, context, handshaken, failed,
                            gone=lambda: gate.finish(client))
         tunnel.closer = self.transport.close
         self.tunnels.left(self)
