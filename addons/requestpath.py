@@ -269,6 +269,15 @@ class PlainClient(asyncio.Protocol):
         caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
         if caught is not decision:
             decision, unresolved = caught, False
+        ip_text = self._spelled(ip) if ip is not None else ""
+        # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
+        scanned_body = head.content_length and gate.runtime.policies.secrets
+        if decision.passes and ((not inside and needs_mitmproxy(decision)) or scanned_body or
+                                ip is None or self._is_own(ip_text, port)):
+            self.received[:0] = head.raw
+            self.head = None
+            self._hand_over()  # before any credential is taken: mitmproxy injects its own
+            return
         self.injected = None
         if inside and decision.passes and decision.credential is not None:
             injected = gate.credential_header(decision)
@@ -283,15 +292,6 @@ class PlainClient(asyncio.Protocol):
             response = denial(decision, f"{host_text(host)}:{port}",
                               UNRESOLVED_STATUS if unresolved else 403)
             self._answer_and_close(assemble_response(response))
-            return
-        ip_text = self._spelled(ip) if ip is not None else ""
-        # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
-        scanned_body = head.content_length and gate.runtime.policies.secrets
-        if (not inside and needs_mitmproxy(decision)) or scanned_body or ip is None or \
-                self._is_own(ip_text, port):
-            self.received[:0] = head.raw
-            self.head = None
-            self._hand_over()
             return
         self.exchange = gate.begin_exchange(client, decision, host, port, ip)
         key = (host_text(host), ip_text, port)
