@@ -295,7 +295,9 @@ class _Client(asyncio.Protocol):
                 requestpath.Inside(tunnel, inspection.upstream_tls)))
 
         def failed(error: str) -> None:
-            gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(tunnel.destination, error))
+            if tunnel.decision.passes:  # not withdrawn meanwhile (recorded then)
+                gate.refuse_tunnel(client, tunnel,
+                                   untrusted_ca_reason(tunnel.destination, error))
 
         # the tunnel's bytes are its requests', as mitmproxy's path counts an inspected one
         # (Gate.end_exchange): not the TLS records that carried them too
