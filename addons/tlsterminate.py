@@ -131,6 +131,10 @@ class TlsServerEnd(asyncio.Protocol):
         self.data_received(received)
         self.raw.resume_reading()
 
+    def close(self) -> None:
+        """Closes the client's socket before the handshake is done (the listener closing)."""
+        self._fail("the proxy closed the connection before the TLS handshake was done")
+
     def _too_slow(self) -> None:
         self.deadline = None
         self._fail(f"no TLS handshake within {HANDSHAKE_SECONDS:.0f} s")

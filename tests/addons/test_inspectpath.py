@@ -59,6 +59,7 @@ class Setup:
         self.proxy_port, self.origin_port, self.audit = proxy_port, origin_port, audit
         self.client_tls = client_tls
         self.names = names  # the SNI of every TLS connection the origin accepted
+        self.tunnels: FastTunnels | None = None  # the listener's
 
     def get(self, path: str, *headers: str, method: str = "GET", body: bytes = b"",
             host: str = "web.test") -> bytes:
@@ -145,8 +146,10 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path,
             server = await asyncio.get_running_loop().create_server(tunnels.protocol,
                                                                     "127.0.0.1", 0)
             try:
-                await test(Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
-                                 origin_port, tmp_path / "audit.jsonl", client_tls, names))
+                setup = Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
+                              origin_port, tmp_path / "audit.jsonl", client_tls, names)
+                setup.tunnels = tunnels
+                await test(setup)
             finally:
                 await tunnels.close()
                 server.close()
@@ -439,4 +442,32 @@ def test_a_tunnel_withdrawn_during_its_handshake_has_one_line(serve):
         (event,) = s.events()
         assert (event["event"], event["decision"]) == ("connect", "deny")
         assert "withdrawn" in event["reason"]
+    serve(test)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TLS 1.0
+def test_a_handshake_refused_at_the_first_flight_is_recorded(serve):
+    """A ClientHello the TLS end refuses at once (TLS 1.0 only): closed, recorded once."""
+    async def test(s: Setup) -> None:
+        s.client_tls.minimum_version = ssl.TLSVersion.TLSv1
+        s.client_tls.maximum_version = ssl.TLSVersion.TLSv1
+        s.client_tls.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await s.tunnel()
+        await asyncio.sleep(0.2)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert not s.origin.requests
+    serve(test)
+
+
+def test_a_tunnel_in_its_handshake_when_the_listener_closes_is_closed_and_recorded(serve):
+    async def test(s: Setup) -> None:
+        reader, writer = await hello_only(s)
+        assert s.tunnels is not None
+        await s.tunnels.close(wait=1.0)
+        assert await asyncio.wait_for(reader.read(), 1) is not None  # closed, not left open
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        writer.close()
     serve(test)
