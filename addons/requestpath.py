@@ -49,7 +49,7 @@ from agent_egress.clients import Client
 from agent_egress.connections import Exchange, Tunnel
 from agent_egress.gate import Gate
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
-from agent_egress.rules import Address, Decision, Stage, host_text
+from agent_egress.rules import Address, Decision, Host, Stage, host_text
 from agent_egress.rules.operations import MAX_BODY
 
 log = logging.getLogger(__name__)
@@ -269,30 +269,25 @@ class PlainClient(asyncio.Protocol):
         caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
         if caught is not decision:
             decision, unresolved = caught, False
+        if not decision.passes:
+            await self._refuse(head, decision, host, port, ip, unresolved)
+            return
         ip_text = self._spelled(ip) if ip is not None else ""
         # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
         scanned_body = head.content_length and gate.runtime.policies.secrets
-        if decision.passes and ((not inside and needs_mitmproxy(decision)) or scanned_body or
-                                ip is None or self._is_own(ip_text, port)):
+        if (not inside and needs_mitmproxy(decision)) or scanned_body or ip is None or \
+                self._is_own(ip_text, port):
             self.received[:0] = head.raw
             self.head = None
             self._hand_over()  # before any credential is taken: mitmproxy injects its own
             return
         self.injected = None
-        if inside and decision.passes and decision.credential is not None:
+        if inside and decision.credential is not None:
             injected = gate.credential_header(decision)
             if isinstance(injected, Decision):
-                decision = injected
-            else:
-                self.injected = injected
-        if not decision.passes:
-            await gate.attribute(client)
-            gate.record(Stage.REQUEST, client, decision, host, port, ip,
-                        method=head.method, path=head.path)
-            response = denial(decision, f"{host_text(host)}:{port}",
-                              UNRESOLVED_STATUS if unresolved else 403)
-            self._answer_and_close(assemble_response(response))
-            return
+                await self._refuse(head, injected, host, port, ip, False)
+                return
+            self.injected = injected
         self.exchange = gate.begin_exchange(client, decision, host, port, ip)
         key = (host_text(host), ip_text, port)
         upstream = self._pooled(key)
@@ -307,6 +302,16 @@ class PlainClient(asyncio.Protocol):
                 upstream.transport.close()
                 return
         self._send(upstream, head)
+
+    async def _refuse(self, head: RequestHead, decision: Decision, host: Host, port: int,
+                      ip: Address | None, unresolved: bool) -> None:
+        """Answers a denied request here, recorded, and closes the connection."""
+        await self.gate.attribute(self.client)
+        self.gate.record(Stage.REQUEST, self.client, decision, host, port, ip,
+                         method=head.method, path=head.path)
+        response = denial(decision, f"{host_text(host)}:{port}",
+                          UNRESOLVED_STATUS if unresolved else 403)
+        self._answer_and_close(assemble_response(response))
 
     def _send(self, upstream: Upstream, head: RequestHead) -> None:
         self.upstream = upstream
