@@ -300,17 +300,22 @@ class _Client(asyncio.Protocol):
             decrypted.set_protocol(requestpath.PlainClient(
                 self.tunnels, decrypted, client,
                 requestpath.Inside(tunnel, inspection.upstream_tls)))
+            self.tunnels.left(end)  # the request fast path's now
+
+        def gone() -> None:
+            self.tunnels.left(end)
+            gate.finish(client)
 
         def failed(error: str) -> None:
-            gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(tunnel.destination, error))
+            if tunnel.decision.passes:  # not withdrawn meanwhile (recorded then)
+                gate.refuse_tunnel(client, tunnel,
+                                   untrusted_ca_reason(tunnel.destination, error))
 
-        def counted(up: int, down: int) -> None:
-            tunnel.bytes_up += up
-            tunnel.bytes_down += down
-
-        end = TlsServerEnd(self.transport, context, handshaken, failed, counted,
-                           gone=lambda: gate.finish(client))
+        # the tunnel's bytes are its requests', as mitmproxy's path counts an inspected one
+        # (Gate.end_exchange): not the TLS records that carried them too
+        end = TlsServerEnd(self.transport, context, handshaken, failed, gone)
         tunnel.closer = self.transport.close
+        self.tunnels.live.add(end)  # until its handshake is done: closed with the listener
         self.tunnels.left(self)
         if self.idle is not None:
             self.idle.cancel()  # the request fast path keeps its own

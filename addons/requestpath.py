@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from agent_egress.clients import Client
 from agent_egress.connections import Exchange, Tunnel
 from agent_egress.gate import Gate
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
-from agent_egress.rules import Address, Decision, Stage, host_text
+from agent_egress.rules import Address, Decision, Host, Stage, host_text
 from agent_egress.rules.operations import MAX_BODY
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
 RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})  # sent again when a kept-alive upstream
 # connection turns out closed before any answer (idempotent and bodiless, RFC 9110 9.2.2)
 CONNECT_TIMEOUT = 30.0  # for a new upstream connection; then the client gets a 502
+# A request line as mitmproxy reads it the same: a method token, an origin-form target, a
+# version, one space between them (and no LF, tab or other whitespace anywhere)
+_ORIGIN_FORM_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[!-~]*) (HTTP/[0-9]\.[0-9])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +77,14 @@ class Inside:
         request to this tunnel's destination that it stands for, asking mitmproxy to close
         the connection after it; None when it is not origin-form."""
         line, end, rest = raw.partition(b"\r\n")
-        parts = line.split(b" ")
-        # (a first line folded onto the request line would fold onto Connection instead)
-        if not end or len(parts) != 3 or not parts[1].startswith(b"/") or \
-                rest[:1] in (b" ", b"\t"):
+        match = _ORIGIN_FORM_LINE.fullmatch(line)
+        # mitmproxy ends the line at any LF and splits it at any whitespace; a continuation
+        # line first would fold into our Connection header (and hide its `close`)
+        if not end or match is None or rest[:1] in (b" ", b"\t"):
             return None
         authority = f"{host_text(self.tunnel.host)}:{self.tunnel.port}".encode("ascii")
         return b"%s https://%s%s %s\r\nConnection: close\r\n%s" % (
-            parts[0], authority, parts[1], parts[2], rest)
+            match[1], authority, match[2], match[3], rest)
 
 
 def enabled() -> bool:
@@ -265,20 +269,8 @@ class PlainClient(asyncio.Protocol):
         caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
         if caught is not decision:
             decision, unresolved = caught, False
-        self.injected = None
-        if inside and decision.passes and decision.credential is not None:
-            injected = gate.credential_header(decision)
-            if isinstance(injected, Decision):
-                decision = injected
-            else:
-                self.injected = injected
         if not decision.passes:
-            await gate.attribute(client)
-            gate.record(Stage.REQUEST, client, decision, host, port, ip,
-                        method=head.method, path=head.path)
-            response = denial(decision, f"{host_text(host)}:{port}",
-                              UNRESOLVED_STATUS if unresolved else 403)
-            self._answer_and_close(assemble_response(response))
+            await self._refuse(head, decision, host, port, ip, unresolved)
             return
         ip_text = self._spelled(ip) if ip is not None else ""
         # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
@@ -287,8 +279,15 @@ class PlainClient(asyncio.Protocol):
                 self._is_own(ip_text, port):
             self.received[:0] = head.raw
             self.head = None
-            self._hand_over()
+            self._hand_over()  # before any credential is taken: mitmproxy injects its own
             return
+        self.injected = None
+        if inside and decision.credential is not None:
+            injected = gate.credential_header(decision)
+            if isinstance(injected, Decision):
+                await self._refuse(head, injected, host, port, ip, False)
+                return
+            self.injected = injected
         self.exchange = gate.begin_exchange(client, decision, host, port, ip)
         key = (host_text(host), ip_text, port)
         upstream = self._pooled(key)
@@ -303,6 +302,16 @@ class PlainClient(asyncio.Protocol):
                 upstream.transport.close()
                 return
         self._send(upstream, head)
+
+    async def _refuse(self, head: RequestHead, decision: Decision, host: Host, port: int,
+                      ip: Address | None, unresolved: bool) -> None:
+        """Answers a denied request here, recorded, and closes the connection."""
+        await self.gate.attribute(self.client)
+        self.gate.record(Stage.REQUEST, self.client, decision, host, port, ip,
+                         method=head.method, path=head.path)
+        response = denial(decision, f"{host_text(host)}:{port}",
+                          UNRESOLVED_STATUS if unresolved else 403)
+        self._answer_and_close(assemble_response(response))
 
     def _send(self, upstream: Upstream, head: RequestHead) -> None:
         self.upstream = upstream

@@ -107,19 +107,17 @@ class TlsServerEnd(asyncio.Protocol):
     def __init__(self, transport: asyncio.Transport, context: ssl.SSLContext,
                  handshaken: Callable[[DecryptedTransport], None],
                  failed: Callable[[str], None],
-                 counted: Callable[[int, int], None],
                  gone: Callable[[], None]) -> None:
         """`handshaken` is called with the plaintext transport once the handshake is done
         (its protocol then takes the connection's end too), `failed` with the reason when
-        the handshake fails, `counted` with the bytes read and written on the client's socket,
-        `gone` when the socket closed before a protocol took the plaintext."""
+        the handshake fails, `gone` when the socket closed before a protocol took the
+        plaintext."""
         self.raw = transport
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.handshaken = handshaken
         self.failed = failed
-        self.counted = counted
         self.gone = gone
         self.decrypted: DecryptedTransport | None = None
         self.inner: asyncio.Protocol | None = None
@@ -133,6 +131,10 @@ class TlsServerEnd(asyncio.Protocol):
         self.data_received(received)
         self.raw.resume_reading()
 
+    def close(self) -> None:
+        """Closes the client's socket before the handshake is done (the listener closing)."""
+        self._fail("the proxy closed the connection before the TLS handshake was done")
+
     def _too_slow(self) -> None:
         self.deadline = None
         self._fail(f"no TLS handshake within {HANDSHAKE_SECONDS:.0f} s")
@@ -144,7 +146,6 @@ class TlsServerEnd(asyncio.Protocol):
             self.failed(reason)
 
     def data_received(self, data: bytes) -> None:
-        self.counted(len(data), 0)
         self.incoming.write(data)
         if self.decrypted is None:
             try:
@@ -200,7 +201,6 @@ class TlsServerEnd(asyncio.Protocol):
     def flush(self) -> None:
         out = self.outgoing.read()
         if out and not self.raw.is_closing():
-            self.counted(0, len(out))
             self.raw.write(out)
 
     def close_notify(self) -> None:

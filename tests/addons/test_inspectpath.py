@@ -59,6 +59,7 @@ class Setup:
         self.proxy_port, self.origin_port, self.audit = proxy_port, origin_port, audit
         self.client_tls = client_tls
         self.names = names  # the SNI of every TLS connection the origin accepted
+        self.tunnels: FastTunnels | None = None  # the listener's
 
     def get(self, path: str, *headers: str, method: str = "GET", body: bytes = b"",
             host: str = "web.test") -> bytes:
@@ -145,8 +146,10 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path,
             server = await asyncio.get_running_loop().create_server(tunnels.protocol,
                                                                     "127.0.0.1", 0)
             try:
-                await test(Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
-                                 origin_port, tmp_path / "audit.jsonl", client_tls, names))
+                setup = Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
+                              origin_port, tmp_path / "audit.jsonl", client_tls, names)
+                setup.tunnels = tunnels
+                await test(setup)
             finally:
                 await tunnels.close()
                 server.close()
@@ -170,7 +173,8 @@ def test_kept_alive_inspected_requests_are_decided_and_audited_each(serve):
         events = s.events()
         assert [(e["event"], e["decision"], e["path"]) for e in events] == [
             ("request", "allow", "/hello")] * 3 + [("connect", "allow", None)]
-        assert events[-1]["bytes_up"] > 0 and events[-1]["bytes_down"] > 0  # TLS as it went
+        # the sum of its requests', as mitmproxy's path records an inspected tunnel
+        assert (events[-1]["bytes_up"], events[-1]["bytes_down"]) == (0, 15)
     serve(test)
 
 
@@ -351,4 +355,124 @@ def test_a_handshake_that_never_ends_is_closed_and_recorded(serve, monkeypatch):
         (event,) = s.events()
         assert (event["event"], event["decision"]) == ("connect", "deny")
         assert "no TLS handshake within" in event["reason"]
+    serve(test)
+
+
+# Review (hostile): what mitmproxy is handed must be read by mitmproxy's own reader as the
+# request to the tunnel's destination it stands for, and close the connection after it.
+
+
+def mitmproxy_reads(handed: bytes) -> Any:
+    """`handed` as mitmproxy's HTTP/1 server reads its first request head."""
+    from h11._receivebuffer import ReceiveBuffer
+    from mitmproxy.net.http import http1
+
+    buffer = ReceiveBuffer()
+    buffer += handed
+    lines = buffer.maybe_extract_lines()
+    assert lines is not None
+    return http1.read_request_head([bytes(line) for line in lines])
+
+
+@pytest.mark.parametrize("message", [
+    # mitmproxy ends the request line at the LF and splits it at any whitespace: it would
+    # read a request to evil.test, with our https:// target as a header
+    b"GET\thttps://evil.test:{port}/hello\tHTTP/1.1\nX /hello HTTP/1.1\r\n"
+    b"Host: evil.test:{port}\r\n\r\n",
+    # a first header line that is a continuation folds into our Connection: close, whose
+    # token then is no longer `close`: mitmproxy keeps the connection for the next request
+    b"GET /hello HTTP/1.1\r\n X-Folded: yes\r\nHost: web.test:{port}\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\n\tX-Folded: yes\r\nHost: web.test:{port}\r\n\r\n",
+])
+def test_a_handed_over_head_is_read_by_mitmproxy_as_the_tunnels_request_or_refused(
+        serve, message):
+    from mitmproxy.net.http import http1
+
+    async def test(s: Setup) -> None:
+        data = message.replace(b"{port}", str(s.origin_port).encode())
+        responses, _ = await s.exchange(data, answers=1)
+        assert not s.origin.requests
+        for handed in s.mitmproxy.handed:
+            request = mitmproxy_reads(handed)
+            assert (request.host, request.port) == ("web.test", s.origin_port), handed
+            assert http1.connection_close(request.http_version, request.headers), handed
+        if not s.mitmproxy.handed:
+            assert [r.status_code for r in responses] == [400]
+    serve(test)
+
+
+def test_the_tunnels_line_counts_each_byte_once(serve):
+    """The tunnel's line is the sum of its requests (as mitmproxy's path records an
+    inspected tunnel), not that plus the TLS records that carried them."""
+    async def test(s: Setup) -> None:
+        responses, _ = await s.exchange(s.get("/big/100000"))
+        assert [r.status_code for r in responses] == [200]
+        (connect,) = [e for e in s.events() if e["event"] == "connect"]
+        assert 100_000 <= connect["bytes_down"] < 120_000
+    serve(test)
+
+
+def test_a_credential_handed_to_mitmproxy_is_counted_injected_by_mitmproxy_alone(serve):
+    async def test(s: Setup) -> None:
+        request = s.get("/hello", method="POST", body=b"data", host="api.test")
+        await s.exchange(s.get("/hello", host="api.test"), request, host="api.test")
+        assert len(s.mitmproxy.handed) == 1  # a body, with credentials loaded: scanned there
+        injected = s.gate.runtime.metrics.credentials_injected.labels("tester", "api-token")
+        assert injected._value.get() == 1  # the first request's; mitmproxy counts its own
+    serve(test)
+
+
+async def hello_only(s: Setup) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A tunnel whose client sends its ClientHello, then nothing."""
+    client = s.client_tls.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                   server_hostname="web.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.proxy_port)
+    writer.write(f"CONNECT web.test:{s.origin_port} HTTP/1.1\r\n\r\n".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(outgoing.read())
+    await asyncio.sleep(0.1)
+    return reader, writer
+
+
+def test_a_tunnel_withdrawn_during_its_handshake_has_one_line(serve):
+    async def test(s: Setup) -> None:
+        reader, writer = await hello_only(s)
+        ((tunnel, client),) = s.gate.live.open.items()
+        s.gate.live._end(client, tunnel, "closed while open: withdrawn")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await asyncio.sleep(0.1)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert "withdrawn" in event["reason"]
+    serve(test)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TLS 1.0
+def test_a_handshake_refused_at_the_first_flight_is_recorded(serve):
+    """A ClientHello the TLS end refuses at once (TLS 1.0 only): closed, recorded once."""
+    async def test(s: Setup) -> None:
+        s.client_tls.minimum_version = ssl.TLSVersion.TLSv1
+        s.client_tls.maximum_version = ssl.TLSVersion.TLSv1
+        s.client_tls.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await s.tunnel()
+        await asyncio.sleep(0.2)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert not s.origin.requests
+    serve(test)
+
+
+def test_a_tunnel_in_its_handshake_when_the_listener_closes_is_closed_and_recorded(serve):
+    async def test(s: Setup) -> None:
+        reader, writer = await hello_only(s)
+        assert s.tunnels is not None
+        await s.tunnels.close(wait=1.0)
+        assert await asyncio.wait_for(reader.read(), 1) is not None  # closed, not left open
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        writer.close()
     serve(test)
