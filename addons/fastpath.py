@@ -306,10 +306,12 @@ class _Client(asyncio.Protocol):
             self.tunnels.left(end)
             gate.finish(client)
 
-        def failed(error: str) -> None:
-            if tunnel.decision.passes:  # not withdrawn meanwhile (recorded then)
-                gate.refuse_tunnel(client, tunnel,
-                                   untrusted_ca_reason(tunnel.destination, error))
+        def failed(error: str, by_client: bool) -> None:
+            if not tunnel.decision.passes:  # withdrawn meanwhile (recorded then)
+                return
+            gate.refuse_tunnel(client, tunnel, untrusted_ca_reason(tunnel.destination, error)
+                               if by_client else f"inspected HTTPS to {tunnel.destination}: "
+                               f"no TLS session ({error})")
 
         # the tunnel's bytes are its requests', as mitmproxy's path counts an inspected one
         # (Gate.end_exchange): not the TLS records that carried them too

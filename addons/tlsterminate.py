@@ -106,12 +106,13 @@ class TlsServerEnd(asyncio.Protocol):
 
     def __init__(self, transport: asyncio.Transport, context: ssl.SSLContext,
                  handshaken: Callable[[DecryptedTransport], None],
-                 failed: Callable[[str], None],
+                 failed: Callable[[str, bool], None],
                  gone: Callable[[], None]) -> None:
         """`handshaken` is called with the plaintext transport once the handshake is done
         (its protocol then takes the connection's end too), `failed` with the reason when
-        the handshake fails, `gone` when the socket closed before a protocol took the
-        plaintext."""
+        the handshake fails, and whether the client broke it off (an alert, or closing: most
+        often it does not trust the certificate); `gone` when the socket closed before a
+        protocol took the plaintext."""
         self.raw = transport
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -133,17 +134,18 @@ class TlsServerEnd(asyncio.Protocol):
 
     def close(self) -> None:
         """Closes the client's socket before the handshake is done (the listener closing)."""
-        self._fail("the proxy closed the connection before the TLS handshake was done")
+        self._fail("the proxy closed the connection before the TLS handshake was done",
+                   by_client=False)
 
     def _too_slow(self) -> None:
         self.deadline = None
-        self._fail(f"no TLS handshake within {HANDSHAKE_SECONDS:.0f} s")
+        self._fail(f"no TLS handshake within {HANDSHAKE_SECONDS:.0f} s", by_client=False)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, by_client: bool = True) -> None:
         if self.failure is None:
             self.failure = reason
             self.raw.close()
-            self.failed(reason)
+            self.failed(reason, by_client)
 
     def data_received(self, data: bytes) -> None:
         self.incoming.write(data)
@@ -275,6 +277,13 @@ class DecryptedTransport(asyncio.Transport):
 
     def can_write_eof(self) -> bool:
         return False  # TLS has no half-close: close_notify ends both directions
+
+    def write_eof(self) -> None:
+        """What mitmproxy does to a connection it half-closes (without asking
+        can_write_eof): TLS's nearest, close_notify, after which nothing more is written."""
+        if not self.is_closing():
+            self.end.close_notify()
+        self.closing = True
 
     def pause_reading(self) -> None:
         self.end.raw.pause_reading()
