@@ -19,7 +19,8 @@ def lint(document: PolicyDocument, now: float | None = None,
     identity conflict). `uid_of` maps a user name to its uid (default: this machine's users)."""
     moment = time.time() if now is None else now
     return [*_expired(document, moment), *_duplicates(document),
-            *_same_person(document, uid_of or _uid_of), *_cleartext_credentials(document)]
+            *_same_person(document, uid_of or _uid_of), *_cleartext_credentials(document),
+            *_credentials_passed_by(document)]
 
 
 def _expired(document: PolicyDocument, now: float) -> list[PolicyWarning]:
@@ -49,6 +50,36 @@ def _cleartext_credentials(document: PolicyDocument) -> list[PolicyWarning]:
                                          f"{rule.credential} would be sent in cleartext on port "
                                          "80; expected ports: [443] (or another TLS port)"))
     return out
+
+
+def _credentials_passed_by(document: PolicyDocument) -> list[PolicyWarning]:
+    """A rule with a credential whose destination another allow rule covers without looking at
+    requests: a CONNECT there is allowed by that rule and passed through uninspected, so the
+    credential is never set (whatever the order of the rules)."""
+    out = []
+    for name, account in document.accounts.items():
+        plain = [rule for rule in account.allow if rule.host and not rule.inspects]
+        seen = set()
+        for rule in account.allow:
+            if not rule.credential or not rule.host or rule.source in seen:
+                continue
+            cover = next((other for other in plain if _covers(other, rule)), None)
+            if cover is not None:
+                seen.add(rule.source)
+                out.append(PolicyWarning(rule.source, f"account {name}: credential "
+                                         f"{rule.credential} is never set: rule {cover.source} "
+                                         f"allows {cover.describe()} without inspecting, so "
+                                         "TLS to it is passed through; narrow or remove that "
+                                         "rule"))
+    return out
+
+
+def _covers(other: Rule, rule: Rule) -> bool:
+    """Whether `other` allows every host and port that `rule` names."""
+    covering, host = other.host or "", rule.host or ""
+    hosts = covering == host or (covering.startswith("*.") and host.endswith(covering[1:]))
+    ports = other.ports is None or (rule.ports is not None and rule.ports <= other.ports)
+    return hosts and ports
 
 
 def _duplicates(document: PolicyDocument) -> list[PolicyWarning]:

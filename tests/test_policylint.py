@@ -110,3 +110,42 @@ def test_validate_warns_of_a_cleartext_credential(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("would be sent in cleartext on port 80") == 2
     assert "lint-token-123456" not in done.stdout + done.stderr
+
+
+def test_a_credential_that_a_broader_rule_passes_by_is_named():
+    text = """\
+version: 1
+credentials:
+  token:
+    env: LINT_TOKEN
+accounts:
+  codex:
+    match: {uids: [1001]}
+    allow:
+      - host: api.test
+        ports: [443]
+        credential: token
+        paths: ["/v1/*"]
+      - host: "*.other.test"
+      - host: x.other.test
+        ports: [443]
+        credential: token
+      - host: api.test
+        ports: [443, 8443]
+      - host: safe.test
+        ports: [443]
+        credential: token
+      - host: safe.test
+        ports: [443]
+        methods: [GET]
+"""
+    found = [w for w in warnings(text, {}) if "is never set" in w]
+    assert found == [
+        "p.yaml:9: warning: account codex: credential token is never set: rule p.yaml:17 "
+        "allows host "
+        "api.test ports 443,8443 without inspecting, so TLS to it is passed through; narrow or "
+        "remove that rule",
+        "p.yaml:14: warning: account codex: credential token is never set: rule p.yaml:13 "
+        "allows host "
+        "*.other.test ports 80,443 without inspecting, so TLS to it is passed through; narrow "
+        "or remove that rule"]
