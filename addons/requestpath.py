@@ -484,8 +484,8 @@ class PlainClient(asyncio.Protocol):
     # The end
 
     def eof_received(self) -> bool:
-        if self.head is None and not self.received:
-            return False  # between requests: closes
+        if self.head is None:
+            return False  # between requests, or a head that cannot end now: closes
         if self.body_left:
             self.abort()  # the body will not come
             return False

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -475,4 +477,25 @@ def test_a_tunnel_in_its_handshake_when_the_listener_closes_is_closed_and_record
         (event,) = s.events()
         assert (event["event"], event["decision"]) == ("connect", "deny")
         writer.close()
+    serve(test)
+
+
+def test_a_client_that_ends_inside_a_head_is_closed_at_once(serve, monkeypatch):
+    """close_notify after half a head: nothing more can come, so the connection is not held
+    until the head's deadline."""
+    monkeypatch.setattr(requestpath, "REQUEST_HEAD_SECONDS", 5.0)
+
+    async def test(s: Setup) -> None:
+        def client() -> float:
+            with socket.create_connection(("127.0.0.1", s.proxy_port), timeout=10) as raw:
+                raw.sendall(f"CONNECT web.test:{s.origin_port} HTTP/1.1\r\n\r\n".encode())
+                assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+                with s.client_tls.wrap_socket(raw, server_hostname="web.test") as tls:
+                    tls.sendall(b"GET /hello HTTP/1.1\r\nHost: web.te")
+                    started = time.monotonic()
+                    tls.unwrap()  # close_notify, then waits for the proxy's
+                    return time.monotonic() - started
+
+        assert await asyncio.to_thread(client) < 2.0
+        assert not s.origin.requests
     serve(test)
