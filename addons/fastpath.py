@@ -294,7 +294,14 @@ class _Client(asyncio.Protocol):
         if not tunnel.decision.passes:  # the audit log has no room for its line
             self.close()
             return
-        context = inspection.certificates.context(host_text(tunnel.host))
+        try:
+            context = inspection.certificates.context(host_text(tunnel.host))
+        except (ValueError, OSError) as e:  # ssl.SSLError is an OSError
+            log.error("no certificate for %s: %s", tunnel.destination, e)
+            gate.refuse_tunnel(client, tunnel, f"inspected HTTPS to {tunnel.destination}: the "
+                               f"proxy cannot make a certificate for it ({e})")
+            self.close()
+            return
 
         def handshaken(decrypted: DecryptedTransport) -> None:
             decrypted.set_protocol(requestpath.PlainClient(

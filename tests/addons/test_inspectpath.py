@@ -499,3 +499,20 @@ def test_a_client_that_ends_inside_a_head_is_closed_at_once(serve, monkeypatch):
         assert await asyncio.to_thread(client) < 2.0
         assert not s.origin.requests
     serve(test)
+
+
+def test_a_certificate_that_cannot_be_made_is_a_recorded_refusal(serve, monkeypatch):
+    def broken(self: Any, name: str) -> Any:
+        raise ValueError("the store is broken")
+
+    monkeypatch.setattr(tlsterminate.Certificates, "context", broken)
+
+    async def test(s: Setup) -> None:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await s.tunnel()
+        await asyncio.sleep(0.1)
+        (event,) = s.events()
+        assert (event["event"], event["decision"]) == ("connect", "deny")
+        assert "cannot make a certificate" in event["reason"]
+        assert not s.origin.requests
+    serve(test)
