@@ -148,6 +148,8 @@ class TlsServerEnd(asyncio.Protocol):
             self.failed(reason, by_client)
 
     def data_received(self, data: bytes) -> None:
+        if self.failure is not None:
+            return  # refused: closing
         self.incoming.write(data)
         if self.decrypted is None:
             try:
@@ -248,9 +250,7 @@ class DecryptedTransport(asyncio.Transport):
         self.closing = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self.end.tls
-        return self.end.raw.get_extra_info(name, default)
+        return self.end.raw.get_extra_info(name, default)  # peername, sockname: mitmproxy's
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self.end.inner = cast(asyncio.Protocol, protocol)
