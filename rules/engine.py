@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .addresses import internal_kind
@@ -224,6 +224,7 @@ class Policy:
         path = RequestPath(query.path) if query.path is not None else None
 
         found = rules.index.candidates(host)
+        watching: Rule | None = None  # a deny rule that looks at this destination's requests
         for grant in found:
             if grant.denies and _active(grant.rule, now):
                 applies = _deny_applies(grant.rule, query, path)
@@ -231,6 +232,8 @@ class Policy:
                     return grant.decision
                 if applies is not False:  # the rule looks at paths and this one is ambiguous
                     return _ambiguous(grant.rule, applies, account)
+                if watching is None and _deny_watches(grant.rule, query):
+                    watching = grant.rule
 
         near_miss: str | None = None
         near_request: tuple[Rule, str] | None = None  # the first rule that refused the request
@@ -257,6 +260,9 @@ class Policy:
                     near_miss = near_miss or f"rule {rule.source} {refusal}"
             elif query.stage is Stage.CONNECT and grant.inspected is not None:
                 needs_inspection = needs_inspection or grant.inspected
+            elif watching is not None:  # its requests must be seen for the deny rule to hold
+                return replace(grant.decision, inspect=True, reason=f"{grant.decision.reason} "
+                               f"(requests are inspected: rule {watching.source} denies some)")
             else:
                 return grant.decision
         if ambiguous is not None:  # no rule that ignores paths allowed it either
@@ -297,6 +303,14 @@ def _active(rule: Rule, now: float) -> bool:
 class _Ambiguity(str):
     """Why a rule that looks at paths cannot decide on this one: an origin could read it as
     another path."""
+
+
+def _deny_watches(rule: Rule, query: Query) -> bool:
+    """Whether a deny rule with methods or paths names requests to this CONNECT's destination:
+    the tunnel is then inspected, or the rule would never see them."""
+    return query.stage is Stage.CONNECT and (rule.methods is not None or
+                                            rule.paths is not None) and (
+        rule.ports is None or query.port in rule.ports)
 
 
 def _deny_applies(rule: Rule, query: Query, path: RequestPath | None) -> bool | _Ambiguity:

@@ -293,3 +293,31 @@ def test_many_plain_http_requests_on_one_connection(proxy, web):
     done = curl(proxy, *urls)
     assert done.stdout.splitlines() == [
         f"hello from web.test:{web.port} GET /keepalive{i}" for i in range(50)], done.stderr
+
+
+def test_a_deny_rule_with_paths_holds_over_https_that_an_allow_rule_passes_through(
+        cli, tmp_path, dns, secure, test_ca):
+    """Without inspection the tunnel would carry /admin/ unseen: the deny rule makes it
+    inspected, and only the requests it names are refused."""
+    proxy = RunningProxy(cli, tmp_path, f"""version: 1
+accounts:
+  tester:
+    match: {{uids: [{UID}]}}
+    allow:
+      - host: secure.test
+        ports: [{secure.port}]
+      - cidr: 127.0.0.1/32
+        ports: [{secure.port}]
+    deny:
+      - host: secure.test
+        paths: ["/admin/*"]
+""", "--upstream-dns", dns.address, "--upstream-ca", str(test_ca.ca_file))
+    try:
+        ca = str(tmp_path / "state" / "mitmproxy" / "mitmproxy-ca-cert.pem")
+        ok = curl(proxy, "--cacert", ca, f"https://secure.test:{secure.port}/src", check=True)
+        assert ok.stdout == f"hello from secure.test:{secure.port} GET /src\n"
+        denied = curl(proxy, "--cacert", ca, f"https://secure.test:{secure.port}/admin/users")
+        assert "denied by rule: host secure.test paths /admin/*" in denied.stdout
+        assert "hello from" not in denied.stdout
+    finally:
+        proxy.stop()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent_egress.rules import Identity, Policy, Query, Result, Stage
+from agent_egress.rules import Identity, Policy, Query, Result, Stage, parse_policy
 
 FIXTURE = Path(__file__).parent / "fixtures" / "engine.yaml"
 F = str(FIXTURE)
@@ -335,3 +335,38 @@ def test_a_literal_that_passes_passes_the_address_check_too(hardening, value, po
     if decision.passes:
         assert decision.result is ALLOW
         assert hardening.decide_address(account, str(address), address, port).passes
+
+
+def test_a_deny_rule_that_looks_at_requests_makes_the_tunnel_inspected():
+    """An allow rule passes TLS to a host through uninspected; a deny rule with paths or
+    methods for the same host must still see the requests it names, so the CONNECT is
+    inspected (and only where the deny rule's ports say)."""
+    policy = Policy(parse_policy(b"""version: 1
+accounts:
+  codex:
+    match: {uids: [1001]}
+    allow:
+      - host: "*.forge.test"
+        ports: [443, 8443]
+    deny:
+      - host: code.forge.test
+        ports: [443]
+        paths: ["/admin/*"]
+      - host: api.forge.test
+        methods: [DELETE]
+""", "p.yaml"))
+
+    def decide(host: str, port: int, stage: Stage = CONNECT, method: str | None = None,
+               path: str | None = None) -> tuple[Result, bool, str]:
+        decision = policy.decide(Query("codex", host, port, stage, method, path))
+        return decision.result, decision.inspect, decision.reason
+
+    assert decide("code.forge.test", 443) == (
+        ALLOW, True, "allowed by rule: host *.forge.test ports 443,8443 (requests are "
+        "inspected: rule p.yaml:9 denies some)")
+    assert decide("code.forge.test", 8443)[:2] == (ALLOW, False)  # the deny rule's ports
+    assert decide("api.forge.test", 8443)[:2] == (ALLOW, True)
+    assert decide("other.forge.test", 443)[:2] == (ALLOW, False)
+    assert decide("code.forge.test", 443, REQUEST, "GET", "/admin/x")[0] is DENY
+    assert decide("code.forge.test", 443, REQUEST, "GET", "/src")[0] is ALLOW
+    assert decide("code.forge.test", 443, DNS)[0] is ALLOW
