@@ -13,7 +13,7 @@ from .hosts import Address, Host, HostError, Name, host_text, normalize_host
 from .index import DestinationIndex
 from .loader import DEFAULT_ACCOUNT, gc_paused, load_policy
 from .model import READ_METHODS, Account, Mode, PolicyDocument, Result, Rule, Stage
-from .paths import RequestPath, normalize_path, paths_match, shown_path
+from .paths import RequestPath, deny_paths_match, normalize_path, paths_match, shown_path
 
 NO_RULE = "no rule matched"
 READ_ONLY_REFUSAL = "refused by read-only rule"
@@ -333,7 +333,7 @@ def _deny_applies(rule: Rule, query: Query, path: RequestPath | None) -> bool | 
     ambiguity = _path_ambiguity(read)
     if ambiguity is not None:
         return ambiguity
-    matched = paths_match(rule.paths, read)
+    matched = deny_paths_match(rule.paths, read)
     return _slash_ambiguity(read) if matched is None else matched
 
 

@@ -12,6 +12,12 @@ looks at paths refuses it rather than deciding on one reading while the origin a
 `%2F` inside an ordinary segment (npm's `@scope%2Fname`) stays below the same parent whichever
 way it is read, so it is not refused: instead a path is matched both as sent and with `%2F` read
 as `/`, and a rule decides only when the two readings agree (`RequestPath`, `paths_match`).
+
+A deny rule also matches the readings common origins give a path that is not ambiguous in the
+sense above (`deny_paths_match`): `//` merged into `/` (nginx), `;params` dropped from segments
+(Tomcat, Jetty), letters in either case (Windows servers), a trailing `/` added or taken away
+(the directory and its index). Denying a little more than written fails closed; an allow rule
+never matches more than written.
 """
 
 from __future__ import annotations
@@ -163,6 +169,7 @@ class PathPattern:
     text: str
     regex: re.Pattern[str]
     slashed: re.Pattern[str]
+    loose: re.Pattern[str]  # `slashed` in either case, for deny rules' readings
 
     @classmethod
     def parse(cls, text: str) -> PathPattern:
@@ -174,7 +181,8 @@ class PathPattern:
         normalized = normalize_path(text)
         regex = _glob(normalized)
         slashed = normalized.replace("%2F", "/")
-        return cls(text, regex, regex if slashed == normalized else _glob(slashed))
+        return cls(text, regex, regex if slashed == normalized else _glob(slashed),
+                   _glob(slashed, re.IGNORECASE))
 
     def matches(self, path: str) -> bool:
         return self.regex.fullmatch(path) is not None
@@ -196,5 +204,30 @@ def paths_match(patterns: Iterable[PathPattern], path: RequestPath) -> bool | No
     return as_sent if as_sent == decoded else None
 
 
-def _glob(normalized: str) -> re.Pattern[str]:
-    return re.compile(".*".join(re.escape(part) for part in normalized.split("*")), re.DOTALL)
+def deny_paths_match(patterns: Iterable[PathPattern], path: RequestPath) -> bool | None:
+    """For a deny rule: `paths_match`, and besides, whether some pattern matches a reading
+    that common origins give the path (see the module's docstring)."""
+    matched = paths_match(patterns, path)
+    if matched is not False:
+        return matched
+    readings = _origin_readings(path.slashed)
+    return any(pattern.loose.fullmatch(reading) for pattern in patterns
+               for reading in readings)
+
+
+_SLASHES = re.compile(r"//+")
+_PARAMS = re.compile(r";[^/]*")
+
+
+def _origin_readings(path: str) -> set[str]:
+    merged = _SLASHES.sub("/", path)
+    readings = {merged, _PARAMS.sub("", merged)}
+    for reading in list(readings):
+        readings.add(reading.rstrip("/") or "/")
+        readings.add(reading if reading.endswith("/") else reading + "/")
+    return readings
+
+
+def _glob(normalized: str, flags: int = 0) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in normalized.split("*")),
+                      re.DOTALL | flags)

@@ -368,5 +368,7 @@ accounts:
     assert decide("api.forge.test", 8443)[:2] == (ALLOW, True)
     assert decide("other.forge.test", 443)[:2] == (ALLOW, False)
     assert decide("code.forge.test", 443, REQUEST, "GET", "/admin/x")[0] is DENY
+    for spelling in ["/Admin/x", "//admin/x", "/admin;p=1/x", "/admin"]:  # as origins read it
+        assert decide("code.forge.test", 443, REQUEST, "GET", spelling)[0] is DENY, spelling
     assert decide("code.forge.test", 443, REQUEST, "GET", "/src")[0] is ALLOW
     assert decide("code.forge.test", 443, DNS)[0] is ALLOW

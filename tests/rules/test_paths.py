@@ -12,6 +12,7 @@ from agent_egress.rules.paths import (
     PathPattern,
     RequestPath,
     ambiguous_path,
+    deny_paths_match,
     paths_match,
     shown_path,
 )
@@ -158,3 +159,26 @@ def test_shown_paths_carry_no_control_or_raw_bytes():
     assert shown_path("/a\r\nX-Injected: 1\x00/\udcc0\u00e9?q=secret") == \
         "/a%0D%0AX-Injected:%201%00/%C0%C3%A9"
     assert shown_path("/" + "a" * 300).endswith("a...")
+
+
+@pytest.mark.parametrize("pattern, path, denied", [
+    # what common origins read as the denied path is denied too (a path with dot-segments
+    # is refused before this, as ambiguous_path says)
+    ("/admin", "/admin", True), ("/admin", "/admin/", True), ("/admin", "/Admin", True),
+    ("/admin", "/admin;jsessionid=1", True), ("/admin", "//admin", True),
+    ("/admin", "/admin%2F", True), ("/secret/*", "/secret", True),
+    ("/secret/*", "/SECRET/x", True), ("/secret/*", "/secret;a/x", True),
+    # and nothing else
+    ("/admin", "/adminx", False), ("/admin", "/admin/x", False), ("/secret/*", "/secrets", False),
+    ("/secret/*", "/", False), ("/v1/admin", "/v1admin", False),
+])
+def test_a_deny_rule_matches_what_origins_read_as_its_path(pattern, path, denied):
+    assert deny_paths_match([PathPattern.parse(pattern)], RequestPath(path)) is denied
+
+
+@pytest.mark.parametrize("pattern, path", [
+    ("/admin", "/admin/"), ("/admin", "/Admin"), ("/admin", "/admin;x"), ("/admin", "//admin"),
+    ("/secret/*", "/secret"),
+])
+def test_an_allow_rule_matches_only_what_is_written(pattern, path):
+    assert paths_match([PathPattern.parse(pattern)], RequestPath(path)) is False
