@@ -11,16 +11,19 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from ipaddress import ip_address
 
 from .auditevent import AuditEvent
 from .policyedit import NewRule
 from .rules import (
     NO_RULE,
+    Address,
     HostError,
     Name,
     Policy,
     Query,
     Result,
+    Rule,
     Stage,
     builtin_presets,
     normalize_host,
@@ -136,6 +139,10 @@ def learn(policy: Policy, events: Iterable[AuditEvent], account: str | None = No
                     used = rule_lines[rule] = f"line {_rule_line(rule)}"
             if used is not None and ts >= last_use.get((name, used), ""):
                 last_use[(name, used)] = ts
+            if event.ip:  # a cidr rule may have let this address through for the name
+                reached = f"address {event.ip} {event.port}"
+                if ts >= last_use.get((name, reached), ""):
+                    last_use[(name, reached)] = ts
             continue
         seen[(name, event.host)].add(event)
     learned.events = count
@@ -254,8 +261,33 @@ def stale_rules(policy: Policy, used: set[str],
     for name, acct in policy.accounts().items():
         if account and name != account:
             continue
+        reached = _addresses_reached(used, name)
         for rule in dict((r.id or r.source, r) for r in acct.allow).values():
             if f"{name}\0id {rule.id}" not in used and \
-                    f"{name}\0line {_rule_line(rule.source)}" not in used:
+                    f"{name}\0line {_rule_line(rule.source)}" not in used and \
+                    not _lets_through(rule, reached):
                 out.append((name, rule.source, rule.id, rule.describe()))
     return out
+
+
+def _addresses_reached(used: set[str], account: str) -> list[tuple[Address, int | None]]:
+    """The addresses (and ports) allowed events of `account` reached."""
+    prefix = f"{account}\0address "
+    out = []
+    for entry in used:
+        if entry.startswith(prefix):
+            ip, _, port = entry[len(prefix):].partition(" ")
+            try:
+                out.append((ip_address(ip), int(port) if port.isdigit() else None))
+            except ValueError:
+                continue
+    return out
+
+
+def _lets_through(rule: Rule, reached: list[tuple[Address, int | None]]) -> bool:
+    """Whether a cidr rule covers an address that allowed traffic reached: it may have decided
+    no event (a name's rule did) and still have let the name's internal address through."""
+    network = rule.network
+    return network is not None and any(
+        ip.version == network.version and ip in network and
+        (rule.ports is None or port in rule.ports) for ip, port in reached)

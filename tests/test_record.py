@@ -145,6 +145,8 @@ accounts:
     lines = [line for line in stale.stdout.splitlines() if "# stale" in line]
     assert any("(host unused.test ports 80,443)" in line for line in lines), stale.stdout
     assert not any("web.test" in line or "index.test" in line for line in lines), stale.stdout
+    # the cidr rule decided no event, but let the allowed names' address through: in use
+    assert not any("cidr 127.0.0.1/32" in line for line in lines), stale.stdout
 
 
 # 5 and 9. op: git fetch and push, LFS, publish; replay and learn use it
