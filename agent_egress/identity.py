@@ -74,20 +74,44 @@ class Process:
     ancestry: tuple[str, ...] = ()  # EXE[PID], this process first, then its parents
 
 
+class _Netlink:
+    """One netlink socket asked one question at a time, from any thread."""
+
+    def __init__(self, protocol: int) -> None:
+        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     protocol)
+        self._lock = threading.Lock()
+        self._sequence = 0
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def ask(self, message_type: int, request: bytes) -> tuple[int | None, bytes]:
+        """The kernel's reply to one request, and its error: None for an answer, else the
+        errno of an error message (0 for a bare acknowledgement, which answers nothing)."""
+        with self._lock:
+            self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+            self._socket.send(_HEADER.pack(_HEADER.size + len(request), message_type,
+                                           NLM_F_REQUEST, self._sequence, 0) + request)
+            reply = self._socket.recv(65536)
+        _length, kind, _flags, _seq, _pid = _HEADER.unpack_from(reply)
+        if kind != NLMSG_ERROR:
+            return None, reply
+        (code,) = struct.unpack_from("=i", reply, _HEADER.size)
+        return -code, reply
+
+
 class SocketOwners:
     """Finds the owner of the local end of a TCP or UDP connection, by its two addresses.
     `transparent_port`: the port of the listener that nftables redirects TCP to."""
 
     def __init__(self, transparent_port: int | None = None) -> None:
-        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                     NETLINK_SOCK_DIAG)
-        self._lock = threading.Lock()
-        self._sequence = 0
+        self._diag = _Netlink(NETLINK_SOCK_DIAG)
         self.transparent_port = transparent_port
         self.conntrack = Conntrack()
 
     def close(self) -> None:
-        self._socket.close()
+        self._diag.close()
         self.conntrack.close()
 
     def redirected_owner(self, peer: tuple[str, int],
@@ -162,17 +186,11 @@ class SocketOwners:
                              remote_ip.packed.ljust(16, b"\0"))
         sockid += struct.pack("=III", 0, *_NO_COOKIE)
         request = _REQUEST.pack(family, protocol, 0, 0, _ALL_STATES) + sockid
-        with self._lock:
-            self._sequence = (self._sequence + 1) & 0xFFFFFFFF
-            self._socket.send(_HEADER.pack(_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
-                                           NLM_F_REQUEST, self._sequence, 0) + request)
-            reply = self._socket.recv(65536)
-        _length, kind, _flags, _seq, _pid = _HEADER.unpack_from(reply)
-        if kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", reply, _HEADER.size)
-            if -code in (errno.ENOENT, 0):
-                return None
-            raise OSError(-code, os.strerror(-code))
+        error, reply = self._diag.ask(SOCK_DIAG_BY_FAMILY, request)
+        if error in (errno.ENOENT, 0):
+            return None
+        if error is not None:
+            raise OSError(error, os.strerror(error))
         fields = _MESSAGE.unpack_from(reply, _HEADER.size)
         if fields[1] == TCP_TIME_WAIT and protocol == socket.IPPROTO_TCP:
             # A closed connection's TIME_WAIT entry, which has no owner, can share its
@@ -190,14 +208,11 @@ class Conntrack:
     CAP_NET_ADMIN; without it `readable` turns False at the first query (logged once)."""
 
     def __init__(self) -> None:
-        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                     NETLINK_NETFILTER)
-        self._lock = threading.Lock()
-        self._sequence = 0
+        self._netlink = _Netlink(NETLINK_NETFILTER)
         self.readable = True
 
     def close(self) -> None:
-        self._socket.close()
+        self._netlink.close()
 
     def original(self, reply_source: Address, reply_destination: Address,
                  protocol: int) -> tuple[Address, Address] | None:
@@ -208,24 +223,19 @@ class Conntrack:
         family = socket.AF_INET if reply_source[0].version == 4 else socket.AF_INET6
         request = _NFGENMSG.pack(family, 0, 0) + _attribute(
             CTA_TUPLE_REPLY | _NESTED, _tuple(reply_source, reply_destination, protocol))
-        with self._lock:
-            self._sequence = (self._sequence + 1) & 0xFFFFFFFF
-            self._socket.send(_HEADER.pack(_HEADER.size + len(request), _CT_GET,
-                                           NLM_F_REQUEST, self._sequence, 0) + request)
-            reply = self._socket.recv(65536)
-        _length, kind, _flags, _seq, _pid = _HEADER.unpack_from(reply)
-        if kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", reply, _HEADER.size)
-            if -code == errno.ENOENT:
-                return None
-            if -code == errno.EPERM:
-                if self.readable:
-                    log.warning("conntrack cannot be read (CAP_NET_ADMIN is needed): a "
-                                "redirected client whose port NAT changed goes unidentified")
-                self.readable = False
-                return None
-            raise OSError(-code, os.strerror(-code))
-        attributes = _attributes(reply[_HEADER.size + _NFGENMSG.size:_length])
+        error, reply = self._netlink.ask(_CT_GET, request)
+        if error in (errno.ENOENT, 0):
+            return None
+        if error == errno.EPERM:
+            if self.readable:
+                log.warning("conntrack cannot be read (CAP_NET_ADMIN is needed): a "
+                            "redirected client whose port NAT changed goes unidentified")
+            self.readable = False
+            return None
+        if error is not None:
+            raise OSError(error, os.strerror(error))
+        length = _HEADER.unpack_from(reply)[0]
+        attributes = _attributes(reply[_HEADER.size + _NFGENMSG.size:length])
         if CTA_TUPLE_ORIG not in attributes:
             return None
         return _parse_tuple(attributes[CTA_TUPLE_ORIG])
