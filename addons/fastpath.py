@@ -12,7 +12,8 @@ ALPN): TLS is terminated with a certificate from mitmproxy's store (addons/tlste
 its requests served by the request fast path (addons/requestpath.py, `Inside`).
 
 Everything else is handed to mitmproxy untouched, its bytes so far replayed into mitmproxy's
-connection handler, which then decides as always: a CONNECT that is denied or inspected,
+connection handler, which then decides as always: a CONNECT that is denied (or inspected
+where this listener does not inspect), an inspected tunnel whose client offers HTTP/2 only,
 anything but a CONNECT, a head or ClientHello split over reads, bytes that are not TLS, a wrong
 or missing SNI. When the CONNECT was already answered here, mitmproxy's own answer to the
 replayed CONNECT is dropped, or the connection closed if mitmproxy refuses what was accepted
