@@ -25,7 +25,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .approvals import AccessRequest, Approvals, RequestError, State
 from .auditevent import AuditEvent, timestamp
@@ -34,7 +34,7 @@ from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
 from .livetunnels import LiveTunnels
-from .pinning import Refusal, pin
+from .pinning import pin
 from .rules import (
     AccountChoice,
     Address,
@@ -59,6 +59,26 @@ UNRECORDED = ("the audit log cannot be written (disk full?); denying until it ca
               "(--on-audit-failure=deny)")
 ACCOUNT_MEMO = 4096
 ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's process
+
+
+RequestOutcome = tuple[Decision, Host, Address | None, bool]  # see Gate.request
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    """A request the gate has decided but could not finish without waiting (Gate.request_now):
+    an operator to ask, or its name to resolve."""
+
+    client: Client
+    decision: Decision
+    host: Host
+    host_raw: str
+    port: int
+    method: str
+    path: str
+    identity: Identity
+    tunnel: Tunnel | None  # the client's connection when the request came
+    asked: bool = False  # ask mode's wait is behind it (or was not needed)
 
 
 class Gate:
@@ -171,22 +191,28 @@ class Gate:
         A name this client already reaches on `port` keeps its address (rechecked), so that
         requests kept alive on one upstream connection were each decided on it. Raises
         ResolveError."""
-        policy = self.policy
-        key = (host_text(host), port)
-        outcome: Address | Decision | Refusal
-        known = client.pinned.get(key)
-        if known is not None and original in (None, known):
-            checked = policy.decide_address(decision.account, key[0], known, port)
-            outcome = known if checked.passes else checked
-        else:
-            outcome = await pin(self.runtime.resolver, policy, decision.account, host, port,
-                                original)
+        known = self.pinned_now(client, decision, host, port, original)
+        if known is not None:
+            return known
+        outcome = await pin(self.runtime.resolver, self.policy, decision.account, host, port,
+                            original)
         if isinstance(outcome, str):
             return self.refuse(decision, outcome), None
         if isinstance(outcome, Decision):
             return outcome, None
-        client.pinned[key] = outcome
+        client.pinned[(host_text(host), port)] = outcome
         return decision, outcome
+
+    def pinned_now(self, client: Client, decision: Decision, host: Host, port: int,
+                   original: Address | None = None) -> tuple[Decision, Address | None] | None:
+        """`pinned` for a name this client already reaches on `port` (its address rechecked),
+        without waiting; None when the name must be resolved first."""
+        key = (host_text(host), port)
+        known = client.pinned.get(key)
+        if known is None or original not in (None, known):
+            return None
+        checked = self.policy.decide_address(decision.account, key[0], known, port)
+        return (decision, known) if checked.passes else (checked, None)
 
     async def connection(self, client: Client, host_raw: str, port: int,
                          proxy_user: str | None = None,
@@ -360,37 +386,76 @@ class Gate:
 
     async def request(self, client: Client, host_raw: str, port: int, method: str, path: str,
                       host_header: str | None, authority: str = "",
-                      proxy_user: str | None = None
-                      ) -> tuple[Decision, Host, Address | None, bool]:
+                      proxy_user: str | None = None) -> RequestOutcome:
         """The decision for one request to `host_raw`:`port` (on the client's connection, if
         it has one), its Host header and absolute-form target (`authority`) checked, and the
         address to dial for it; last, whether it was refused because the name could not be
         resolved (the client gets a 502)."""
-        policy = self.policy
-        tunnel = client.tunnel
+        outcome = self.request_now(client, host_raw, port, method, path, host_header,
+                                   authority, proxy_user)
+        if isinstance(outcome, PendingRequest):
+            outcome = await self.request_later(outcome)
+        return outcome
+
+    def request_now(self, client: Client, host_raw: str, port: int, method: str, path: str,
+                    host_header: str | None, authority: str = "",
+                    proxy_user: str | None = None) -> RequestOutcome | PendingRequest:
+        """`request` as far as it goes without waiting: most requests on a kept-alive
+        connection, whose destination is pinned already, are decided here to the end (no task,
+        no coroutine); the rest (ask mode, a name to resolve) are finished by
+        `request_later`."""
         host = host_or_none(host_raw)
         identity = _with_proxy_user(client.identity, proxy_user)
         if host is None:
-            decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST)
+            decision = self.decide(self.policy, identity, host_raw, port, Stage.REQUEST)
             return decision, Name(host_raw, ()), None, False
-        decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST, method, path)
+        decision = self.decide(self.policy, identity, host_raw, port, Stage.REQUEST, method,
+                               path)
         reason = target_refusal(authority, host, port)
         if client.original is None:
             reason = reason or host_header_refusal(host_header, host, port)
         if reason and decision.account:
             decision = self.refuse(decision, reason)
+        pending = PendingRequest(client, decision, host, host_raw, port, method, path, identity,
+                                 client.tunnel)
         if decision.unmatched and decision.mode is Mode.ASK:
-            decision = await self.ask(decision, identity, host_raw, port, Stage.REQUEST, method,
-                                      path)
-        if tunnel is not None or not decision.passes:
-            decision = self._promise_request(client, decision, path)
-            return decision, host, tunnel.ip if tunnel is not None else None, False
+            return pending
+        return self._request_address(pending)
+
+    async def request_later(self, pending: PendingRequest) -> RequestOutcome:
+        """The rest of a request `request_now` could not finish: the operator asked (ask
+        mode), the name resolved."""
+        decision, client, host, port = pending.decision, pending.client, pending.host, pending.port
+        if not pending.asked and decision.unmatched and decision.mode is Mode.ASK:
+            pending.decision = await self.ask(decision, pending.identity, pending.host_raw, port,
+                                              Stage.REQUEST, pending.method, pending.path)
+            pending.asked = True
+            outcome = self._request_address(pending)
+            if not isinstance(outcome, PendingRequest):
+                return outcome
+            decision = pending.decision
         original = client.original[0] if client.original else None
         try:
             decision, ip = await self.pinned(client, decision, host, port, original)
         except ResolveError as e:
             return self.refuse(decision, str(e), decision.rule), host, None, True
-        return self._promise_request(client, decision, path), host, ip, False
+        return self._promise_request(client, decision, pending.path), host, ip, False
+
+    def _request_address(self, pending: PendingRequest) -> RequestOutcome | PendingRequest:
+        """The address for a decided request, if there is one to give without waiting: the
+        tunnel's, the pinned one, none for a denial."""
+        client, decision, host, tunnel = (pending.client, pending.decision, pending.host,
+                                          pending.tunnel)
+        if tunnel is not None or not decision.passes:
+            decision = self._promise_request(client, decision, pending.path)
+            return decision, host, tunnel.ip if tunnel is not None else None, False
+        original = client.original[0] if client.original else None
+        pinned = self.pinned_now(client, decision, host, pending.port, original)
+        if pinned is None:
+            pending.asked = True  # whatever asking there was to do is done
+            return pending
+        decision, ip = pinned
+        return self._promise_request(client, decision, pending.path), host, ip, False
 
     def _promise_request(self, client: Client, decision: Decision, path: str) -> Decision:
         """Room for the line of a request about to be forwarded, kept on the client until
