@@ -9,12 +9,14 @@ import json
 import time
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from .rules import Mode, Result, Stage
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: one is made per request, and a frozen
+# dataclass of 28 fields takes 2.4 µs more to make; nothing changes an event once it is made
 class AuditEvent:
     """One destination event (DNS query, connection, request), allowed or not. The field
     order is the order of the keys in each line."""
@@ -51,10 +53,10 @@ class AuditEvent:
     def line(self) -> str:
         """The event as one JSON line, keys in their fixed order. ASCII only: a name with
         U+0085 or U+2028 in it must not look like two lines to a reader."""
-        values = [getattr(self, key) for key in KEYS]
+        values = _VALUES(self)
         path = values[_PATH]
         if isinstance(path, str) and "?" in path:  # the log never holds a query string
-            values[_PATH] = path.split("?", 1)[0]
+            values = (*values[:_PATH], path.split("?", 1)[0], *values[_PATH + 1:])
         return _ENCODE(dict(zip(KEYS, values, strict=True))) + "\n"
 
     @classmethod
@@ -89,7 +91,10 @@ class AuditEvent:
 KEYS = tuple(f.name for f in fields(AuditEvent))
 _KEYSET = frozenset(KEYS)
 _PATH = KEYS.index("path")
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps makes one per call
+_VALUES = attrgetter(*KEYS)  # every value at once, in the keys' order
+# json.dumps makes an encoder per call; no circular check: an event holds no containers but
+# `ancestry`, a list of strings
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _NONE = type(None)
 # keys whose type a reader relies on, with the types a line may give them
 _CHECKED: tuple[tuple[str, frozenset[type], str], ...] = tuple(
