@@ -411,9 +411,7 @@ class Gate:
             return decision, Name(host_raw, ()), None, False
         decision = self.decide(self.policy, identity, host_raw, port, Stage.REQUEST, method,
                                path)
-        reason = target_refusal(authority, host, port)
-        if client.original is None:
-            reason = reason or host_header_refusal(host_header, host, port)
+        reason = self._target_refusal(client, host_raw, host, port, authority, host_header)
         if reason and decision.account:
             decision = self.refuse(decision, reason)
         pending = PendingRequest(client, decision, host, host_raw, port, method, path, identity,
@@ -421,6 +419,21 @@ class Gate:
         if decision.unmatched and decision.mode is Mode.ASK:
             return pending
         return self._request_address(pending)
+
+    def _target_refusal(self, client: Client, host_raw: str, host: Host, port: int,
+                        authority: str, host_header: str | None) -> str | None:
+        """Why the request's target or Host header do not name `host`:`port`, if they do not.
+        Worked out once for the spellings a connection sends on every request (the last ones
+        are kept, compared exactly)."""
+        spelled = (host_raw, port, authority, host_header)
+        last = client.last_target
+        if last is not None and last[0] == spelled:
+            return last[1]
+        reason = target_refusal(authority, host, port)
+        if client.original is None:
+            reason = reason or host_header_refusal(host_header, host, port)
+        client.last_target = (spelled, reason)
+        return reason
 
     async def request_later(self, pending: PendingRequest) -> RequestOutcome:
         """The rest of a request `request_now` could not finish: the operator asked (ask
