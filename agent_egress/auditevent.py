@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any
 
+import orjson
+
 from .rules import Mode, Result, Stage
 
 
@@ -57,7 +59,7 @@ class AuditEvent:
         path = values[_PATH]
         if isinstance(path, str) and "?" in path:  # the log never holds a query string
             values = (*values[:_PATH], path.split("?", 1)[0], *values[_PATH + 1:])
-        return _ENCODE(dict(zip(KEYS, values, strict=True))) + "\n"
+        return encode(dict(zip(KEYS, values, strict=True))) + "\n"
 
     @classmethod
     def parse(cls, line: str) -> AuditEvent:
@@ -106,6 +108,23 @@ _CHECKED: tuple[tuple[str, frozenset[type], str], ...] = tuple(
         "path": (str, _NONE), "reason": (str, _NONE), "mode": (str, _NONE),
         "ancestry": (list, _NONE),
     }.items())
+
+
+def encode(data: dict[str, Any]) -> str:
+    """An event's keys and values as json.dumps writes them (compact, ASCII only). orjson
+    makes the line ten times faster (3 µs of the writer's time, holding the GIL, per event)
+    where its bytes are json's: ASCII without DEL (json escapes both, orjson neither), no
+    float in `duration_ms` (the one float key: they spell 1e-05 apart), nothing it refuses (an
+    int beyond 64 bits, a lone surrogate); else json writes it."""
+    if type(data["duration_ms"]) is not float:
+        try:
+            line = orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            pass
+        else:
+            if line.isascii() and b"\x7f" not in line:
+                return line.decode("ascii")
+    return _ENCODE(data)
 
 
 def load_object(line: str) -> dict[str, Any]:
