@@ -64,7 +64,7 @@ ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's 
 RequestOutcome = tuple[Decision, Host, Address | None, bool]  # see Gate.request
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PendingRequest:
     """A request the gate has decided but could not finish without waiting (Gate.request_now):
     an operator to ask, or its name to resolve."""
@@ -78,7 +78,8 @@ class PendingRequest:
     path: str
     identity: Identity
     tunnel: Tunnel | None  # the client's connection when the request came
-    asked: bool = False  # ask mode's wait is behind it (or was not needed)
+    asked: bool = False  # ask mode's wait is behind it (or was not needed): only a name to
+    # resolve is left
 
 
 class Gate:
@@ -414,11 +415,15 @@ class Gate:
         reason = self._target_refusal(client, host_raw, host, port, authority, host_header)
         if reason and decision.account:
             decision = self.refuse(decision, reason)
-        pending = PendingRequest(client, decision, host, host_raw, port, method, path, identity,
-                                 client.tunnel)
+        tunnel = client.tunnel
         if decision.unmatched and decision.mode is Mode.ASK:
-            return pending
-        return self._request_address(pending)
+            return PendingRequest(client, decision, host, host_raw, port, method, path,
+                                  identity, tunnel)
+        outcome = self._request_address(client, tunnel, decision, host, port, path)
+        if outcome is None:
+            return PendingRequest(client, decision, host, host_raw, port, method, path,
+                                  identity, tunnel, asked=True)
+        return outcome
 
     def _target_refusal(self, client: Client, host_raw: str, host: Host, port: int,
                         authority: str, host_header: str | None) -> str | None:
@@ -439,14 +444,13 @@ class Gate:
         """The rest of a request `request_now` could not finish: the operator asked (ask
         mode), the name resolved."""
         decision, client, host, port = pending.decision, pending.client, pending.host, pending.port
-        if not pending.asked and decision.unmatched and decision.mode is Mode.ASK:
-            pending.decision = await self.ask(decision, pending.identity, pending.host_raw, port,
-                                              Stage.REQUEST, pending.method, pending.path)
-            pending.asked = True
-            outcome = self._request_address(pending)
-            if not isinstance(outcome, PendingRequest):
+        if not pending.asked:
+            decision = await self.ask(decision, pending.identity, pending.host_raw, port,
+                                      Stage.REQUEST, pending.method, pending.path)
+            outcome = self._request_address(client, pending.tunnel, decision, host, port,
+                                            pending.path)
+            if outcome is not None:
                 return outcome
-            decision = pending.decision
         original = client.original[0] if client.original else None
         try:
             decision, ip = await self.pinned(client, decision, host, port, original)
@@ -454,21 +458,20 @@ class Gate:
             return self.refuse(decision, str(e), decision.rule), host, None, True
         return self._promise_request(client, decision, pending.path), host, ip, False
 
-    def _request_address(self, pending: PendingRequest) -> RequestOutcome | PendingRequest:
-        """The address for a decided request, if there is one to give without waiting: the
-        tunnel's, the pinned one, none for a denial."""
-        client, decision, host, tunnel = (pending.client, pending.decision, pending.host,
-                                          pending.tunnel)
+    def _request_address(self, client: Client, tunnel: Tunnel | None, decision: Decision,
+                         host: Host, port: int, path: str) -> RequestOutcome | None:
+        """A decided request with the address to dial for it, if there is one to give without
+        waiting (the tunnel's, the pinned one; none for a denial); None when its name must be
+        resolved first."""
         if tunnel is not None or not decision.passes:
-            decision = self._promise_request(client, decision, pending.path)
+            decision = self._promise_request(client, decision, path)
             return decision, host, tunnel.ip if tunnel is not None else None, False
         original = client.original[0] if client.original else None
-        pinned = self.pinned_now(client, decision, host, pending.port, original)
+        pinned = self.pinned_now(client, decision, host, port, original)
         if pinned is None:
-            pending.asked = True  # whatever asking there was to do is done
-            return pending
+            return None
         decision, ip = pinned
-        return self._promise_request(client, decision, pending.path), host, ip, False
+        return self._promise_request(client, decision, path), host, ip, False
 
     def _promise_request(self, client: Client, decision: Decision, path: str) -> Decision:
         """Room for the line of a request about to be forwarded, kept on the client until
