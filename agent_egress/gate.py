@@ -498,8 +498,11 @@ class Gate:
         else:
             metrics, account = self.runtime.metrics, exchange.decision.account
             metrics.active_connections.labels(account).dec()
-            metrics.bytes.labels(account, "up").inc(bytes_up or 0)
-            metrics.bytes.labels(account, "down").inc(bytes_down or 0)
+            up, down = metrics.bytes.labels(account, "up"), metrics.bytes.labels(account, "down")
+            if bytes_up:  # most requests have no body: nothing to add (the series exists)
+                up.inc(bytes_up)
+            if bytes_down:
+                down.inc(bytes_down)
         self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
                     exchange.ip, method=method, path=path, bytes_up=bytes_up,
                     bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body,
