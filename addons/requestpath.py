@@ -47,7 +47,7 @@ from agent_egress.addons.limits import MAX_HEAD_BYTES, REQUEST_HEAD_SECONDS
 from agent_egress.addons.origin import Upstream
 from agent_egress.clients import Client
 from agent_egress.connections import Exchange, Tunnel
-from agent_egress.gate import Gate
+from agent_egress.gate import Gate, PendingRequest
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
 from agent_egress.rules import Address, Decision, Host, Stage, host_text
 from agent_egress.rules.operations import MAX_BODY
@@ -215,8 +215,11 @@ class PlainClient(asyncio.Protocol):
         if end < len(data):
             self.received[:0] = data[end:]
         self.head = head
-        task = asyncio.get_running_loop().create_task(self._guarded(self._serve(head)))
-        self.listener.keep(task)
+        try:
+            self._serve(head)
+        except Exception:
+            log.exception("fast request failed; closing the connection")
+            self.abort()
 
     def _await_head(self) -> None:
         """Inside a tunnel a split head is waited for, for as long as mitmproxy's path
@@ -257,20 +260,39 @@ class PlainClient(asyncio.Protocol):
 
     # One request
 
-    async def _serve(self, head: RequestHead) -> None:
-        gate, client, inside = self.gate, self.client, self.inside
+    def _serve(self, head: RequestHead) -> None:
+        """Serves `head` without a task while nothing needs waiting for (a destination pinned
+        on this connection, an upstream connection in the pool): the common case."""
+        gate, inside = self.gate, self.inside
         host_raw, port = (host_text(inside.tunnel.host), inside.tunnel.port) if inside else (
             head.host, head.port)
-        decision, host, ip, unresolved = await gate.request(
-            client, host_raw, port, head.method, head.path, head.host_header, head.authority)
-        if self.closing:
-            gate.finish(client)  # gone meanwhile: the audit room promised to it goes back
+        outcome = gate.request_now(self.client, host_raw, port, head.method, head.path,
+                                   head.host_header, head.authority)
+        if isinstance(outcome, PendingRequest):
+            self._later(self._serve_later(head, outcome))
             return
+        self._forward(head, port, *outcome)
+
+    async def _serve_later(self, head: RequestHead, pending: PendingRequest) -> None:
+        decision, host, ip, unresolved = await self.gate.request_later(pending)
+        if self.closing:
+            self.gate.finish(self.client)  # gone meanwhile: the audit room promised goes back
+            return
+        self._forward(head, pending.port, decision, host, ip, unresolved)
+
+    def _later(self, coroutine: Any) -> None:
+        """Goes on with the request in a task: something must be waited for."""
+        self.listener.keep(asyncio.get_running_loop().create_task(self._guarded(coroutine)))
+
+    def _forward(self, head: RequestHead, port: int, decision: Decision, host: Host,
+                 ip: Address | None, unresolved: bool) -> None:
+        """Sends a request the gate decided to its upstream, or answers its denial."""
+        gate, inside = self.gate, self.inside
         caught = gate.carried(decision, head_parts(head))  # parts made only with secrets set
         if caught is not decision:
             decision, unresolved = caught, False
         if not decision.passes:
-            await self._refuse(head, decision, host, port, ip, unresolved)
+            self._later(self._refuse(head, decision, host, port, ip, unresolved))
             return
         ip_text = self._spelled(ip) if ip is not None else ""
         # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
@@ -285,22 +307,28 @@ class PlainClient(asyncio.Protocol):
         if inside and decision.credential is not None:
             injected = gate.credential_header(decision)
             if isinstance(injected, Decision):
-                await self._refuse(head, injected, host, port, ip, False)
+                self._later(self._refuse(head, injected, host, port, ip, False))
                 return
             self.injected = injected
-        self.exchange = gate.begin_exchange(client, decision, host, port, ip)
+        self.exchange = gate.begin_exchange(self.client, decision, host, port, ip)
         key = (host_text(host), ip_text, port)
         upstream = self._pooled(key)
         if upstream is None:
-            try:
-                upstream = await self._dial(key, ip, port)
-            except OSError as e:  # TimeoutError and TLS failures too
-                self._upstream_failed(f"Cannot connect to {host_text(host)}:{port}: "
-                                      f"{e.strerror or e or 'timed out'}")
-                return
-            if self.transport.is_closing():
-                upstream.transport.close()
-                return
+            self._later(self._dial_and_send(head, key, ip))
+            return
+        self._send(upstream, head)
+
+    async def _dial_and_send(self, head: RequestHead, key: tuple[str, str, int],
+                             ip: Address) -> None:
+        try:
+            upstream = await self._dial(key, ip, key[2])
+        except OSError as e:  # TimeoutError and TLS failures too
+            self._upstream_failed(f"Cannot connect to {key[0]}:{key[2]}: "
+                                  f"{e.strerror or e or 'timed out'}")
+            return
+        if self.transport.is_closing():
+            upstream.transport.close()
+            return
         self._send(upstream, head)
 
     async def _refuse(self, head: RequestHead, decision: Decision, host: Host, port: int,

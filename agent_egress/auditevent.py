@@ -9,12 +9,16 @@ import json
 import time
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
+
+import orjson
 
 from .rules import Mode, Result, Stage
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: one is made per request, and a frozen
+# dataclass of 28 fields takes 2.4 µs more to make; nothing changes an event once it is made
 class AuditEvent:
     """One destination event (DNS query, connection, request), allowed or not. The field
     order is the order of the keys in each line."""
@@ -51,11 +55,11 @@ class AuditEvent:
     def line(self) -> str:
         """The event as one JSON line, keys in their fixed order. ASCII only: a name with
         U+0085 or U+2028 in it must not look like two lines to a reader."""
-        values = [getattr(self, key) for key in KEYS]
+        values = _VALUES(self)
         path = values[_PATH]
         if isinstance(path, str) and "?" in path:  # the log never holds a query string
-            values[_PATH] = path.split("?", 1)[0]
-        return _ENCODE(dict(zip(KEYS, values, strict=True))) + "\n"
+            values = (*values[:_PATH], path.split("?", 1)[0], *values[_PATH + 1:])
+        return encode(dict(zip(KEYS, values, strict=True))) + "\n"
 
     @classmethod
     def parse(cls, line: str) -> AuditEvent:
@@ -89,7 +93,10 @@ class AuditEvent:
 KEYS = tuple(f.name for f in fields(AuditEvent))
 _KEYSET = frozenset(KEYS)
 _PATH = KEYS.index("path")
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps makes one per call
+_VALUES = attrgetter(*KEYS)  # every value at once, in the keys' order
+# json.dumps makes an encoder per call; no circular check: an event holds no containers but
+# `ancestry`, a list of strings
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _NONE = type(None)
 # keys whose type a reader relies on, with the types a line may give them
 _CHECKED: tuple[tuple[str, frozenset[type], str], ...] = tuple(
@@ -101,6 +108,23 @@ _CHECKED: tuple[tuple[str, frozenset[type], str], ...] = tuple(
         "path": (str, _NONE), "reason": (str, _NONE), "mode": (str, _NONE),
         "ancestry": (list, _NONE),
     }.items())
+
+
+def encode(data: dict[str, Any]) -> str:
+    """An event's keys and values as json.dumps writes them (compact, ASCII only). orjson
+    makes the line ten times faster (3 µs of the writer's time, holding the GIL, per event)
+    where its bytes are json's: ASCII without DEL (json escapes both, orjson neither), no
+    float in `duration_ms` (the one float key: they spell 1e-05 apart), nothing it refuses (an
+    int beyond 64 bits, a lone surrogate); else json writes it."""
+    if type(data["duration_ms"]) is not float:
+        try:
+            line = orjson.dumps(data)
+        except orjson.JSONEncodeError:
+            pass
+        else:
+            if line.isascii() and b"\x7f" not in line:
+                return line.decode("ascii")
+    return _ENCODE(data)
 
 
 def load_object(line: str) -> dict[str, Any]:

@@ -30,6 +30,9 @@ class Client:
     tunnel: Tunnel | None = None  # the connection it asked for (CONNECT, transparent)
     pinned: dict[tuple[str, int], Address] = field(default_factory=dict)  # (name, port) -> ip
     promised: int = 0  # audit room for the request just decided, until begin_exchange takes it
+    # the last request's (host, port, target authority, Host header) and the gate's check of
+    # them (Gate._target_refusal): a kept-alive connection sends the same ones each time
+    last_target: tuple[tuple[str, int, str, str | None], str | None] | None = None
 
     def known_process(self) -> Process | None:
         """The process, if the background lookup has found it by now."""

@@ -47,7 +47,7 @@ class Counted:
         return chunk
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and frozen takes 0.8 µs more
 class Exchange:
     """An allowed request on its way: recorded once its response has come (or failed)."""
 

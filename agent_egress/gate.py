@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .approvals import AccessRequest, Approvals, RequestError, State
 from .auditevent import AuditEvent, timestamp
@@ -34,7 +35,7 @@ from .checks import host_header_refusal, host_or_none, target_refusal
 from .clients import Client, ClientIdentifier
 from .connections import Exchange, Tunnel
 from .livetunnels import LiveTunnels
-from .pinning import Refusal, pin
+from .pinning import pin
 from .rules import (
     AccountChoice,
     Address,
@@ -59,6 +60,27 @@ UNRECORDED = ("the audit log cannot be written (disk full?); denying until it ca
               "(--on-audit-failure=deny)")
 ACCOUNT_MEMO = 4096
 ATTRIBUTION_WAIT = 0.5  # seconds a denial or DNS answer waits for the client's process
+
+
+RequestOutcome = tuple[Decision, Host, Address | None, bool]  # see Gate.request
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A request the gate has decided but could not finish without waiting (Gate.request_now):
+    an operator to ask, or its name to resolve."""
+
+    client: Client
+    decision: Decision
+    host: Host
+    host_raw: str
+    port: int
+    method: str
+    path: str
+    identity: Identity
+    tunnel: Tunnel | None  # the client's connection when the request came
+    asked: bool = False  # ask mode's wait is behind it (or was not needed): only a name to
+    # resolve is left
 
 
 class Gate:
@@ -171,22 +193,28 @@ class Gate:
         A name this client already reaches on `port` keeps its address (rechecked), so that
         requests kept alive on one upstream connection were each decided on it. Raises
         ResolveError."""
-        policy = self.policy
-        key = (host_text(host), port)
-        outcome: Address | Decision | Refusal
-        known = client.pinned.get(key)
-        if known is not None and original in (None, known):
-            checked = policy.decide_address(decision.account, key[0], known, port)
-            outcome = known if checked.passes else checked
-        else:
-            outcome = await pin(self.runtime.resolver, policy, decision.account, host, port,
-                                original)
+        known = self.pinned_now(client, decision, host, port, original)
+        if known is not None:
+            return known
+        outcome = await pin(self.runtime.resolver, self.policy, decision.account, host, port,
+                            original)
         if isinstance(outcome, str):
             return self.refuse(decision, outcome), None
         if isinstance(outcome, Decision):
             return outcome, None
-        client.pinned[key] = outcome
+        client.pinned[(host_text(host), port)] = outcome
         return decision, outcome
+
+    def pinned_now(self, client: Client, decision: Decision, host: Host, port: int,
+                   original: Address | None = None) -> tuple[Decision, Address | None] | None:
+        """`pinned` for a name this client already reaches on `port` (its address rechecked),
+        without waiting; None when the name must be resolved first."""
+        key = (host_text(host), port)
+        known = client.pinned.get(key)
+        if known is None or original not in (None, known):
+            return None
+        checked = self.policy.decide_address(decision.account, key[0], known, port)
+        return (decision, known) if checked.passes else (checked, None)
 
     async def connection(self, client: Client, host_raw: str, port: int,
                          proxy_user: str | None = None,
@@ -360,36 +388,90 @@ class Gate:
 
     async def request(self, client: Client, host_raw: str, port: int, method: str, path: str,
                       host_header: str | None, authority: str = "",
-                      proxy_user: str | None = None
-                      ) -> tuple[Decision, Host, Address | None, bool]:
+                      proxy_user: str | None = None) -> RequestOutcome:
         """The decision for one request to `host_raw`:`port` (on the client's connection, if
         it has one), its Host header and absolute-form target (`authority`) checked, and the
         address to dial for it; last, whether it was refused because the name could not be
         resolved (the client gets a 502)."""
-        policy = self.policy
-        tunnel = client.tunnel
+        outcome = self.request_now(client, host_raw, port, method, path, host_header,
+                                   authority, proxy_user)
+        if isinstance(outcome, PendingRequest):
+            outcome = await self.request_later(outcome)
+        return outcome
+
+    def request_now(self, client: Client, host_raw: str, port: int, method: str, path: str,
+                    host_header: str | None, authority: str = "",
+                    proxy_user: str | None = None) -> RequestOutcome | PendingRequest:
+        """`request` as far as it goes without waiting: most requests on a kept-alive
+        connection, whose destination is pinned already, are decided here to the end (no task,
+        no coroutine); the rest (ask mode, a name to resolve) are finished by
+        `request_later`."""
         host = host_or_none(host_raw)
         identity = _with_proxy_user(client.identity, proxy_user)
         if host is None:
-            decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST)
+            decision = self.decide(self.policy, identity, host_raw, port, Stage.REQUEST)
             return decision, Name(host_raw, ()), None, False
-        decision = self.decide(policy, identity, host_raw, port, Stage.REQUEST, method, path)
+        decision = self.decide(self.policy, identity, host_raw, port, Stage.REQUEST, method,
+                               path)
+        reason = self._target_refusal(client, host_raw, host, port, authority, host_header)
+        if reason and decision.account:
+            decision = self.refuse(decision, reason)
+        tunnel = client.tunnel
+        if decision.unmatched and decision.mode is Mode.ASK:
+            return PendingRequest(client, decision, host, host_raw, port, method, path,
+                                  identity, tunnel)
+        outcome = self._request_address(client, tunnel, decision, host, port, path)
+        if outcome is None:
+            return PendingRequest(client, decision, host, host_raw, port, method, path,
+                                  identity, tunnel, asked=True)
+        return outcome
+
+    def _target_refusal(self, client: Client, host_raw: str, host: Host, port: int,
+                        authority: str, host_header: str | None) -> str | None:
+        """Why the request's target or Host header do not name `host`:`port`, if they do not.
+        Worked out once for the spellings a connection sends on every request (the last ones
+        are kept, compared exactly)."""
+        spelled = (host_raw, port, authority, host_header)
+        last = client.last_target
+        if last is not None and last[0] == spelled:
+            return last[1]
         reason = target_refusal(authority, host, port)
         if client.original is None:
             reason = reason or host_header_refusal(host_header, host, port)
-        if reason and decision.account:
-            decision = self.refuse(decision, reason)
-        if decision.unmatched and decision.mode is Mode.ASK:
-            decision = await self.ask(decision, identity, host_raw, port, Stage.REQUEST, method,
-                                      path)
-        if tunnel is not None or not decision.passes:
-            decision = self._promise_request(client, decision, path)
-            return decision, host, tunnel.ip if tunnel is not None else None, False
+        client.last_target = (spelled, reason)
+        return reason
+
+    async def request_later(self, pending: PendingRequest) -> RequestOutcome:
+        """The rest of a request `request_now` could not finish: the operator asked (ask
+        mode), the name resolved."""
+        decision, client, host, port = pending.decision, pending.client, pending.host, pending.port
+        if not pending.asked:
+            decision = await self.ask(decision, pending.identity, pending.host_raw, port,
+                                      Stage.REQUEST, pending.method, pending.path)
+            outcome = self._request_address(client, pending.tunnel, decision, host, port,
+                                            pending.path)
+            if outcome is not None:
+                return outcome
         original = client.original[0] if client.original else None
         try:
             decision, ip = await self.pinned(client, decision, host, port, original)
         except ResolveError as e:
             return self.refuse(decision, str(e), decision.rule), host, None, True
+        return self._promise_request(client, decision, pending.path), host, ip, False
+
+    def _request_address(self, client: Client, tunnel: Tunnel | None, decision: Decision,
+                         host: Host, port: int, path: str) -> RequestOutcome | None:
+        """A decided request with the address to dial for it, if there is one to give without
+        waiting (the tunnel's, the pinned one; none for a denial); None when its name must be
+        resolved first."""
+        if tunnel is not None or not decision.passes:
+            decision = self._promise_request(client, decision, path)
+            return decision, host, tunnel.ip if tunnel is not None else None, False
+        original = client.original[0] if client.original else None
+        pinned = self.pinned_now(client, decision, host, port, original)
+        if pinned is None:
+            return None
+        decision, ip = pinned
         return self._promise_request(client, decision, path), host, ip, False
 
     def _promise_request(self, client: Client, decision: Decision, path: str) -> Decision:
@@ -417,8 +499,11 @@ class Gate:
         else:
             metrics, account = self.runtime.metrics, exchange.decision.account
             metrics.active_connections.labels(account).dec()
-            metrics.bytes.labels(account, "up").inc(bytes_up or 0)
-            metrics.bytes.labels(account, "down").inc(bytes_down or 0)
+            up, down = metrics.bytes.labels(account, "up"), metrics.bytes.labels(account, "down")
+            if bytes_up:  # most requests have no body: nothing to add (the series exists)
+                up.inc(bytes_up)
+            if bytes_down:
+                down.inc(bytes_down)
         self.record(Stage.REQUEST, client, exchange.decision, exchange.host, exchange.port,
                     exchange.ip, method=method, path=path, bytes_up=bytes_up,
                     bytes_down=bytes_down, duration_ms=exchange.duration_ms(), body=body,
@@ -465,7 +550,7 @@ class Gate:
             client=client.address, uid=identity.uid, user=identity.user,
             pid=process.pid if process else None, exe=process.exe if process else None,
             cmdline=process.cmdline if process else None, host=str(host), port=port,
-            ip=str(ip) if ip is not None else None, method=method, path=path, qtype=qtype,
+            ip=_address_text(ip) if ip is not None else None, method=method, path=path, qtype=qtype,
             decision=decision.result, rule=decision.rule, reason=reason or decision.reason,
             mode=decision.mode if decision.account else None,
             policy=(policy or self.policy).digest, bytes_up=bytes_up, bytes_down=bytes_down,
@@ -506,6 +591,13 @@ def _asked(decision: Decision, request: AccessRequest, waited: float | None) -> 
         what = f"access request {request.id} was {request.state}{by}{answer}"
         hint = decision.hint
     return replace(decision, reason=f"{decision.reason}; {what}", hint=hint)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_text(ip: Address) -> str:
+    """An address as the audit line spells it: str() takes 0.7 µs, and the requests of a
+    connection go to one address."""
+    return str(ip)
 
 
 def _with_proxy_user(identity: Identity, proxy_user: str | None) -> Identity:

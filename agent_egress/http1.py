@@ -17,14 +17,13 @@ from dataclasses import dataclass
 
 import httptools
 
-from .rules import HostError, parse_port, split_host_port
-
 HEAD_END = b"\r\n\r\n"
 # Methods with a plain request/response exchange; anything else is mitmproxy's
 METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
-# http://host[:port]/path: a name or address (no userinfo, no escapes), then a path
+# http://host[:port]/path: a name or address (no userinfo, no escapes), then a path; groups:
+# the authority, the name or the bracketed IPv6 address, the port, the path
 _ABSOLUTE_HTTP = re.compile(
-    rb"http://((?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?)(/[!-~]*)")
+    rb"http://((?:([A-Za-z0-9.\-]+)|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?)(/[!-~]*)")
 _ORIGIN_FORM = re.compile(rb"/[!-~]*")
 # Sent to the origin by the proxy, never the client's to pass on
 _PROXY_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"keep-alive"})
@@ -131,20 +130,18 @@ def request_head(head: bytes, origin_form: bool = False) -> RequestHead | None:
     if origin_form:
         authority, host, port, path = "", "", 0, target.decode("ascii")
     else:
-        authority, path = match.group(1).decode("ascii"), match.group(2).decode("ascii")
-        try:
-            host, port_text = split_host_port(authority)
-            port = 80 if port_text is None else parse_port(port_text)
-        except HostError:
-            return None
-        if not host:
+        authority_raw, name, address, port_raw, path_raw = match.groups()
+        authority, path = authority_raw.decode("ascii"), path_raw.decode("ascii")
+        host = (name or address).decode("ascii")  # as split_host_port reads the authority
+        port = 80 if port_raw is None else int(port_raw)
+        if not 1 <= port <= 65535:
             return None
     return RequestHead(method.decode("ascii"), authority, host, port, path, tuple(headers),
                        host_header.decode("ascii"), content_length, collector.keep_alive,
                        head)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per response
 class ResponseFraming:
     """How an origin's response body ends."""
 

@@ -26,7 +26,7 @@ from agent_egress.audit import AuditLog
 from agent_egress.auditevent import AuditEvent
 from agent_egress.clients import Client
 from agent_egress.control import MAX_MESSAGE, Caller, ControlServer, _Refused
-from agent_egress.gate import Gate
+from agent_egress.gate import Gate, PendingRequest
 from agent_egress.metrics import Metrics
 from agent_egress.rules import Decision, Identity, Mode, Result, Stage
 from agent_egress.runtime import PolicyHolder, Runtime
@@ -192,6 +192,29 @@ def test_ask_mode_holds_an_unmatched_connection_until_approved(gate):
     gate.finish(agent())
     gate.record_connection(agent(), tunnel)
     assert events(gate)[-1]["approval"] == tunnel.decision.approval
+
+
+def test_ask_mode_holds_an_unmatched_request_until_approved_then_resolves_it(gate):
+    """A request in ask mode is not decided at once (Gate.request_now leaves it pending); held
+    until approved, it is decided again on the new policy and its name resolved and pinned."""
+    client = agent()
+
+    async def scenario():
+        pending = gate.request_now(client, "new.test", 80, "GET", "/", "new.test")
+        assert isinstance(pending, PendingRequest) and not pending.asked
+        held = asyncio.create_task(gate.request_later(pending))
+        await asyncio.sleep(0.1)
+        (request,) = gate.approvals.pending()
+        approve_new_test(gate)
+        assert await gate.runtime.policies.reload_off_loop()
+        gate.approvals.settle(request, State.APPROVED, "operator")
+        return await held
+
+    decision, _, ip, unresolved = asyncio.run(scenario())
+    assert decision.result is Result.ALLOW and decision.approval is not None
+    assert str(ip) == "192.0.2.20" and not unresolved
+    assert client.pinned == {("new.test", 80): ip}
+    gate.runtime.audit.release(client.promised)
 
 
 def approve_new_test(gate: Gate) -> None:

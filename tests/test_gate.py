@@ -24,7 +24,7 @@ from agent_egress.addons.enforce import Enforcer
 from agent_egress.audit import AuditLog
 from agent_egress.auditspace import LINE_PROMISE
 from agent_egress.clients import Client
-from agent_egress.gate import UNRECORDED, Gate
+from agent_egress.gate import UNRECORDED, Gate, PendingRequest
 from agent_egress.metrics import Metrics
 from agent_egress.rules import Identity, Result, Stage
 from agent_egress.runtime import PolicyHolder, Runtime
@@ -135,6 +135,36 @@ def test_a_kept_alive_name_keeps_its_checked_address(gate):
     gate.runtime.resolver.names["allowed.test"] = ["192.0.2.77"]
     second = asyncio.run(gate.request(client, "allowed.test", 80, "GET", "/", "allowed.test"))
     assert first[2] == second[2] == ip_address("192.0.2.10")
+
+
+def test_a_request_to_a_pinned_name_is_decided_without_waiting(gate):
+    """The first request to a name waits for its resolution (request_later); the next ones on
+    the connection are decided to the end at once, as `request` decides them."""
+    client = agent()
+    first = gate.request_now(client, "allowed.test", 80, "GET", "/", "allowed.test")
+    assert isinstance(first, PendingRequest)
+    decided = asyncio.run(gate.request_later(first))
+    again = gate.request_now(client, "allowed.test", 80, "GET", "/", "allowed.test")
+    assert again == decided == asyncio.run(
+        gate.request(client, "allowed.test", 80, "GET", "/", "allowed.test"))
+    assert again[0].passes and again[2] == ip_address("192.0.2.10")
+    gate.runtime.audit.release(client.promised)
+
+
+def test_the_checks_kept_for_a_connection_follow_each_requests_spelling(gate):
+    """The Host header and target checks are kept for the last spelling a connection sent:
+    another spelling on the same connection is checked anew."""
+    client = agent()
+    asyncio.run(gate.request(client, "allowed.test", 80, "GET", "/", "allowed.test"))
+    for header, authority, passes in [("allowed.test", "allowed.test", True),
+                                      ("evil.test", "allowed.test", False),
+                                      ("allowed.test", "allowed.test", True),
+                                      ("allowed.test", "evil.test", False),
+                                      ("allowed.test:81", "allowed.test", False),
+                                      ("allowed.test", "allowed.test", True)]:
+        decision, *_ = gate.request_now(client, "allowed.test", 80, "GET", "/", header,
+                                        authority)
+        assert decision.passes is passes, (header, authority)
 
 
 @pytest.mark.parametrize("header, refused", [

@@ -28,7 +28,7 @@ from support.scripted import (
 from agent_egress.addons import requestpath
 from agent_egress.addons.fastpath import FastTunnels
 from agent_egress.audit import AuditLog
-from agent_egress.gate import Gate
+from agent_egress.gate import Gate, PendingRequest
 from agent_egress.metrics import Metrics
 from agent_egress.runtime import PolicyHolder, Runtime
 
@@ -359,13 +359,20 @@ def test_a_request_whose_rule_injects_a_credential_goes_to_mitmproxy(serve):
 
 def test_an_inspected_decision_goes_to_mitmproxy(serve, monkeypatch):
     async def test(s: Setup) -> None:
-        decide = s.gate.request
+        decide_now, decide_later = s.gate.request_now, s.gate.request_later
 
-        async def inspected(*args: Any, **kwargs: Any) -> Any:
-            decision, *rest = await decide(*args, **kwargs)
+        def inspected(outcome: Any) -> Any:
+            if isinstance(outcome, PendingRequest):
+                return outcome
+            decision, *rest = outcome
             return (replace(decision, inspect=True), *rest)
 
-        monkeypatch.setattr(s.gate, "request", inspected)
+        async def later(pending: PendingRequest) -> Any:
+            return inspected(await decide_later(pending))
+
+        monkeypatch.setattr(s.gate, "request_now",
+                            lambda *args, **kwargs: inspected(decide_now(*args, **kwargs)))
+        monkeypatch.setattr(s.gate, "request_later", later)
         first = s.get("/hello")
         responses, _ = await s.exchange(first, answers=1)
         assert [r.status_code for r in responses] == [299]
