@@ -208,23 +208,33 @@ accounts:
 {cidr}"""
 
 
-def explicit_and_dns(work: Path, ca: trustme.CA, settings: Settings) -> list[Phase]:
+def explicit_stack(stack: ExitStack, work: Path, ca: trustme.CA
+                   ) -> tuple[RunningProxy, int, int]:
+    """A DNS server, nginx (HTTP and HTTPS) and `agent-egress run` on the explicit listener
+    for this user's account, each stopped with `stack`: the proxy and nginx's HTTP and HTTPS
+    ports."""
     from common import free_port
+
+    dns = TestDNS(Zone({name: ["127.0.0.1"] for name in NAMES}))
+    stack.callback(dns.stop)
+    http_port, https_port = free_port(), free_port()
+    origin = nginx(work / "nginx", ca.issue_cert("web.test", "*.secure.test"),
+                   "127.0.0.1", http_port, https_port)
+    stack.callback(origin.stop)
+    origin.wait_for_port(https_port)
+    (work / "proxy").mkdir()
+    proxy = RunningProxy(CLI, work / "proxy", policy(f"{{uids: [{os.getuid()}]}}",
+                                                     http_port, https_port, True),
+                         "--upstream-dns", dns.address)
+    stack.callback(proxy.stop)
+    return proxy, http_port, https_port
+
+
+def explicit_and_dns(work: Path, ca: trustme.CA, settings: Settings) -> list[Phase]:
 
     phases = []
     with ExitStack() as stack:
-        dns = TestDNS(Zone({name: ["127.0.0.1"] for name in NAMES}))
-        stack.callback(dns.stop)
-        http_port, https_port = free_port(), free_port()
-        origin = nginx(work / "nginx", ca.issue_cert("web.test", "*.secure.test"),
-                       "127.0.0.1", http_port, https_port)
-        stack.callback(origin.stop)
-        origin.wait_for_port(https_port)
-        (work / "proxy").mkdir()
-        proxy = RunningProxy(CLI, work / "proxy", policy(f"{{uids: [{os.getuid()}]}}",
-                                                         http_port, https_port, True),
-                             "--upstream-dns", dns.address)
-        stack.callback(proxy.stop)
+        proxy, http_port, https_port = explicit_stack(stack, work, ca)
         pid = proxy.process.pid
         print(f"proxy RLIMIT_NOFILE: {limits(pid)}", flush=True)
         plan = Plan(run="explicit", proxy=("127.0.0.1", proxy.port),

@@ -21,25 +21,19 @@ from pathlib import Path
 
 import trustme
 from bench_load import (
-    NAMES,
     WORKERS,
     Phase,
     Sampler,
+    explicit_stack,
     failures,
     limits,
-    nginx,
-    policy,
     resource_hard,
     slope,
     wait_for_events,
 )
-from common import free_port, machine, raise_nofile, table
-from support.dnsserver import TestDNS, Zone
+from common import machine, raise_nofile, table
 from support.load import FAILED, OK, Plan, match_audit, run_elsewhere
-from support.proxy import RunningProxy
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = str(ROOT / ".venv" / "bin" / "agent-egress")
 HELLO_CLIENTS = 4
 HELLO_BYTES = 4 * 1024 * 1024  # what each sends of a ClientHello announcing 16 MiB
 
@@ -93,18 +87,7 @@ def main() -> None:
         work = Path(tmp)
         work.chmod(0o755)
         ca = trustme.CA()
-        dns = TestDNS(Zone({name: ["127.0.0.1"] for name in NAMES}))
-        stack.callback(dns.stop)
-        http_port, https_port = free_port(), free_port()
-        origin = nginx(work / "nginx", ca.issue_cert("web.test", "*.secure.test"),
-                       "127.0.0.1", http_port, https_port)
-        stack.callback(origin.stop)
-        origin.wait_for_port(https_port)
-        (work / "proxy").mkdir()
-        proxy = RunningProxy(CLI, work / "proxy", policy(f"{{uids: [{os.getuid()}]}}",
-                                                         http_port, https_port, True),
-                             "--upstream-dns", dns.address)
-        stack.callback(proxy.stop)
+        proxy, http_port, https_port = explicit_stack(stack, work, ca)
         pid = proxy.process.pid
         print(f"proxy RLIMIT_NOFILE: {limits(pid)}; {args.minutes:g} minutes of load",
               flush=True)

@@ -19,15 +19,13 @@ from typing import Any
 import pytest
 from mitmproxy import certs
 from support import origins
-from support.scripted import LOOPS, Mitmproxy, Names, ScriptedOrigin, read_responses
+from support.scripted import LOOPS, Mitmproxy, ScriptedOrigin, fast_listener, read_responses
 
 from agent_egress.addons import requestpath, tlsterminate
 from agent_egress.addons.fastpath import FastTunnels
 from agent_egress.addons.tlsterminate import Certificates, Inspection, upstream_context
 from agent_egress.audit import AuditLog
 from agent_egress.gate import Gate
-from agent_egress.metrics import Metrics
-from agent_egress.runtime import PolicyHolder, Runtime
 
 SECRET = "inspected-secret-8e21f0"
 
@@ -144,26 +142,18 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path,
                                                        ssl=context)
             origin_port = origin_server.sockets[0].getsockname()[1]
             (tmp_path / "policy.yaml").write_text(policy(origin_port))
-            audit = AuditLog(tmp_path / "audit.jsonl")
-            gate = Gate(Runtime(PolicyHolder(tmp_path / "policy.yaml"), audit,
-                                Names(), None, Metrics()))  # type: ignore[arg-type]
             inspection = Inspection(Certificates(lambda: certstore),
                                     upstream_context(origin_ca.ca_file))
-            tunnels = FastTunnels(gate, mitmproxy.handle_stream, set, requests=True,
-                                  inspection=inspection)
-            server = await asyncio.get_running_loop().create_server(tunnels.protocol,
-                                                                    "127.0.0.1", 0)
             try:
-                setup = Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
-                              origin_port, tmp_path / "audit.jsonl", client_tls, names)
-                setup.tunnels = tunnels
-                await test(setup)
+                async with fast_listener(tmp_path / "policy.yaml", tmp_path / "audit.jsonl",
+                                         mitmproxy.handle_stream, inspection) as (
+                        gate, tunnels, port):
+                    setup = Setup(gate, origin, mitmproxy, port, origin_port,
+                                  tmp_path / "audit.jsonl", client_tls, names)
+                    setup.tunnels = tunnels
+                    await test(setup)
             finally:
-                await tunnels.close()
-                server.close()
                 origin_server.close()
-                gate.runtime.audit.close()
-                gate.close()
 
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
             runner.run(main())

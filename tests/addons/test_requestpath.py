@@ -19,9 +19,9 @@ import pytest
 from support.scripted import (
     LOOPS,
     Mitmproxy,
-    Names,
     ScriptedOrigin,
     closes,
+    fast_listener,
     read_responses,
 )
 
@@ -29,8 +29,6 @@ from agent_egress.addons import requestpath
 from agent_egress.addons.fastpath import FastTunnels
 from agent_egress.audit import AuditLog
 from agent_egress.gate import Gate, PendingRequest
-from agent_egress.metrics import Metrics
-from agent_egress.runtime import PolicyHolder, Runtime
 
 
 class Setup:
@@ -120,24 +118,16 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path,
                 closed_port = closed.getsockname()[1]
             (tmp_path / "policy.yaml").write_text(policy([origin_port, closed_port],
                                                          credentials))
-            audit = AuditLog(tmp_path / "audit.jsonl")
-            gate = Gate(Runtime(PolicyHolder(tmp_path / "policy.yaml"), audit,
-                                Names(), None, Metrics()))  # type: ignore[arg-type]
-            tunnels = FastTunnels(gate, mitmproxy.handle_stream, set, requests=True)
-            server = await asyncio.get_running_loop().create_server(tunnels.protocol,
-                                                                    "127.0.0.1", 0)
             try:
-                setup = Setup(gate, origin, mitmproxy, server.sockets[0].getsockname()[1],
-                              origin_port, tmp_path / "audit.jsonl")
-                setup.closed_port = closed_port
-                setup.tunnels = tunnels
-                await test(setup)
+                async with fast_listener(tmp_path / "policy.yaml", tmp_path / "audit.jsonl",
+                                         mitmproxy.handle_stream) as (gate, tunnels, port):
+                    setup = Setup(gate, origin, mitmproxy, port, origin_port,
+                                  tmp_path / "audit.jsonl")
+                    setup.closed_port = closed_port
+                    setup.tunnels = tunnels
+                    await test(setup)
             finally:
-                await tunnels.close()
-                server.close()
                 origin_server.close()
-                gate.runtime.audit.close()
-                gate.close()
 
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
             runner.run(main())

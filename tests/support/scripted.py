@@ -1,18 +1,28 @@
 """Scripted parts for the fast paths' in-process tests (tests/addons/test_requestpath.py,
 test_inspectpath.py): an origin that answers by path and records what it received, a stand-in
-for mitmproxy that records what it is handed, a resolver for two names, and a strict (h11)
-reader of responses."""
+for mitmproxy that records what it is handed, a resolver for two names, the listener with the
+real gate in front, and a strict (h11) reader of responses."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import h11
 import uvloop
 
+from agent_egress.addons.fastpath import FastTunnels
+from agent_egress.addons.handover import Handover
+from agent_egress.addons.tlsterminate import Inspection
+from agent_egress.audit import AuditLog
+from agent_egress.gate import Gate
+from agent_egress.metrics import Metrics
+from agent_egress.runtime import PolicyHolder, Runtime
 from agent_egress.upstream import ResolveError
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -149,3 +159,23 @@ async def read_responses(reader: asyncio.StreamReader, count: int,
         elif isinstance(event, h11.ConnectionClosed):
             break
     return responses
+
+
+@asynccontextmanager
+async def fast_listener(policy: Path, audit: Path, handover: Handover,
+                        inspection: Inspection | None = None
+                        ) -> AsyncIterator[tuple[Gate, FastTunnels, int]]:
+    """The explicit listener's fast paths (requests too; inspected tunnels with `inspection`)
+    with the real gate over `policy`, on a loopback port: the gate, the listener and its port.
+    Closed afterwards, every tunnel and line recorded."""
+    gate = Gate(Runtime(PolicyHolder(policy), AuditLog(audit), Names(), None,  # type: ignore[arg-type]
+                        Metrics()))
+    tunnels = FastTunnels(gate, handover, set, requests=True, inspection=inspection)
+    server = await asyncio.get_running_loop().create_server(tunnels.protocol, "127.0.0.1", 0)
+    try:
+        yield gate, tunnels, server.sockets[0].getsockname()[1]
+    finally:
+        await tunnels.close()
+        server.close()
+        gate.runtime.audit.close()
+        gate.close()
