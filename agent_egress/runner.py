@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import fcntl
+import gc
 import grp
 import json
 import logging
@@ -104,6 +105,21 @@ def event_loop(choice: str) -> str:
                                "agent-egress[uvloop], or use --loop asyncio)") from None
         return "asyncio"
     return "uvloop"
+
+
+# Collections of the youngest generation: one every this many objects kept (Python's default is
+# 700). A proxied request leaves objects alive for a while (its audit event waits up to 20 ms for
+# the writer), so at the default the collector ran every ~100 requests, 180 µs each
+YOUNG_COLLECTION = 7_000
+
+
+def settle_heap() -> None:
+    """Called once serving: what start-up built (mitmproxy, the policy and its index) is moved
+    out of the collector's sight (gc.freeze): a full collection walked all of it, a 48 ms
+    pause of every connection; and the young generation is collected less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION, *gc.get_threshold()[1:])
 
 
 def run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
@@ -471,6 +487,7 @@ async def serve(config: RunConfig) -> int:
         lines.append(f"audit log {config.audit_log or 'standard output'}{form}; CA for inspected "
                      f"HTTPS {ca_certificate(config.state_dir)}")
         print("\n".join(f"agent-egress: {line}" for line in lines), flush=True)
+        settle_heap()
         waits = [asyncio.create_task(stop.wait())] + ([proxy_task] if proxy_task else [])
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         return 0

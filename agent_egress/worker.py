@@ -19,7 +19,15 @@ from .addons.enforce import Enforcer
 from .audit import AuditLog
 from .gate import Gate
 from .rules import PolicyError
-from .runner import Listening, RunConfig, master_for, run_loop, runtime_for, stop_proxy
+from .runner import (
+    Listening,
+    RunConfig,
+    master_for,
+    run_loop,
+    runtime_for,
+    settle_heap,
+    stop_proxy,
+)
 from .runtime import PolicyHolder
 from .workerpool import summed_samples
 
@@ -56,6 +64,7 @@ async def serve_worker(config: RunConfig, listener: socket.socket,
             say({"error": "cannot listen on the shared socket"})
             return 1
         say({"ready": True})
+        settle_heap()
         requests = asyncio.create_task(_answer(reader, say, runtime.metrics.registry,
                                                relayed=config.audit_log is None))
         await asyncio.wait([requests, proxy_task, asyncio.create_task(stop.wait())],
