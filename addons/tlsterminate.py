@@ -188,6 +188,8 @@ class TlsServerEnd(asyncio.Protocol):
                 closed = True
                 break
             chunks.append(chunk)
+            if not self.incoming.pending and not self.tls.pending():
+                break  # all read: asking again would only raise SSLWantReadError (1 µs)
         self.flush()  # session tickets, key updates
         if chunks and self.inner is not None:
             self.inner.data_received(b"".join(chunks))
@@ -196,10 +198,11 @@ class TlsServerEnd(asyncio.Protocol):
             self.decrypted.close()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = self.tls.write(view)
-            view = view[written:]
+        written = self.tls.write(data) if data else 0
+        if written < len(data):  # a partial write: the rest follows
+            view = memoryview(data)[written:]
+            while view:
+                view = view[self.tls.write(view):]
         self.flush()
 
     def flush(self) -> None:
