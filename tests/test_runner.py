@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pwd
 import re
@@ -15,6 +16,8 @@ from pathlib import Path
 import bcrypt
 import pytest
 from support.proxy import Process, RunningProxy, wait_until
+
+from agent_egress.runner import YOUNG_COLLECTION, settle_heap
 
 ROOT = Path(__file__).parents[1]
 
@@ -300,3 +303,16 @@ def test_the_event_loop_is_uvloop_where_installed():
     assert event_loop("auto") == "uvloop"  # installed with the test extra
     assert event_loop("uvloop") == "uvloop"
     assert event_loop("asyncio") == "asyncio"
+
+
+def test_once_serving_start_ups_objects_leave_the_collectors_sight():
+    """Without it a full collection walked mitmproxy and the policy: a 48 ms pause of every
+    connection, and young collections every ~100 requests (runner.settle_heap)."""
+    threshold = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 10_000  # this test process's modules, at least
+        assert gc.get_threshold() == (YOUNG_COLLECTION, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
