@@ -38,7 +38,7 @@ _WHITESPACE = b" \t"
 # name + ":" begins a header line and nothing else does. tests/test_http1.py checks these
 # readings against llhttp's own callbacks on random and hostile heads.
 # Every header line: name, value as llhttp gives it (no leading whitespace) less trailing
-_HEADER_LINE = re.compile(rb"\r\n([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
+_HEADER_LINE = re.compile(rb"\r\n([^:\r\n]+):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*(?=\r\n)")
 # In a lowered head: the name of each line the fast path acts on, when it reads `name: value`
 # (one space, the value begins visibly); b"" for any line that does not (another separator,
 # an empty value, a value ending in whitespace), whose head is then read line by line. With
@@ -183,7 +183,7 @@ def framing_headers(head: bytes) -> list[tuple[bytes, bytes]]:
 
 
 _FRAMING_LINE = re.compile(
-    rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)")
+    rb"\r\n(content-length|transfer-encoding):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*(?=\r\n)")
 
 
 @dataclass(slots=True)  # not frozen: one is made per response
