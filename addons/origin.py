@@ -19,7 +19,14 @@ from typing import Protocol, cast
 import httptools
 
 from agent_egress.addons.limits import MAX_HEAD_BYTES
-from agent_egress.http1 import HEAD_END, LAST_CHUNK, ResponseFraming, chunk, response_framing
+from agent_egress.http1 import (
+    HEAD_END,
+    LAST_CHUNK,
+    ResponseFraming,
+    chunk,
+    framing_headers,
+    response_framing,
+)
 
 
 class Client(Protocol):
@@ -46,7 +53,6 @@ class Upstream(asyncio.Protocol):
         self.method = ""
         self.buffer = bytearray()  # a response head still coming
         self.parser: httptools.HttpResponseParser | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
         self.head_read = False
         self.keep_alive = False
         self.message_complete = False
@@ -84,17 +90,14 @@ class Upstream(asyncio.Protocol):
 
     def _new_parser(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
-        self.headers = []
         self.head_read = self.message_complete = False
         self.messages = 0
 
-    # llhttp's callbacks
+    # llhttp's callbacks: none per header (httptools calls only the callbacks defined here);
+    # the framing headers are read from the head llhttp accepted (http1.framing_headers)
 
     def on_message_begin(self) -> None:
         self.messages += 1
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.head_read = True
@@ -149,8 +152,9 @@ class Upstream(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
             self._fail(f"invalid response from the origin: {e}")
             return
-        framing = response_framing(self.parser.get_status_code(), self.keep_alive, self.headers,
-                                   self.message_complete, self.method) if self.head_read else None
+        framing = response_framing(self.parser.get_status_code(), self.keep_alive,
+                                   framing_headers(head), self.message_complete,
+                                   self.method) if self.head_read else None
         if framing is None:
             self._fail("a response the proxy cannot relay as it is (framing)")
             return

@@ -20,16 +20,35 @@ import httptools
 HEAD_END = b"\r\n\r\n"
 # Methods with a plain request/response exchange; anything else is mitmproxy's
 METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
-# http://host[:port]/path: a name or address (no userinfo, no escapes), then a path; groups:
-# the authority, the name or the bracketed IPv6 address, the port, the path
-_ABSOLUTE_HTTP = re.compile(
-    rb"http://((?:([A-Za-z0-9.\-]+)|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?)(/[!-~]*)")
-_ORIGIN_FORM = re.compile(rb"/[!-~]*")
+_METHOD = rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) "
+# The request line, up to its CRLF, with a target http://host[:port]/path: a name or address
+# (no userinfo, no escapes), then a path; groups: the method, the target, its authority, the
+# name or the bracketed IPv6 address, the port, the path
+_ABSOLUTE_LINE = re.compile(
+    _METHOD + rb"(http://((?:([A-Za-z0-9.\-]+)|\[([0-9A-Fa-f:.]+)\])(?::([0-9]{1,5}))?)"
+    rb"(/[!-~]*)) HTTP/1\.1(?=\r\n)")
+_ORIGIN_LINE = re.compile(_METHOD + rb"(/[!-~]*) HTTP/1\.1(?=\r\n)")  # inside a tunnel
 # Sent to the origin by the proxy, never the client's to pass on
 _PROXY_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"keep-alive"})
-_SINGLE = (b"host", b"content-length")
 _REFUSED = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
 _WHITESPACE = b" \t"
+# The header lines of a head that llhttp (strict) has accepted are read from its bytes by one
+# regular expression each, not by a Python callback per header: in such a head every line ends
+# in CRLF (llhttp refuses a bare CR or LF, obs-fold, a space before the colon), so "\r\n" +
+# name + ":" begins a header line and nothing else does. tests/test_http1.py checks these
+# readings against llhttp's own callbacks on random and hostile heads.
+# Every header line: name, value as llhttp gives it (no leading whitespace) less trailing
+_HEADER_LINE = re.compile(rb"\r\n([^:\r\n]+):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*(?=\r\n)")
+# In a lowered head: the name of each line the fast path acts on, when it reads `name: value`
+# (one space, the value begins visibly); b"" for any line that does not (another separator,
+# an empty value, a value ending in whitespace), whose head is then read line by line. With
+# none of those, the lines as received are the lines a rebuild would make, byte for byte.
+_NOTED_LINE = re.compile(
+    rb"\r\n(?:(?<=[ \t]\r\n)|(host|content-length|transfer-encoding|expect|upgrade|te|"
+    rb"trailer|proxy-connection|proxy-authorization|keep-alive)(?=: [!-~\x80-\xff])|"
+    rb"[^:\r\n]*:(?! [!-~\x80-\xff]))")
+_PROXY_LINE = re.compile(rb"\r\n(?:proxy-connection|proxy-authorization|keep-alive): [^\r\n]*",
+                         re.IGNORECASE)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass is slower to make, once per request
@@ -41,20 +60,32 @@ class RequestHead:
     host: str  # from the authority, as sent (the gate normalises it; "" for origin-form)
     port: int  # from the authority (0 for origin-form)
     path: str  # origin-form: path and query, as sent
-    headers: tuple[tuple[bytes, bytes], ...]  # names and values as read (values trimmed)
     host_header: str
     content_length: int  # the body's length; 0 without Content-Length
     keep_alive: bool  # the client lets the connection be kept for another request
     raw: bytes  # the head as received, for mitmproxy when it takes over after all
+    fields_at: int  # where its header lines begin in `raw` (the CRLF ending the request line)
+    tidy: bool  # every header line reads `name: value` (_NOTED_LINE)
+    proxy_headers: bool  # has headers meant for the proxy (dropped on the way to the origin)
+
+    @property
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Names and values as read (values trimmed), in order: read when asked for (the
+        tripwire with secrets set, a rebuilt head), not for every request."""
+        return tuple(_HEADER_LINE.findall(self.raw, self.fields_at))
 
     def origin_form(self, injected: tuple[str, str] | None = None) -> bytes:
         """The head for the origin: the target in origin-form, the headers as read, less the
         ones that were meant for the proxy; with `injected` (a credential's header), that
         header in place of every one of its name the client sent."""
+        line = f"{self.method} {self.path} HTTP/1.1".encode()
+        if self.tidy and injected is None:  # the common case: the lines as received
+            fields = self.raw[self.fields_at:]
+            return line + (_PROXY_LINE.sub(b"", fields) if self.proxy_headers else fields)
         dropped = _PROXY_HEADERS
         if injected is not None:
             dropped = dropped | {injected[0].lower().encode("ascii")}
-        lines = [f"{self.method} {self.path} HTTP/1.1\r\n".encode()]
+        lines = [line + b"\r\n"]
         lines += [name + b": " + value + b"\r\n" for name, value in self.headers
                   if name.lower() not in dropped]
         if injected is not None:
@@ -64,13 +95,13 @@ class RequestHead:
 
 
 class _Collector:
-    """llhttp's callbacks for one head."""
+    """llhttp's callbacks for one head: none per header (httptools calls only the callbacks
+    its protocol object has)."""
 
-    __slots__ = ("url", "headers", "complete", "message_complete", "parser", "keep_alive")
+    __slots__ = ("url", "complete", "message_complete", "parser", "keep_alive")
 
     def __init__(self) -> None:
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
         self.message_complete = False
         self.parser: httptools.HttpRequestParser | None = None
@@ -78,9 +109,6 @@ class _Collector:
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -95,14 +123,10 @@ def request_head(head: bytes, origin_form: bool = False) -> RequestHead | None:
     """`head` (up to and including its blank line) as the fast path takes it, or None.
     `origin_form`: inside an inspected tunnel, where the target is a path (its destination is
     the tunnel's); else an absolute `http://` URL."""
-    line, _, _ = head.partition(b"\r\n")
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in METHODS:
-        return None
-    method, target, _ = parts
-    match = (_ORIGIN_FORM if origin_form else _ABSOLUTE_HTTP).fullmatch(target)
+    match = (_ORIGIN_LINE if origin_form else _ABSOLUTE_LINE).match(head)
     if match is None:
         return None
+    method, target = match.group(1, 2)
     collector = _Collector()
     parser = collector.parser = httptools.HttpRequestParser(collector)
     try:
@@ -111,34 +135,55 @@ def request_head(head: bytes, origin_form: bool = False) -> RequestHead | None:
         return None
     if not collector.complete or collector.url != target or parser.get_method() != method:
         return None
-    headers = []
-    seen: dict[bytes, bytes] = {}
-    for name, value in collector.headers:
-        lower = name.lower()
-        if lower in _REFUSED or (lower in _SINGLE and lower in seen):
+    fields_at = match.end()
+    lowered = head.lower()
+    names = _NOTED_LINE.findall(lowered, fields_at)
+    tidy = b"" not in names
+    if tidy:
+        if names.count(b"host") != 1 or names.count(b"content-length") > 1 or \
+                not _REFUSED.isdisjoint(names):
             return None
-        value = value.rstrip(_WHITESPACE)  # llhttp keeps trailing whitespace; readers drop it
-        seen[lower] = value
-        headers.append((name, value))
-    host_header = seen.get(b"host")
+        at = lowered.index(b"\r\nhost: ", fields_at) + 8
+        host_header = head[at:head.index(b"\r\n", at)]
+        length_text = None
+        if b"content-length" in names:
+            at = lowered.index(b"\r\ncontent-length: ", fields_at) + 18
+            length_text = head[at:head.index(b"\r\n", at)]
+    else:  # read line by line
+        fields = _HEADER_LINE.findall(head, fields_at)
+        names = [name.lower() for name, _ in fields]
+        if names.count(b"host") != 1 or names.count(b"content-length") > 1 or \
+                not _REFUSED.isdisjoint(names):
+            return None
+        values = dict(zip(names, [value for _, value in fields], strict=True))
+        host_header, length_text = values[b"host"], values.get(b"content-length")
     if not host_header or not host_header.isascii():
         return None
-    length_text = seen.get(b"content-length")
-    content_length = int(length_text) if length_text is not None else 0
+    content_length = 0 if length_text is None else int(length_text)
     if collector.message_complete != (content_length == 0):
         return None  # llhttp reads the framing otherwise: not ours to guess
     if origin_form:
         authority, host, port, path = "", "", 0, target.decode("ascii")
     else:
-        authority_raw, name, address, port_raw, path_raw = match.groups()
+        authority_raw, name, address, port_raw, path_raw = match.group(3, 4, 5, 6, 7)
         authority, path = authority_raw.decode("ascii"), path_raw.decode("ascii")
         host = (name or address).decode("ascii")  # as split_host_port reads the authority
         port = 80 if port_raw is None else int(port_raw)
         if not 1 <= port <= 65535:
             return None
-    return RequestHead(method.decode("ascii"), authority, host, port, path, tuple(headers),
+    return RequestHead(method.decode("ascii"), authority, host, port, path,
                        host_header.decode("ascii"), content_length, collector.keep_alive,
-                       head)
+                       head, fields_at, tidy, not _PROXY_HEADERS.isdisjoint(names))
+
+
+def framing_headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The Content-Length and Transfer-Encoding headers of a response head that llhttp
+    (strict) has accepted: names and values lowered, values trimmed, in order."""
+    return _FRAMING_LINE.findall(head.lower())
+
+
+_FRAMING_LINE = re.compile(
+    rb"\r\n(content-length|transfer-encoding):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*(?=\r\n)")
 
 
 @dataclass(slots=True)  # not frozen: one is made per response
