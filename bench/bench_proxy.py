@@ -5,7 +5,9 @@
 Needs nginx (nginx-light), squid, wrk, hey and curl (`apt-get install -y nginx-light squid wrk
 hey`; for (e) and (g) squid-openssl instead of squid), root, and for --profile py-spy in the
 venv. Routes: direct; agent-egress run; mitmdump with agent-egress's addon; bare mitmdump
-(defaults; agent-egress's options; pass-through; full interception); squid; squid ssl-bump.
+(defaults; agent-egress's options; pass-through; full interception); squid (without a log, the
+baseline; in (a) and (f) also with its access log, as agent-egress writes its audit line); squid
+ssl-bump.
 Scenarios, each route in turn:
   (a) plain HTTP keep-alive GETs of a 6-byte body, 32 connections (wrk): req/s, p50, p99;
   (b) a new CONNECT tunnel, TLS handshake and one GET per request, 32 at once (hey);
@@ -242,8 +244,17 @@ accounts:
     return policy
 
 
-def _env(source: Path | None) -> dict[str, str]:
-    return ENV if source is None else {**ENV, "PYTHONPATH": str(source.resolve())}
+def _bin(source: Path | None) -> Path:
+    """The programs of `source`'s own virtualenv (scripts/bootstrap makes it): the package maps
+    `agent_egress.addons`, `.rules` and `.dns` onto top-level directories through its editable
+    install, so PYTHONPATH alone would load those from this copy and the rest from `source`."""
+    if source is None:
+        return BIN
+    programs = source.resolve() / ".venv" / "bin"
+    if not (programs / "agent-egress").exists():
+        raise SystemExit(f"--source {source}: no {programs / 'agent-egress'}; run "
+                         f"scripts/bootstrap there first")
+    return programs
 
 
 def make_ca(directory: Path) -> Path:
@@ -268,22 +279,23 @@ def start_agent_egress(directory: Path, policy: Path, dns: Dns, source: Path | N
     directory.mkdir()
     _install_ca(ca, directory / "state" / "mitmproxy")
     port = free_port()
-    command = [str(BIN / "agent-egress"), "run", "--proxy", f"127.0.0.1:{port}", "--dns", "off",
-               "--metrics", "off", "--policy", str(policy), "--state-dir", str(directory / "state"),
-               "--audit-log", str(directory / "audit.jsonl"), "--upstream-dns",
-               f"127.0.0.1:{dns.port}", *options]
+    command = [str(_bin(source) / "agent-egress"), "run", "--proxy", f"127.0.0.1:{port}",
+               "--dns", "off", "--metrics", "off", "--policy", str(policy),
+               "--state-dir", str(directory / "state"), "--audit-log",
+               str(directory / "audit.jsonl"), "--upstream-dns", f"127.0.0.1:{dns.port}",
+               *options]
     return Service(directory.name, command, directory / "output.log",
-                   {**_env(source), **(env or {})}), port
+                   {**ENV, **(env or {})}), port
 
 
-def start_mitmdump(directory: Path, *options: str, env: dict[str, str] = ENV,
-                   ca: Path | None = None) -> tuple[Service, int]:
+def start_mitmdump(directory: Path, *options: str, ca: Path | None = None,
+                   programs: Path = BIN) -> tuple[Service, int]:
     directory.mkdir()
     _install_ca(ca, directory)
     port = free_port()
-    command = [str(BIN / "mitmdump"), "--mode", f"regular@127.0.0.1:{port}", "-q",
+    command = [str(programs / "mitmdump"), "--mode", f"regular@127.0.0.1:{port}", "-q",
                "--set", f"confdir={directory}", *options]
-    return Service(directory.name, command, directory / "output.log", env), port
+    return Service(directory.name, command, directory / "output.log", ENV), port
 
 
 def start_mitmdump_addon(directory: Path, policy: Path, dns: Dns,
@@ -296,7 +308,7 @@ def start_mitmdump_addon(directory: Path, policy: Path, dns: Dns,
                           "--set", f"agent_egress_policy={policy}",
                           "--set", f"agent_egress_audit_log={directory / 'audit.jsonl'}",
                           "--set", f"agent_egress_upstream_dns=127.0.0.1:{dns.port}",
-                          env=_env(source))
+                          programs=_bin(source))
 
 
 def start_squid(directory: Path, port_options: str = "", options: str = "",
@@ -637,7 +649,10 @@ def verdicts(scenarios: dict[str, tuple[dict[str, Result], str]]) -> str:
             if name.startswith("(a)") and label.startswith("agent-egress"):
                 of_squid = result.rate / results["squid"].rate
                 met = "met" if of_squid >= 1.0 and not result.errors else "NOT met"
-                lines.append(f"- {name} {label}: {of_squid:.2f}x squid, {result.errors} "
+                logging = results.get("squid, access log")
+                beside = f" ({result.rate / logging.rate:.2f}x squid with its access log)" if (
+                    logging) else ""
+                lines.append(f"- {name} {label}: {of_squid:.2f}x squid{beside}, {result.errors} "
                              f"errors; target >= 1.0x squid {met}")
                 continue
             if name.startswith("(d)"):
@@ -748,13 +763,18 @@ def main() -> None:
                                             ca=proxy_ca),
                             "mitmdump, full interception", "127.0.0.1")
         squid = started(*start_squid(work / "squid"), "squid", "127.0.0.1")
+        # what agent-egress does on every request (an audit line) squid does with its access log;
+        # the targets stay against squid without one, this row says what the log costs squid
+        logging = started(*start_squid(work / "squid-logging", options=(
+            f"access_log stdio:{work / 'squid-logging' / 'access.log'}")),
+            "squid, access log", "127.0.0.1")
         bumps = [dataclasses.replace(started(*start_squid_bump(
             work / "squid-bump", proxy_ca, ca_file, bump_address), "squid ssl-bump",
             INSPECT_NAME), origin_port=443)] if bumping else []
         direct = Route("direct", None, 0, HTTP_NAME)
         nginx.wait_for_port(http_port)
         proxies = (named, workers, on_asyncio, no_fast_requests, credentialed, addon, mitm, lazy,
-                   passthrough, intercept, squid, *bumps)
+                   passthrough, intercept, squid, logging, *bumps)
         for route in proxies:
             assert route.proxy is not None
             route.proxy.wait_for_port(route.port)
@@ -793,7 +813,7 @@ def main() -> None:
         scenarios = {
             "(a) plain HTTP keep-alive, 32 connections": (
                 "req/s", [direct, named, literal, workers, on_asyncio, no_fast_requests, addon,
-                          mitm, lazy, squid], plain, "mitmdump lazy"),
+                          mitm, lazy, squid, logging], plain, "mitmdump lazy"),
             "(b) new CONNECT + TLS + GET, 32 at once": (
                 "req/s", [direct, tls, tls_workers, tls_addon, passthrough, squid], tunnels,
                 "mitmdump passthrough"),
@@ -807,7 +827,8 @@ def main() -> None:
                           *bumps], inspected,
                 "mitmdump, full interception"),
             f"(f) plain HTTP keep-alive offered at {OFFERED:,} req/s": (
-                "req/s", [direct, named, workers, lazy, squid], offered, "mitmdump lazy"),
+                "req/s", [direct, named, workers, lazy, squid, logging], offered,
+                "mitmdump lazy"),
             "(g) new inspected connections: CONNECT + TLS to the proxy + GET, 32 at once": (
                 "req/s", [direct, inspecting, inspecting_workers, intercept, *bumps],
                 new_inspected,
