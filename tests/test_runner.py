@@ -17,7 +17,7 @@ import bcrypt
 import pytest
 from support.proxy import Process, RunningProxy, wait_until
 
-from agent_egress.runner import YOUNG_COLLECTION, settle_heap
+from agent_egress.runner import settle_heap
 
 ROOT = Path(__file__).parents[1]
 
@@ -307,12 +307,9 @@ def test_the_event_loop_is_uvloop_where_installed():
 
 def test_once_serving_start_ups_objects_leave_the_collectors_sight():
     """Without it a full collection walked mitmproxy and the policy: a 48 ms pause of every
-    connection, and young collections every ~100 requests (runner.settle_heap)."""
-    threshold = gc.get_threshold()
+    connection (runner.settle_heap)."""
     try:
         settle_heap()
         assert gc.get_freeze_count() > 10_000  # this test process's modules, at least
-        assert gc.get_threshold() == (YOUNG_COLLECTION, *threshold[1:])
     finally:
         gc.unfreeze()
-        gc.set_threshold(*threshold)
