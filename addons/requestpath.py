@@ -117,10 +117,11 @@ def needs_mitmproxy(decision: Decision) -> bool:
 
 def head_parts(head: RequestHead) -> Iterator[bytes]:
     """What the tripwire scans of a request head, as addons/tripwire.py gives it from
-    mitmproxy's request: the target's path and authority, and every header as read."""
+    mitmproxy's request: the target's path and authority, and every header: here their lines
+    as received (each value whole in them, as in `name: value` joined; no join to make)."""
     yield head.path.encode("ascii")
     yield head.authority.encode("ascii")
-    yield b"\n".join(name + b": " + value for name, value in head.headers)
+    yield head.raw[head.fields_at:]
 
 
 class PlainClient(asyncio.Protocol):

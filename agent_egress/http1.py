@@ -12,8 +12,9 @@ random and hostile heads). Pure: no sockets, no event loop.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httptools
 
@@ -67,21 +68,28 @@ class RequestHead:
     fields_at: int  # where its header lines begin in `raw` (the CRLF ending the request line)
     tidy: bool  # every header line reads `name: value` (_NOTED_LINE)
     proxy_headers: bool  # has headers meant for the proxy (dropped on the way to the origin)
+    read_headers: tuple[tuple[bytes, bytes], ...] | None = field(default=None, init=False)
 
     @property
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """Names and values as read (values trimmed), in order: read when asked for (the
-        tripwire with secrets set, a rebuilt head), not for every request."""
-        return tuple(_HEADER_LINE.findall(self.raw, self.fields_at))
+        """Names and values as read (values trimmed), in order: read when first asked for
+        (the tripwire with secrets set, a rebuilt head), not for every request."""
+        if self.read_headers is None:
+            self.read_headers = tuple(_HEADER_LINE.findall(self.raw, self.fields_at))
+        return self.read_headers
 
     def origin_form(self, injected: tuple[str, str] | None = None) -> bytes:
         """The head for the origin: the target in origin-form, the headers as read, less the
         ones that were meant for the proxy; with `injected` (a credential's header), that
         header in place of every one of its name the client sent."""
         line = f"{self.method} {self.path} HTTP/1.1".encode()
-        if self.tidy and injected is None:  # the common case: the lines as received
+        if self.tidy:  # the common case: the lines as received, less the dropped ones
             fields = self.raw[self.fields_at:]
-            return line + (_PROXY_LINE.sub(b"", fields) if self.proxy_headers else fields)
+            if injected is None:
+                return line + (_PROXY_LINE.sub(b"", fields) if self.proxy_headers else fields)
+            name, value = injected
+            kept = _dropped_with(name.lower()).sub(b"", fields)  # still ends in CRLF CRLF
+            return line + kept[:-2] + f"{name}: {value}\r\n\r\n".encode("latin-1")
         dropped = _PROXY_HEADERS
         if injected is not None:
             dropped = dropped | {injected[0].lower().encode("ascii")}
@@ -92,6 +100,14 @@ class RequestHead:
             lines.append(f"{injected[0]}: {injected[1]}\r\n".encode("latin-1"))
         lines.append(b"\r\n")
         return b"".join(lines)
+
+
+@functools.lru_cache(maxsize=64)
+def _dropped_with(name: str) -> re.Pattern[bytes]:
+    """The lines of a tidy head that do not go to the origin when the credential header
+    `name` (lower case) is injected: the proxy's headers and every `name` header."""
+    return re.compile(rb"\r\n(?:proxy-connection|proxy-authorization|keep-alive|"
+                      + re.escape(name.encode("ascii")) + rb"): [^\r\n]*", re.IGNORECASE)
 
 
 class _Collector:

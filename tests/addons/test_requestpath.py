@@ -311,11 +311,14 @@ def test_mitmproxy_takes_over_mid_connection_from_the_request_it_must_serve(serv
     serve(test)
 
 
-@pytest.mark.parametrize("where", ["header", "query", "encoded query"])
+@pytest.mark.parametrize("where", ["header", "header, odd spacing", "encoded header", "query",
+                                   "encoded query"])
 def test_a_head_carrying_a_credential_is_refused_before_the_origin(serve, where):
     async def test(s: Setup) -> None:
         encoded = "".join(f"%{b:02X}" for b in SECRET.encode())
         request = {"header": s.get("/hello", f"X-Token: {SECRET}"),
+                   "header, odd spacing": s.get("/hello", f"X-Token:\t{SECRET} \t"),
+                   "encoded header": s.get("/hello", f"X-Token: {encoded}"),
                    "query": s.get(f"/hello?key={SECRET}"),
                    "encoded query": s.get(f"/hello?key={encoded}")}[where]
         responses, closed = await s.exchange(request, answers=1)
