@@ -159,6 +159,8 @@ def request_head(head: bytes, origin_form: bool = False) -> RequestHead | None:
         host_header, length_text = values[b"host"], values.get(b"content-length")
     if not host_header or not host_header.isascii():
         return None
+    if length_text is not None and length_text[:1] == b"0" and len(length_text) > 1:
+        return None  # leading zeros: mitmproxy's reader refuses them, an origin may misread them
     content_length = 0 if length_text is None else int(length_text)
     if collector.message_complete != (content_length == 0):
         return None  # llhttp reads the framing otherwise: not ours to guess
