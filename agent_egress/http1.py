@@ -5,7 +5,8 @@ llhttp (httptools, every leniency off), taken only when nothing about them is in
 version than 1.1, a target that is not an absolute `http://` URL (on the explicit listener) or
 not origin-form (inside an inspected tunnel, `origin_form`), no or several Host headers,
 any Transfer-Encoding, Expect or Upgrade, framing llhttp refuses (obs-fold, bare LF, CL with
-TE, two Content-Lengths), whitespace where mitmproxy's reader would read something else. What
+TE, two Content-Lengths), a Content-Length with leading zeros (mitmproxy's reader refuses
+it), whitespace where mitmproxy's reader would read something else. What
 it accepts, mitmproxy's HTTP/1 reader reads the same (tests/test_http1.py checks that on
 random and hostile heads). Pure: no sockets, no event loop.
 """
