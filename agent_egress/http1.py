@@ -5,7 +5,8 @@ llhttp (httptools, every leniency off), taken only when nothing about them is in
 version than 1.1, a target that is not an absolute `http://` URL (on the explicit listener) or
 not origin-form (inside an inspected tunnel, `origin_form`), no or several Host headers,
 any Transfer-Encoding, Expect or Upgrade, framing llhttp refuses (obs-fold, bare LF, CL with
-TE, two Content-Lengths), whitespace where mitmproxy's reader would read something else. What
+TE, two Content-Lengths), a Content-Length with leading zeros (mitmproxy's reader refuses
+it), whitespace where mitmproxy's reader would read something else. What
 it accepts, mitmproxy's HTTP/1 reader reads the same (tests/test_http1.py checks that on
 random and hostile heads). Pure: no sockets, no event loop.
 """
@@ -175,6 +176,8 @@ def request_head(head: bytes, origin_form: bool = False) -> RequestHead | None:
         host_header, length_text = values[b"host"], values.get(b"content-length")
     if not host_header or not host_header.isascii():
         return None
+    if length_text is not None and length_text[:1] == b"0" and len(length_text) > 1:
+        return None  # leading zeros: mitmproxy's reader refuses them, an origin may misread them
     content_length = 0 if length_text is None else int(length_text)
     if collector.message_complete != (content_length == 0):
         return None  # llhttp reads the framing otherwise: not ours to guess

@@ -98,7 +98,9 @@ def assert_both_read_the_same(head: bytes, taken: RequestHead) -> None:
     assert request.headers.fields == taken.headers
     assert request.host_header == taken.host_header
     assert body_size == taken.content_length
-    assert taken.keep_alive == (not connection_close(request.http_version, request.headers))
+    # never kept where mitmproxy closes; llhttp also closes on `Proxy-Connection: close` and on
+    # `Connection: CLOSE`, which mitmproxy keeps: closing more is the safe side
+    assert not (taken.keep_alive and connection_close(request.http_version, request.headers))
     forwarded, forwarded_size = mitmproxy_reads(taken.origin_form())
     assert (forwarded.method, forwarded.path, forwarded_size) == (
         taken.method, taken.path, taken.content_length)
@@ -229,9 +231,11 @@ def would_take(head: bytes) -> bool:
         return False
     names = [name.lower() for name, _ in fields]
     host = dict(zip(names, [value for _, value in fields], strict=True)).get(b"host")
+    length = dict(zip(names, [value for _, value in fields], strict=True)).get(b"content-length")
     return names.count(b"host") == 1 and names.count(b"content-length") <= 1 and not (
         {b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"} & set(names)) and \
-        host is not None and host != b"" and host.isascii()
+        host is not None and host != b"" and host.isascii() and not (
+            length is not None and length.startswith(b"0") and length != b"0")
 
 
 @given(heads())
@@ -279,6 +283,8 @@ ODD_LINES = [
     b"TRANSFER-ENCODING: chunked", b"Transfer-Encoding:\tidentity", b"expect:100-continue",
     b"HOST: web.test", b"host:web.test", b"Host:\tweb.test\t", b"Host: evil.test ",
     b"X-A: \xff", b"X-A: a\rb", b"X-A: a\nb", b"X-A : a", b"X-A\t: a",
+    b"Content-Length: 05", b"content-length:\t00 ", b"Content-Length: 0", b"Content-Length: 10",
+    b"Proxy-Connection: close", b"Connection: CLOSE", b"Connection: close",
 ]
 
 
@@ -289,6 +295,18 @@ def test_odd_header_lines_are_taken_only_as_llhttp_reads_them(head):
     if taken is not None:
         assert_read_as_llhttp_reads(taken)
         assert_both_read_the_same(head, taken)
+
+
+@pytest.mark.parametrize("length", [b"05", b"00", b"0000000000000000000012", b" 012"])
+@pytest.mark.parametrize("at", [0, 1])
+def test_a_content_length_with_leading_zeros_is_left_to_mitmproxy(length, at):
+    """llhttp reads `Content-Length: 012` as 12, mitmproxy's reader refuses it (400), and an
+    origin reading it as octal (10) would take the request's last two bytes for the start of
+    the next request: forwarded as received, it would be a request the gate never decided."""
+    lines = [b"Host: web.test", b"Content-Length: " + length]
+    head = b"POST http://web.test/ HTTP/1.1\r\n" + b"\r\n".join(lines[at:] + lines[:at]) + HEAD_END
+    assert llhttp_headers(head) is not None  # llhttp takes it
+    assert request_head(head) is None
 
 
 def test_the_proxys_headers_never_reach_the_origin_however_spelled():
