@@ -182,15 +182,22 @@ def _load(path: Path, current: Policy | None) -> tuple[Policy, Secrets]:
                                                f"{e.strerror or e}")]) from None
     if current is not None and (reason := chain.untrusted_reason(_governed(current))):
         raise UntrustedPolicy(reason)
+    # The objects about to be built (a million for 100,000 rules) are all in the youngest
+    # generation: its first collection once the collector is back, on whichever thread, would
+    # hold the GIL for a few hundred milliseconds walking them. Freezing, then unfreezing,
+    # moves every tracked object to the oldest generation without a walk: where a long-lived
+    # policy ends up anyway. Once the proxy serves, start-up's objects are frozen for good
+    # (runner.settle_heap): unfreezing would hand them back to the collector, so the policy
+    # stays frozen with them, and what is garbage by then is collected first (only what was
+    # made since start-up is walked; cyclic garbage made during the parse stays frozen).
+    settled = gc.get_freeze_count() > 0
+    if settled:
+        gc.collect()
     with gc_paused():
         policy = Policy(parse_policy(data, file))
-        # The objects just built (a million for 100,000 rules) are all in the youngest
-        # generation: its first collection once the collector is back, on whichever thread,
-        # would hold the GIL for a few hundred milliseconds walking them. Freezing, then
-        # unfreezing, moves every tracked object to the oldest generation without a walk:
-        # where a long-lived policy ends up anyway.
         gc.freeze()
-    gc.unfreeze()
+    if not settled:
+        gc.unfreeze()
     if reason := chain.untrusted_reason(_governed(policy)):
         raise UntrustedPolicy(reason)
     governed = _governed(policy)

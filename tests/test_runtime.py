@@ -4,16 +4,19 @@ which keeps answering; the loop only swaps the reference and runs `on_change`.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
 import threading
 import time
+import weakref
 
 import pytest
 from dnslib import DNSRecord
 from support.proxy import RunningProxy, wait_until
 
+from agent_egress.runner import settle_heap
 from agent_egress.runtime import PolicyHolder
 
 RULES = 50_000  # a reload takes about a second and a half on a quiet core
@@ -63,6 +66,32 @@ def test_a_synchronous_reload_still_works(tmp_path):
     assert holder.reload() and holder.current.accounts() == {}
     path.write_text("version: 1\naccounts: [not, a, mapping]\n")
     assert not holder.reload() and holder.reloads_failed == 1
+
+
+def test_a_reload_keeps_a_settled_heap_settled(tmp_path):
+    """A reload used to unfreeze what runner.settle_heap froze (full collections walked
+    mitmproxy and the policy again: 48 ms pauses); garbage made before it is not frozen."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(large_policy(10))
+    holder = PolicyHolder(path)
+    try:
+        settle_heap()
+        frozen = gc.get_freeze_count()
+        cycle: list[object] = []
+        cycle.append(cycle)
+        gone = weakref.finalize(Garbage(cycle), lambda: None)
+        del cycle
+        path.write_text(large_policy(1_000))
+        assert holder.reload()
+        assert gc.get_freeze_count() >= frozen
+        assert not gone.alive
+    finally:
+        gc.unfreeze()
+
+
+class Garbage:
+    def __init__(self, cycle: list[object]) -> None:
+        cycle.append(self)
 
 
 @pytest.mark.e2e
