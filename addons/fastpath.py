@@ -36,6 +36,7 @@ from agent_egress.addons import requestpath
 from agent_egress.addons.closing import untrusted_ca_reason
 from agent_egress.addons.handover import Handover, replay
 from agent_egress.addons.tlsterminate import DecryptedTransport, Inspection, TlsServerEnd
+from agent_egress.addons.upstreampool import UpstreamPool
 from agent_egress.checks import sni_refusal
 from agent_egress.clients import Client
 from agent_egress.connections import Tunnel
@@ -110,6 +111,7 @@ class FastTunnels:
         self.requests = requests
         self.inspection = inspection
         self.live: set[Any] = set()  # _Client and requestpath.PlainClient
+        self.pool = UpstreamPool()  # the request fast path's idle upstream connections
         self._emptied = asyncio.Event()  # set whenever `live` becomes empty
         self._tasks: set[asyncio.Task[Any]] = set()
         self._records: set[asyncio.Task[Any]] = set()  # tasks about to write an audit line
@@ -132,6 +134,7 @@ class FastTunnels:
         except TimeoutError:
             log.warning("%d fast tunnels still open and %d lines unwritten %s s after closing",
                         len(self.live), len(self._records), wait)
+        self.pool.close()
 
     def left(self, client: Any) -> None:
         """`client` is no longer this listener's (closed, or handed to mitmproxy)."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol, cast
+from collections.abc import Callable
+from typing import NamedTuple, Protocol, cast
 
 import httptools
 
@@ -43,11 +44,24 @@ class Client(Protocol):
     def upstream_paused(self, paused: bool) -> None: ...
 
 
+class UpstreamKey(NamedTuple):
+    """What a kept-alive connection may serve (addons/upstreampool.py): one account's
+    requests to `name` (the name its certificate was verified for, when `tls`) at the pinned
+    address `ip`:`port`."""
+
+    account: str
+    tls: bool
+    name: str
+    ip: str
+    port: int
+
+
 class Upstream(asyncio.Protocol):
     """A kept-alive connection to an origin: relays one response at a time to its client."""
 
-    def __init__(self, key: tuple[str, str, int]) -> None:
+    def __init__(self, key: UpstreamKey) -> None:
         self.key = key
+        self.on_lost: Callable[[Upstream], None] | None = None  # while idle in a pool
         self.transport: asyncio.Transport
         self.client: Client | None = None
         self.method = ""
@@ -242,6 +256,8 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         client, self.client = self.client, None
         if client is None:
+            if self.on_lost is not None:
+                self.on_lost(self)
             return
         if self.framing is not None and self.framing.body == "close":
             self.framing = None

@@ -44,7 +44,8 @@ from mitmproxy.proxy.layers.http._http1 import make_error_response
 from agent_egress.addons.denial import denial
 from agent_egress.addons.handover import Handover, replay
 from agent_egress.addons.limits import MAX_HEAD_BYTES, REQUEST_HEAD_SECONDS
-from agent_egress.addons.origin import Upstream
+from agent_egress.addons.origin import Upstream, UpstreamKey
+from agent_egress.addons.upstreampool import UpstreamPool
 from agent_egress.clients import Client
 from agent_egress.connections import Exchange, Tunnel
 from agent_egress.gate import Gate, PendingRequest
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 600.0  # as mitmproxy's connection handler: a connection quiet this long is closed
 UNRESOLVED_STATUS = 502
-POOLED_PER_CLIENT = 8  # idle upstream connections a client keeps
 RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})  # sent again when a kept-alive upstream
 # connection turns out closed before any answer (idempotent and bodiless, RFC 9110 9.2.2)
 CONNECT_TIMEOUT = 30.0  # for a new upstream connection; then the client gets a 502
@@ -103,6 +103,7 @@ class Listener(Protocol):
     handover: Handover
     own_addresses: Callable[[], set[tuple[str, int]]]
     live: set[Any]
+    pool: UpstreamPool  # idle upstream connections, per account
 
     def left(self, client: Any) -> None: ...
 
@@ -145,7 +146,6 @@ class PlainClient(asyncio.Protocol):
         self.upstream_full = False  # the upstream's send buffer is full: the client waits
         self.client_full = False  # the client's send buffer is full: the upstream waits
         self.client_eof = False  # the client has sent all it will send
-        self.pool: dict[tuple[str, str, int], list[Upstream]] = {}
         self.closing = False
         self.own: set[tuple[str, int]] | None = None  # where this proxy listens
         self.ip_texts: dict[Address, str] = {}  # the pinned addresses, spelled
@@ -312,19 +312,18 @@ class PlainClient(asyncio.Protocol):
                 return
             self.injected = injected
         self.exchange = gate.begin_exchange(self.client, decision, host, port, ip)
-        key = (host_text(host), ip_text, port)
-        upstream = self._pooled(key)
+        key = UpstreamKey(decision.account, inside is not None, host_text(host), ip_text, port)
+        upstream = self.listener.pool.take(key)
         if upstream is None:
             self._later(self._dial_and_send(head, key, ip))
             return
         self._send(upstream, head)
 
-    async def _dial_and_send(self, head: RequestHead, key: tuple[str, str, int],
-                             ip: Address) -> None:
+    async def _dial_and_send(self, head: RequestHead, key: UpstreamKey, ip: Address) -> None:
         try:
-            upstream = await self._dial(key, ip, key[2])
+            upstream = await self._dial(key, ip)
         except OSError as e:  # TimeoutError and TLS failures too
-            self._upstream_failed(f"Cannot connect to {key[0]}:{key[2]}: "
+            self._upstream_failed(f"Cannot connect to {key.name}:{key.port}: "
                                   f"{e.strerror or e or 'timed out'}")
             return
         if self.transport.is_closing():
@@ -354,13 +353,13 @@ class PlainClient(asyncio.Protocol):
             self._send_body(body)
         self._update_reading()
 
-    async def _resend(self, head: RequestHead, key: tuple[str, str, int]) -> None:
+    async def _resend(self, head: RequestHead, key: UpstreamKey) -> None:
         """Sends `head` again on a new connection: the kept-alive one it went out on was
         closed by the origin before answering (its idle timeout crossed our request)."""
         try:
-            upstream = await self._dial(key, ip_address(key[1]), key[2])
+            upstream = await self._dial(key, ip_address(key.ip))
         except OSError as e:
-            self._upstream_failed(f"Cannot connect to {key[0]}:{key[2]}: "
+            self._upstream_failed(f"Cannot connect to {key.name}:{key.port}: "
                                   f"{e.strerror or e or 'timed out'}")
             return
         if self.transport.is_closing():
@@ -381,22 +380,14 @@ class PlainClient(asyncio.Protocol):
             self.own = self.listener.own_addresses()
         return (ip, port) in self.own
 
-    def _pooled(self, key: tuple[str, str, int]) -> Upstream | None:
-        idle = self.pool.get(key)
-        while idle:
-            upstream = idle.pop()
-            if not upstream.transport.is_closing():
-                return upstream
-        return None
-
-    async def _dial(self, key: tuple[str, str, int], ip: Address, port: int) -> Upstream:
-        """A new connection to `ip`:`port` for the name `key[0]`: over TLS inside an
+    async def _dial(self, key: UpstreamKey, ip: Address) -> Upstream:
+        """A new connection to `ip`:`key.port` for the name `key.name`: over TLS inside an
         inspected tunnel, the origin's certificate verified for that name, sent as SNI."""
         loop = asyncio.get_running_loop()
         tls: dict[str, Any] = {} if self.inside is None else {
-            "ssl": self.inside.upstream_tls, "server_hostname": key[0].strip("[]")}
+            "ssl": self.inside.upstream_tls, "server_hostname": key.name.strip("[]")}
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), port,
+            _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), key.port,
                                                        **tls)
         return upstream
 
@@ -411,12 +402,7 @@ class PlainClient(asyncio.Protocol):
                        not self.client_eof)
         self._end_exchange(head, upstream.bytes_down)
         if reusable and not self.closing:
-            idle = self.pool.setdefault(upstream.key, [])
-            if len(idle) < POOLED_PER_CLIENT:
-                upstream.idle()
-                idle.append(upstream)
-            else:
-                upstream.transport.close()
+            self.listener.pool.give(upstream)
         else:
             upstream.transport.close()
         self.head, self.body_left, self.upstream_full = None, 0, False
@@ -487,7 +473,6 @@ class PlainClient(asyncio.Protocol):
                 return
             received = absolute
         self.closing = True
-        self._close_pool()
         self._stop_idle()
         self.listener.left(self)
         self.gate.finish(self.client)  # the audit room promised to the request goes back
@@ -538,24 +523,16 @@ class PlainClient(asyncio.Protocol):
             self.idle.cancel()
             self.idle = None
 
-    def _close_pool(self) -> None:
-        for idle in self.pool.values():
-            for upstream in idle:
-                upstream.transport.close()
-        self.pool.clear()
-
     def close(self) -> None:
         """Closes the client's connection once what was written to it is sent."""
         self.closing = True
         self.transport.close()
-        self._close_pool()
 
     def abort(self) -> None:
         self.closing = True
         self.transport.abort()
         if self.upstream is not None:
             self.upstream.transport.abort()
-        self._close_pool()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -569,4 +546,3 @@ class PlainClient(asyncio.Protocol):
         elif self.head is not None:
             self._end_exchange(self.head, None)
         self.gate.finish(self.client)  # audit room promised to a request never forwarded
-        self._close_pool()

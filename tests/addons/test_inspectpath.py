@@ -161,6 +161,20 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path,
     yield run
 
 
+def test_a_new_tunnel_reuses_the_verified_upstream_of_one_before_but_never_for_another_name(
+        serve):
+    async def test(s: Setup) -> None:
+        for host in ("web.test", "web.test", "api.test"):
+            responses, _ = await s.exchange(s.get("/hello", host=host), host=host)
+            assert [r.status_code for r in responses] == [200]
+        # web.test's TLS connection, verified for that name, served the second tunnel too;
+        # api.test, at the same address and port, has its own (its certificate checked)
+        assert s.origin.connections == 2 and s.names == ["web.test", "api.test"]
+        events = [e for e in await s.events() if e["event"] == "request"]
+        assert [e["host"] for e in events] == ["web.test", "web.test", "api.test"]
+    serve(test)
+
+
 def test_kept_alive_inspected_requests_are_decided_and_audited_each(serve):
     async def test(s: Setup) -> None:
         responses, closed = await s.exchange(*(s.get("/hello") for _ in range(3)))

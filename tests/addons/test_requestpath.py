@@ -51,11 +51,13 @@ class Setup:
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
     async def exchange(self, *messages: bytes, answers: int | None = None,
-                       methods: list[str] | None = None) -> tuple[list[Any], bool]:
-        """Sends `messages` on one connection (all at once: pipelined); reads responses with
-        h11 until `answers` complete ones have come or the proxy closes. Returns the
-        responses (h11 Response with .body) and whether the connection closed."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy_port)
+                       methods: list[str] | None = None,
+                       source: str = "127.0.0.1") -> tuple[list[Any], bool]:
+        """Sends `messages` on one connection from `source` (all at once: pipelined); reads
+        responses with h11 until `answers` complete ones have come or the proxy closes.
+        Returns the responses (h11 Response with .body) and whether the connection closed."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.proxy_port,
+                                                       local_addr=(source, 0))
         writer.write(b"".join(messages))
         responses = await read_responses(reader, answers or len(messages),
                                          methods or ["GET"] * len(messages))
@@ -94,6 +96,13 @@ def policy(ports: list[int], credentials: bool) -> str:
       - host: api.test
         ports: {ports}
         {rule}
+      - cidr: 127.0.0.1/32
+        ports: {ports}
+  other:
+    match: {{sources: [127.0.0.2/32]}}
+    allow:
+      - host: web.test
+        ports: {ports}
       - cidr: 127.0.0.1/32
         ports: {ports}
 """
@@ -148,6 +157,45 @@ def test_kept_alive_requests_share_one_upstream_and_are_each_audited(serve):
         assert [(e["event"], e["decision"], e["path"], e["bytes_down"]) for e in events] == [
             ("request", "allow", "/hello", 5)] * 3
         assert not s.mitmproxy.handed
+    serve(test)
+
+
+def test_a_new_client_connection_reuses_the_upstream_another_left_idle(serve):
+    async def test(s: Setup) -> None:
+        for _ in range(3):  # one after another, each on a connection of its own
+            responses, _ = await s.exchange(s.get("/hello", "Connection: close"))
+            assert [(r.status_code, r.body) for r in responses] == [(200, b"hello")]
+        assert s.origin.connections == 1
+        events = s.events()
+        assert [(e["decision"], e["path"]) for e in events] == [("allow", "/hello")] * 3
+        assert len({e["client"] for e in events}) == 3
+    serve(test)
+
+
+def test_idle_upstreams_are_never_shared_between_accounts(serve):
+    async def test(s: Setup) -> None:
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.1", "127.0.0.2"):
+            responses, _ = await s.exchange(s.get("/hello", "Connection: close"),
+                                            source=source)
+            assert [r.status_code for r in responses] == [200]
+        assert s.origin.connections == 2  # one per account, each reused once
+        assert [e["account"] for e in s.events()] == ["tester", "other"] * 2
+    serve(test)
+
+
+def test_an_idle_upstream_its_origin_closes_leaves_the_pool(serve):
+    async def test(s: Setup) -> None:
+        responses, _ = await s.exchange(s.get("/idle-drop", "Connection: close"))
+        assert [r.status_code for r in responses] == [200]
+        assert s.tunnels is not None
+        for _ in range(100):  # the origin's close reaches the idle connection
+            if not len(s.tunnels.pool):
+                break
+            await asyncio.sleep(0.01)
+        assert not len(s.tunnels.pool)
+        responses, _ = await s.exchange(s.get("/hello"))
+        assert [r.status_code for r in responses] == [200]
+        assert s.origin.connections == 2 and s.origin.dropped == 0  # no request crossed it
     serve(test)
 
 

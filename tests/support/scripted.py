@@ -53,6 +53,7 @@ ANSWERS = {
     "/close-length": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
     "/empty-close": b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
     "/then-drop": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/idle-drop": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",  # kept alive, then closed
     "/too-much": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",
 }
 
@@ -85,7 +86,7 @@ class ScriptedOrigin:
                     writer.write(ANSWERS[target])
                 await writer.drain()
                 if target in ("/close", "/broken", "/too-much", "/switch", "/close-length",
-                              "/empty-close"):
+                              "/empty-close", "/idle-drop"):
                     break
                 if target == "/then-drop":  # the next request crosses our idle timeout
                     await reader.readuntil(b"\r\n\r\n")
