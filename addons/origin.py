@@ -62,6 +62,7 @@ class Upstream(asyncio.Protocol):
     def __init__(self, key: UpstreamKey) -> None:
         self.key = key
         self.on_lost: Callable[[Upstream], None] | None = None  # while idle in a pool
+        self.idle_since = 0.0  # time.monotonic() when it was last given back to a pool
         self.transport: asyncio.Transport
         self.client: Client | None = None
         self.method = ""

@@ -25,8 +25,10 @@ from support.scripted import (
     read_responses,
 )
 
-from agent_egress.addons import requestpath
+from agent_egress.addons import requestpath, upstreampool
 from agent_egress.addons.fastpath import FastTunnels
+from agent_egress.addons.origin import Upstream, UpstreamKey
+from agent_egress.addons.upstreampool import UpstreamPool
 from agent_egress.audit import AuditLog
 from agent_egress.gate import Gate, PendingRequest
 
@@ -169,6 +171,34 @@ def test_a_new_client_connection_reuses_the_upstream_another_left_idle(serve):
         events = s.events()
         assert [(e["decision"], e["path"]) for e in events] == [("allow", "/hello")] * 3
         assert len({e["client"] for e in events}) == 3
+    serve(test)
+
+
+def test_as_many_upstreams_stay_idle_as_clients_left_between_their_requests(serve):
+    async def test(s: Setup) -> None:
+        key = UpstreamKey("tester", False, "web.test", "127.0.0.1", s.origin_port)
+        loop, pool = asyncio.get_running_loop(), UpstreamPool()
+        upstreams = [(await loop.create_connection(lambda: Upstream(key), "127.0.0.1",
+                                                   s.origin_port))[1] for _ in range(16)]
+        for upstream in upstreams:  # 16 clients done with their responses at once
+            pool.give(upstream)
+        assert len(pool) == 16  # a cap per destination closed some, dialled again next round
+        taken = [pool.take(key) for _ in range(16)]
+        assert set(map(id, taken)) == set(map(id, upstreams)) and pool.take(key) is None
+        pool.close()
+        for upstream in upstreams:
+            upstream.transport.close()
+    serve(test)
+
+
+def test_an_upstream_idle_too_long_is_not_reused(serve, monkeypatch):
+    monkeypatch.setattr(upstreampool, "IDLE_LIMIT", 0.0)  # every idle connection is stale
+
+    async def test(s: Setup) -> None:
+        for _ in range(2):
+            responses, _ = await s.exchange(s.get("/hello", "Connection: close"))
+            assert [r.status_code for r in responses] == [200]
+        assert s.origin.connections == 2
     serve(test)
 
 
