@@ -31,20 +31,20 @@ class UpstreamPool:
         """An idle connection for `key`, the last one given back first; None if there is none
         still open and idle for less than IDLE_LIMIT."""
         idle = self._idle.get(key)
-        while idle:
+        found = None
+        while idle and found is None:
             upstream = idle.pop()
             self._count -= 1
-            if not idle:
-                del self._idle[key]
             upstream.on_lost = None
             if upstream.transport.is_closing():
-                pass
-            elif time.monotonic() - upstream.idle_since > IDLE_LIMIT:
+                continue
+            if time.monotonic() - upstream.idle_since > IDLE_LIMIT:
                 upstream.transport.close()  # the origin may have dropped it without a word
-            else:
-                return upstream
-            idle = self._idle.get(key)
-        return None
+                continue
+            found = upstream
+        if idle is not None and not idle:
+            del self._idle[key]
+        return found
 
     def give(self, upstream: Upstream) -> None:
         """Keeps `upstream`, done with its response, for the next request to its key; closes
@@ -68,6 +68,7 @@ class UpstreamPool:
                 del self._idle[upstream.key]
 
     def close(self) -> None:
+        """Closes every idle connection (the listener is closing)."""
         for idle in self._idle.values():
             for upstream in idle:
                 upstream.on_lost = None
