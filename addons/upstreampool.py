@@ -50,6 +50,8 @@ class UpstreamPool:
         """Keeps `upstream`, done with its response, for the next request to its key; closes
         it when TOTAL are kept already."""
         if self._count >= TOTAL:
+            self._drop_stale()
+        if self._count >= TOTAL:
             upstream.transport.close()
             return
         upstream.idle()
@@ -57,6 +59,22 @@ class UpstreamPool:
         upstream.on_lost = self._lost
         self._idle.setdefault(upstream.key, []).append(upstream)
         self._count += 1
+
+    def _drop_stale(self) -> None:
+        """Closes the connections idle longer than IDLE_LIMIT (they would not be taken): when
+        the pool is full of connections to destinations no one asks for any more."""
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            fresh = [u for u in idle if now - u.idle_since <= IDLE_LIMIT]
+            for upstream in idle:
+                if now - upstream.idle_since > IDLE_LIMIT:
+                    upstream.on_lost = None
+                    upstream.transport.close()
+            self._count -= len(idle) - len(fresh)
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
 
     def _lost(self, upstream: Upstream) -> None:
         """An idle connection closed (by its origin, most often)."""

@@ -191,6 +191,27 @@ def test_as_many_upstreams_stay_idle_as_clients_left_between_their_requests(serv
     serve(test)
 
 
+def test_a_full_pool_makes_room_by_closing_its_stale_connections(serve, monkeypatch):
+    monkeypatch.setattr(upstreampool, "TOTAL", 4)
+
+    async def test(s: Setup) -> None:
+        loop, pool = asyncio.get_running_loop(), UpstreamPool()
+        old, new = (UpstreamKey("tester", False, name, "127.0.0.1", s.origin_port)
+                    for name in ("old.test", "new.test"))
+        stale = [(await loop.create_connection(lambda: Upstream(old), "127.0.0.1",
+                                               s.origin_port))[1] for _ in range(4)]
+        for upstream in stale:
+            pool.give(upstream)
+            upstream.idle_since -= upstreampool.IDLE_LIMIT + 1  # given back long ago
+        _, fresh = await loop.create_connection(lambda: Upstream(new), "127.0.0.1",
+                                                s.origin_port)
+        pool.give(fresh)  # the pool is full, of connections no one would take
+        assert len(pool) == 1 and pool.take(new) is fresh
+        assert all(upstream.transport.is_closing() for upstream in stale)
+        fresh.transport.close()
+    serve(test)
+
+
 def test_an_upstream_idle_too_long_is_not_reused(serve, monkeypatch):
     monkeypatch.setattr(upstreampool, "IDLE_LIMIT", 0.0)  # every idle connection is stale
 
