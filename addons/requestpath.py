@@ -35,7 +35,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import ip_address
 from typing import Any, Protocol
 
 from mitmproxy.net.http.http1 import assemble_response
@@ -315,13 +314,16 @@ class PlainClient(asyncio.Protocol):
         key = UpstreamKey(decision.account, inside is not None, host_text(host), ip_text, port)
         upstream = self.listener.pool.take(key)
         if upstream is None:
-            self._later(self._dial_and_send(head, key, ip))
+            self._later(self._dial_and_send(head, key))
             return
         self._send(upstream, head)
 
-    async def _dial_and_send(self, head: RequestHead, key: UpstreamKey, ip: Address) -> None:
+    async def _dial_and_send(self, head: RequestHead, key: UpstreamKey) -> None:
+        """Sends `head` on a new connection for `key`: none was idle, or the kept-alive one it
+        went out on was closed by the origin before answering (its idle timeout crossed our
+        request)."""
         try:
-            upstream = await self._dial(key, ip)
+            upstream = await self._dial(key)
         except OSError as e:  # TimeoutError and TLS failures too
             self._upstream_failed(f"Cannot connect to {key.name}:{key.port}: "
                                   f"{e.strerror or e or 'timed out'}")
@@ -353,20 +355,6 @@ class PlainClient(asyncio.Protocol):
             self._send_body(body)
         self._update_reading()
 
-    async def _resend(self, head: RequestHead, key: UpstreamKey) -> None:
-        """Sends `head` again on a new connection: the kept-alive one it went out on was
-        closed by the origin before answering (its idle timeout crossed our request)."""
-        try:
-            upstream = await self._dial(key, ip_address(key.ip))
-        except OSError as e:
-            self._upstream_failed(f"Cannot connect to {key.name}:{key.port}: "
-                                  f"{e.strerror or e or 'timed out'}")
-            return
-        if self.transport.is_closing():
-            upstream.transport.close()
-            return
-        self._send(upstream, head)
-
     def _spelled(self, ip: Address) -> str:
         text = self.ip_texts.get(ip)
         if text is None:
@@ -380,14 +368,14 @@ class PlainClient(asyncio.Protocol):
             self.own = self.listener.own_addresses()
         return (ip, port) in self.own
 
-    async def _dial(self, key: UpstreamKey, ip: Address) -> Upstream:
-        """A new connection to `ip`:`key.port` for the name `key.name`: over TLS inside an
+    async def _dial(self, key: UpstreamKey) -> Upstream:
+        """A new connection to `key.ip`:`key.port` for the name `key.name`: over TLS inside an
         inspected tunnel, the origin's certificate verified for that name, sent as SNI."""
         loop = asyncio.get_running_loop()
         tls: dict[str, Any] = {} if self.inside is None else {
             "ssl": self.inside.upstream_tls, "server_hostname": key.name.strip("[]")}
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, upstream = await loop.create_connection(lambda: Upstream(key), str(ip), key.port,
+            _, upstream = await loop.create_connection(lambda: Upstream(key), key.ip, key.port,
                                                        **tls)
         return upstream
 
@@ -419,9 +407,7 @@ class PlainClient(asyncio.Protocol):
         head = self.head
         if (head is not None and upstream.reused and not upstream.heard and not self.closing
                 and head.method in RETRYABLE and head.content_length == 0):
-            task = asyncio.get_running_loop().create_task(
-                self._guarded(self._resend(head, upstream.key)))
-            self.listener.keep(task)
+            self._later(self._dial_and_send(head, upstream.key))
             return
         if answered or self.head is None:
             if self.head is not None:
