@@ -49,7 +49,7 @@ from agent_egress.clients import Client
 from agent_egress.connections import Exchange, Tunnel
 from agent_egress.gate import Gate, PendingRequest
 from agent_egress.http1 import HEAD_END, RequestHead, request_head
-from agent_egress.rules import Address, Decision, Host, Stage, host_text
+from agent_egress.rules import Address, Decision, Host, Stage, address_text, host_text
 from agent_egress.rules.operations import MAX_BODY
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,6 @@ class PlainClient(asyncio.Protocol):
         self.client_eof = False  # the client has sent all it will send
         self.closing = False
         self.own: set[tuple[str, int]] | None = None  # where this proxy listens
-        self.ip_texts: dict[Address, str] = {}  # the pinned addresses, spelled
         self.injected: tuple[str, str] | None = None  # the credential's header, if any
         self.head_deadline: asyncio.TimerHandle | None = None  # for a head still coming
         self.last_active = time.monotonic()
@@ -294,7 +293,7 @@ class PlainClient(asyncio.Protocol):
         if not decision.passes:
             self._later(self._refuse(head, decision, host, port, ip, unresolved))
             return
-        ip_text = self._spelled(ip) if ip is not None else ""
+        ip_text = address_text(ip) if ip is not None else ""
         # a body is scanned for credentials before any of it is sent: mitmproxy's hooks do that
         scanned_body = head.content_length and gate.runtime.policies.secrets
         if (not inside and needs_mitmproxy(decision)) or scanned_body or ip is None or \
@@ -354,12 +353,6 @@ class PlainClient(asyncio.Protocol):
             del self.received[:len(body)]
             self._send_body(body)
         self._update_reading()
-
-    def _spelled(self, ip: Address) -> str:
-        text = self.ip_texts.get(ip)
-        if text is None:
-            text = self.ip_texts[ip] = str(ip)
-        return text
 
     def _is_own(self, ip: str, port: int) -> bool:
         """Whether `ip`:`port` is where this proxy listens (mitmproxy refuses such a loop);

@@ -7,6 +7,7 @@ from .hosts import (
     Host,
     HostError,
     Name,
+    address_text,
     host_text,
     normalize_host,
     parse_port,
@@ -31,6 +32,6 @@ __all__ = [
     "Decision", "Host",
     "HostError", "Identity", "Mode", "Name", "Policy", "PolicyDocument", "PolicyError",
     "PolicyWarning", "Problem", "Query", "Result", "Rule", "Scheme", "Stage", "builtin_presets",
-    "host_text", "load_policy", "normalize_host", "normalize_path", "parse_policy", "parse_port",
-    "split_host_port",
+    "address_text", "host_text", "load_policy", "normalize_host", "normalize_path",
+    "parse_policy", "parse_port", "split_host_port",
 ]
