@@ -49,8 +49,15 @@ _NOTED_LINE = re.compile(
     rb"\r\n(?:(?<=[ \t]\r\n)|(host|content-length|transfer-encoding|expect|upgrade|te|"
     rb"trailer|proxy-connection|proxy-authorization|keep-alive)(?=: [!-~\x80-\xff])|"
     rb"[^:\r\n]*:(?! [!-~\x80-\xff]))")
-_PROXY_LINE = re.compile(rb"\r\n(?:proxy-connection|proxy-authorization|keep-alive): [^\r\n]*",
-                         re.IGNORECASE)
+
+
+def _lines_named(names: frozenset[bytes]) -> re.Pattern[bytes]:
+    """The lines of a tidy head whose name is one of `names` (lower case), in any case."""
+    alternatives = b"|".join(re.escape(name) for name in sorted(names))
+    return re.compile(rb"\r\n(?:" + alternatives + rb"): [^\r\n]*", re.IGNORECASE)
+
+
+_PROXY_LINE = _lines_named(_PROXY_HEADERS)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass is slower to make, once per request
@@ -107,8 +114,7 @@ class RequestHead:
 def _dropped_with(name: str) -> re.Pattern[bytes]:
     """The lines of a tidy head that do not go to the origin when the credential header
     `name` (lower case) is injected: the proxy's headers and every `name` header."""
-    return re.compile(rb"\r\n(?:proxy-connection|proxy-authorization|keep-alive|"
-                      + re.escape(name.encode("ascii")) + rb"): [^\r\n]*", re.IGNORECASE)
+    return _lines_named(_PROXY_HEADERS | {name.encode("ascii")})
 
 
 class _Collector:
